@@ -1,0 +1,57 @@
+//! lowtide keeps the weights of machine-learning models in the fastest memory that fits, and
+//! when host RAM runs low lets them ebb back to disk without writing what the disk already holds.
+//!
+//! The flow:
+//!
+//! ```no_run
+//! use lowtide::{Store, ByteSize};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::builder().ram_budget("8GiB".parse::<ByteSize>()?.bytes()).build()?;
+//! let model = store.open_model("unet.safetensors")?;       // validated, mapped, nothing read
+//! let weight = store.tensor(model, "conv_in.weight")?;
+//! {
+//!     let bytes = store.acquire(weight)?;                   // the file's own pages, pinned
+//!     println!("{} bytes", bytes.len());
+//! }                                                          // guard dropped: evictable again
+//! store.drop_clean(weight)?;                                 // frees pages, writes nothing
+//! # Ok(()) }
+//! ```
+//!
+//! A tensor's bytes live in one or more *copies*: an owned RAM buffer (counted against the RAM
+//! budget) or the model file's own mapped pages (which the kernel reclaims without writing).
+//! A tensor is *clean* while its bytes equal its extent in the file and *dirty* once derived or
+//! patched; only dirty bytes ever need to be written anywhere.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod dtype;
+mod size;
+mod source;
+mod stats;
+mod store;
+mod sys;
+
+pub use dtype::{Dtype, UnknownDtype};
+pub use size::{ByteSize, ParseSizeError};
+pub use source::{
+    Change, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source, SourceError,
+    SourceTensor, TensorLocation, TensorSpec, write_safetensors,
+};
+pub use stats::StatsSnapshot;
+pub use store::{
+    ConfigError, DropOutcome, ModelId, Store, StoreBuilder, StoreError, TensorGuard, TensorId,
+    TensorInfo, Tier,
+};
+pub use sys::procfs::{ProcIo, ProcMemory};
+
+/// Parsers exposed for fuzzing and property tests.
+pub mod parse {
+    pub use crate::source::parse_index_json;
+
+    /// Validates a whole safetensors file image held in memory, as [`crate::Source::open`]
+    /// validates a file. Never panics.
+    pub fn safetensors_image(bytes: &[u8]) -> Result<Vec<crate::SourceTensor>, crate::HeaderError> {
+        crate::source::parse_image(bytes)
+    }
+}

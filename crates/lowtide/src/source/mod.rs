@@ -1,0 +1,328 @@
+//! Sources: immutable model files, validated completely and mapped read-only.
+//!
+//! A [`Source`] is opened once: its header is read with `pread` (never through the mapping, so a
+//! short file cannot raise SIGBUS), validated in full, and only then is the file mapped
+//! `MAP_SHARED` read-only. Its identity (device, inode, size, modification time) is recorded and
+//! checked again before every restore; a changed file is [`SourceError::Changed`].
+
+mod header;
+mod model_files;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub use header::{HeaderError, MAX_HEADER_LEN};
+pub use model_files::{IndexError, ModelFiles, TensorLocation, parse_index_json};
+pub use writer::{TensorSpec, write_safetensors};
+
+use crate::dtype::Dtype;
+use crate::sys::Mapping;
+
+/// What identifies the bytes of a file: if any of these change, the file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(file: &File) -> std::io::Result<Self> {
+        let stat = rustix::fs::fstat(file)?;
+        Ok(Self {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+            size: u64::try_from(stat.st_size).unwrap_or(0),
+            mtime_ns: i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec),
+        })
+    }
+}
+
+/// How a source file changed since it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// Its size changed (truncated or extended).
+    Size {
+        /// Size when opened.
+        was: u64,
+        /// Size now.
+        now: u64,
+    },
+    /// Its modification time changed (rewritten in place).
+    Modified,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Size { was, now } => write!(f, "its size changed from {was} to {now} bytes"),
+            Change::Modified => f.write_str("it was modified"),
+        }
+    }
+}
+
+/// Errors opening or reading a source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The file could not be opened, read or mapped.
+    #[error("{}: cannot {op}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid safetensors file.
+    #[error("{}: invalid safetensors file", path.display())]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// The check that failed and where.
+        #[source]
+        source: HeaderError,
+    },
+    /// A sharded model's index or directory is inconsistent.
+    #[error("{}: invalid sharded model", path.display())]
+    Index {
+        /// The index file or directory.
+        path: PathBuf,
+        /// The check that failed.
+        #[source]
+        source: IndexError,
+    },
+    /// The file changed after it was opened; its mapped bytes can no longer be trusted.
+    #[error("{}: changed since it was opened: {change}", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// What changed.
+        change: Change,
+    },
+}
+
+/// A tensor entry of a source: where its bytes are and what they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTensor {
+    /// Name as in the header.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+fn source_tensors(raw: Vec<header::RawTensor>, data_start: u64) -> Vec<SourceTensor> {
+    raw.into_iter()
+        .map(|t| SourceTensor {
+            offset: data_start + t.begin,
+            len: t.end - t.begin,
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+        })
+        .collect()
+}
+
+/// Validates a whole file image in memory (for fuzzing and property tests).
+pub(crate) fn parse_image(bytes: &[u8]) -> Result<Vec<SourceTensor>, HeaderError> {
+    let file_len = bytes.len() as u64;
+    let Some(prefix) = bytes.first_chunk::<8>() else {
+        return Err(HeaderError::TooShort { file_len });
+    };
+    let header_len = header::header_len(*prefix, file_len)?;
+    let json = &bytes[8..8 + header_len as usize];
+    let header = header::parse(json, file_len)?;
+    Ok(source_tensors(header.tensors, header.data_start))
+}
+
+/// An opened, validated, mapped safetensors file.
+#[derive(Debug)]
+pub struct Source {
+    path: PathBuf,
+    file: File,
+    mapping: Mapping,
+    identity: FileIdentity,
+    data_start: u64,
+    tensors: Vec<SourceTensor>,
+    by_name: HashMap<String, usize>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Source {
+    /// Opens and validates `path`, then maps it read-only.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |op: &'static str| {
+            let path = path.clone();
+            move |source| SourceError::Io { path, op, source }
+        };
+        let file = File::open(&path).map_err(io("open"))?;
+        let identity = FileIdentity::of(&file).map_err(io("stat"))?;
+        let invalid = |source| SourceError::Header {
+            path: path.clone(),
+            source,
+        };
+        let file_len = identity.size;
+        if file_len < header::PREFIX_LEN {
+            return Err(invalid(HeaderError::TooShort { file_len }));
+        }
+        let mut prefix = [0u8; 8];
+        file.read_exact_at(&mut prefix, 0)
+            .map_err(io("read the header of"))?;
+        let header_len = header::header_len(prefix, file_len).map_err(invalid)?;
+        let mut json = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut json, header::PREFIX_LEN)
+            .map_err(io("read the header of"))?;
+        let header = header::parse(&json, file_len).map_err(invalid)?;
+        let mapping = Mapping::map(&file, file_len).map_err(io("map"))?;
+
+        let tensors = source_tensors(header.tensors, header.data_start);
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path,
+            file,
+            mapping,
+            identity,
+            data_start: header.data_start,
+            tensors,
+            by_name,
+            metadata: header.metadata,
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the file in bytes when it was opened.
+    pub fn file_len(&self) -> u64 {
+        self.identity.size
+    }
+
+    /// Absolute offset of the data buffer (just after the header).
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    /// Identity recorded at open.
+    pub fn identity(&self) -> FileIdentity {
+        self.identity
+    }
+
+    /// Tensors in the order of their data in the file.
+    pub fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+
+    /// A tensor by name.
+    pub fn tensor(&self, name: &str) -> Option<&SourceTensor> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The header's `__metadata__` map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Checks that the file still has the identity it had when opened.
+    pub fn check_unchanged(&self) -> Result<(), SourceError> {
+        let now = FileIdentity::of(&self.file).map_err(|source| SourceError::Io {
+            path: self.path.clone(),
+            op: "stat",
+            source,
+        })?;
+        let change = if now.size != self.identity.size {
+            Change::Size {
+                was: self.identity.size,
+                now: now.size,
+            }
+        } else if now.mtime_ns != self.identity.mtime_ns {
+            Change::Modified
+        } else {
+            return Ok(());
+        };
+        Err(SourceError::Changed {
+            path: self.path.clone(),
+            change,
+        })
+    }
+
+    /// Checks the file's identity, then faults `[offset, offset + len)` of the mapping in with
+    /// `MADV_POPULATE_READ`, which reports a missing page as an error instead of SIGBUS.
+    pub(crate) fn fault_in(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        self.check_unchanged()?;
+        debug_assert!(
+            offset + len <= self.identity.size,
+            "extents are validated at open"
+        );
+        self.mapping
+            .populate(offset as usize, len as usize)
+            .map(drop)
+            .map_err(|source| SourceError::Io {
+                path: self.path.clone(),
+                op: "fault in the mapped pages of",
+                source,
+            })
+    }
+
+    /// The mapped bytes of `[offset, offset + len)`; callers check the range with `fault_in`.
+    pub(crate) fn mapped_bytes(&self, offset: usize, len: usize) -> &[u8] {
+        &self.mapping.bytes()[offset..offset + len]
+    }
+
+    /// Reads `[offset, offset + len)` with `pread` into `dst` (no mapping involved).
+    pub(crate) fn read_into(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        self.check_unchanged()?;
+        self.file
+            .read_exact_at(dst, offset)
+            .map_err(|source| SourceError::Io {
+                path: self.path.clone(),
+                op: "read",
+                source,
+            })
+    }
+
+    /// Releases this process's mapped pages that lie wholly inside `[offset, offset + len)` and
+    /// asks the kernel to drop them from the page cache. Writes nothing. Returns bytes released.
+    pub(crate) fn release(&self, offset: u64, len: u64) -> u64 {
+        let page = crate::sys::page_size() as u64;
+        let Some((start, len)) = crate::sys::inner_pages(offset, len, page) else {
+            return 0;
+        };
+        if let Err(err) = self.mapping.release(start as usize, len as usize) {
+            log::warn!("{}: madvise(DONTNEED) failed: {err}", self.path.display());
+            return 0;
+        }
+        // Only after the mapping dropped its pages can the cache drop them (DESIGN: fadvise
+        // does nothing while pages are mapped). Advisory: a failure loses nothing.
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            start,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        );
+        len
+    }
+}

@@ -1,0 +1,65 @@
+//! Figures for every byte lowtide reads, writes, holds and drops.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters, updated with relaxed atomics (each is an independent tally).
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) bytes_read_source: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) anon_bytes: AtomicU64,
+    pub(crate) anon_peak: AtomicU64,
+    pub(crate) ram_dropped_bytes: AtomicU64,
+    pub(crate) mapped_released_bytes: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) acquires: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records that the store now holds `anon` anonymous bytes.
+    pub(crate) fn set_anon(&self, anon: u64) {
+        self.anon_bytes.store(anon, Ordering::Relaxed);
+        self.anon_peak.fetch_max(anon, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            bytes_read_source: get(&self.bytes_read_source),
+            bytes_written: get(&self.bytes_written),
+            anon_bytes: get(&self.anon_bytes),
+            anon_peak_bytes: get(&self.anon_peak),
+            ram_dropped_bytes: get(&self.ram_dropped_bytes),
+            mapped_released_bytes: get(&self.mapped_released_bytes),
+            evictions: get(&self.evictions),
+            acquires: get(&self.acquires),
+        }
+    }
+}
+
+/// A copy of the store's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Bytes read from source files: `pread` into RAM copies and ranges faulted in through the
+    /// mapping.
+    pub bytes_read_source: u64,
+    /// Bytes written to disk by lowtide (spill writes).
+    pub bytes_written: u64,
+    /// Anonymous bytes held now: the sum of RAM copies.
+    pub anon_bytes: u64,
+    /// The most anonymous bytes held at once.
+    pub anon_peak_bytes: u64,
+    /// Bytes of clean RAM copies freed (nothing written).
+    pub ram_dropped_bytes: u64,
+    /// Bytes of mapped pages released with `madvise` (nothing written).
+    pub mapped_released_bytes: u64,
+    /// Copies evicted to make room.
+    pub evictions: u64,
+    /// Guards handed out.
+    pub acquires: u64,
+}

@@ -1,0 +1,108 @@
+//! Errors of the store's operations.
+
+use std::path::PathBuf;
+
+use crate::dtype::Dtype;
+use crate::source::SourceError;
+
+/// An impossible or contradictory store setting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The RAM budget is zero.
+    #[error("ram_budget must be more than 0 bytes")]
+    ZeroBudget,
+}
+
+/// Errors of [`crate::Store`] operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A model file could not be opened, validated or read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The model handle does not belong to this store or was closed.
+    #[error("model #{model} is not open in this store")]
+    UnknownModel {
+        /// The handle's number.
+        model: u32,
+    },
+    /// The tensor handle does not belong to this store or its model was closed.
+    #[error("tensor #{tensor} is not in this store")]
+    UnknownTensor {
+        /// The handle's number.
+        tensor: u32,
+    },
+    /// A model has no tensor of that name.
+    #[error("{}: no tensor named `{name}`", model.display())]
+    NoSuchTensor {
+        /// The model's path.
+        model: PathBuf,
+        /// The name asked for.
+        name: String,
+    },
+    /// A derived tensor would shadow an existing name.
+    #[error("{}: a tensor named `{name}` already exists", model.display())]
+    DuplicateName {
+        /// The model's path.
+        model: PathBuf,
+        /// The name.
+        name: String,
+    },
+    /// Bytes handed in do not match the dtype and shape.
+    #[error("tensor `{name}`: {dtype} {shape:?} needs {expected} bytes, got {actual}")]
+    ByteLength {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: Dtype,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// Bytes needed.
+        expected: u64,
+        /// Bytes given.
+        actual: u64,
+    },
+    /// The shape's byte size overflows or is not a whole number of bytes.
+    #[error(
+        "tensor `{name}`: {dtype} {shape:?} is not a whole number of bytes that fits in 64 bits"
+    )]
+    BadShape {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: Dtype,
+        /// Its shape.
+        shape: Vec<u64>,
+    },
+    /// Holding another RAM copy would exceed the budget, and nothing more can be evicted.
+    #[error(
+        "tensor `{name}`: needs {requested} bytes of RAM but only {available} of the {budget}-byte budget can be freed"
+    )]
+    OverBudget {
+        /// The tensor.
+        name: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes that are free or could be freed.
+        available: u64,
+        /// The RAM budget.
+        budget: u64,
+    },
+    /// The operation needs the tensor unpinned, but a guard is alive.
+    #[error("tensor `{name}` is in use by {pins} guard(s)")]
+    Pinned {
+        /// The tensor.
+        name: String,
+        /// Live guards.
+        pins: u32,
+    },
+    /// The allocator refused a RAM copy.
+    #[error("tensor `{name}`: cannot allocate {bytes} bytes")]
+    Alloc {
+        /// The tensor.
+        name: String,
+        /// Bytes asked for.
+        bytes: u64,
+    },
+}

@@ -1,0 +1,225 @@
+//! The registry behind the store's lock: models, tensors, their copies and the accounting.
+//!
+//! Invariant (checked after every operation in `strict` builds): `anon` equals the sum of the
+//! lengths of all RAM copies, and `anon + reserved` never exceeds the budget.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{ModelId, StoreError, TensorId};
+use crate::dtype::Dtype;
+use crate::source::Source;
+use crate::sys::AlignedBuf;
+
+/// An owned RAM copy: page-aligned when lowtide filled it, the caller's buffer when derived.
+#[derive(Debug)]
+pub(crate) enum RamBuf {
+    Aligned(AlignedBuf),
+    Owned(Box<[u8]>),
+}
+
+impl RamBuf {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            RamBuf::Aligned(buf) => buf.as_slice(),
+            RamBuf::Owned(buf) => buf,
+        }
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+}
+
+/// Where a tensor's canonical bytes come from.
+#[derive(Debug, Clone)]
+pub(super) enum Origin {
+    /// Clean: the bytes equal this extent of the file and can always be restored from it.
+    Source { source: Arc<Source>, offset: u64 },
+    /// Dirty: the bytes exist only where lowtide keeps them.
+    Derived,
+}
+
+#[derive(Debug)]
+pub(super) struct TensorEntry {
+    pub(super) model: ModelId,
+    pub(super) name: String,
+    pub(super) dtype: Dtype,
+    pub(super) shape: Vec<u64>,
+    pub(super) len: u64,
+    pub(super) origin: Origin,
+    pub(super) ram: Option<Arc<RamBuf>>,
+    /// The mapped pages were faulted in by lowtide and not released since.
+    pub(super) mapped: bool,
+    pub(super) pins: u32,
+    pub(super) last_use: u64,
+}
+
+impl TensorEntry {
+    pub(super) fn is_clean(&self) -> bool {
+        matches!(self.origin, Origin::Source { .. })
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct ModelEntry {
+    pub(super) path: PathBuf,
+    pub(super) tensors: Vec<TensorId>,
+    pub(super) by_name: HashMap<String, TensorId>,
+}
+
+/// Bytes freed by dropping clean copies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropOutcome {
+    /// Bytes of RAM copies freed.
+    pub ram_bytes: u64,
+    /// Bytes of mapped pages released.
+    pub mapped_bytes: u64,
+    /// Tensors skipped because a guard pins them or they are dirty (their only copy).
+    pub kept: u32,
+}
+
+impl std::ops::AddAssign for DropOutcome {
+    fn add_assign(&mut self, other: Self) {
+        self.ram_bytes += other.ram_bytes;
+        self.mapped_bytes += other.mapped_bytes;
+        self.kept += other.kept;
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct State {
+    pub(super) models: Vec<Option<ModelEntry>>,
+    pub(super) tensors: Vec<Option<TensorEntry>>,
+    /// Sum of RAM copy lengths.
+    pub(super) anon: u64,
+    /// Bytes promised to RAM copies being read right now (outside the lock).
+    pub(super) reserved: u64,
+    /// Logical clock for recency.
+    pub(super) clock: u64,
+}
+
+impl State {
+    pub(super) fn tensor(&self, id: TensorId) -> Result<&TensorEntry, StoreError> {
+        self.tensors
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or(StoreError::UnknownTensor { tensor: id.0 })
+    }
+
+    pub(super) fn tensor_mut(&mut self, id: TensorId) -> Result<&mut TensorEntry, StoreError> {
+        self.tensors
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(StoreError::UnknownTensor { tensor: id.0 })
+    }
+
+    pub(super) fn model(&self, id: ModelId) -> Result<&ModelEntry, StoreError> {
+        self.models
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or(StoreError::UnknownModel { model: id.0 })
+    }
+
+    pub(super) fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Frees a tensor's RAM copy and un-accounts it. Returns the bytes freed.
+    pub(super) fn free_ram(&mut self, id: TensorId) -> u64 {
+        let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
+            return 0;
+        };
+        let Some(buf) = entry.ram.take() else {
+            return 0;
+        };
+        let len = buf.len();
+        self.anon -= len;
+        len
+    }
+
+    /// Drops the clean copies of an unpinned tensor: frees its RAM copy and releases its mapped
+    /// pages. Dirty tensors and pinned ones are left alone. Nothing is written.
+    pub(super) fn drop_clean(&mut self, id: TensorId) -> DropOutcome {
+        let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
+            return DropOutcome::default();
+        };
+        if entry.pins > 0 {
+            return DropOutcome {
+                kept: 1,
+                ..DropOutcome::default()
+            };
+        }
+        let Origin::Source { source, offset } = &entry.origin else {
+            let kept = u32::from(entry.ram.is_some());
+            return DropOutcome {
+                kept,
+                ..DropOutcome::default()
+            };
+        };
+        let mapped_bytes = if std::mem::take(&mut entry.mapped) {
+            source.release(*offset, entry.len)
+        } else {
+            0
+        };
+        let ram_bytes = self.free_ram(id);
+        DropOutcome {
+            ram_bytes,
+            mapped_bytes,
+            kept: 0,
+        }
+    }
+
+    /// Unpinned clean RAM copies, least recently used first: what can be dropped for free.
+    pub(super) fn clean_ram_victims(&self, exclude: TensorId) -> Vec<TensorId> {
+        let mut victims: Vec<(u64, TensorId)> = self
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
+            .filter(|(id, t)| *id != exclude && t.pins == 0 && t.ram.is_some() && t.is_clean())
+            .map(|(id, t)| (t.last_use, id))
+            .collect();
+        victims.sort_unstable();
+        victims.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Panics if the accounting disagrees with the copies held (`strict` builds call this
+    /// after every operation).
+    pub(super) fn assert_invariants(&self, budget: u64) {
+        let sum: u64 = self
+            .tensors
+            .iter()
+            .flatten()
+            .filter_map(|t| t.ram.as_ref())
+            .map(|b| b.len())
+            .sum();
+        assert_eq!(
+            self.anon, sum,
+            "accounted anonymous bytes != sum of RAM copies"
+        );
+        assert!(
+            self.anon + self.reserved <= budget,
+            "anonymous bytes {} (+{} reserved) over the budget {budget}",
+            self.anon,
+            self.reserved
+        );
+        for t in self.tensors.iter().flatten() {
+            if let Some(buf) = &t.ram {
+                assert_eq!(
+                    buf.len(),
+                    t.len,
+                    "RAM copy of `{}` has the wrong length",
+                    t.name
+                );
+            }
+            assert!(
+                t.is_clean() || t.ram.is_some(),
+                "dirty tensor `{}` has no copy",
+                t.name
+            );
+        }
+    }
+}
