@@ -279,7 +279,7 @@ pub(crate) fn parse(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
 
     // Extents must tile the data buffer exactly: sorted by offset, each starts where the
     // previous ended and the last ends at the end of the file (as the reference requires).
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|t| (t.begin, t.end));
     let mut cursor = 0u64;
     let mut previous: Option<&RawTensor> = None;
     for tensor in &tensors {

@@ -78,8 +78,7 @@ pub fn write_safetensors(
     json.resize(json.len().div_ceil(8) * 8, b' ');
 
     let tmp = path.with_extension("safetensors.partial");
-    let file = File::create(&tmp)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
     out.write_all(&(json.len() as u64).to_le_bytes())?;
     out.write_all(&json)?;
     let mut buf = Vec::new();
@@ -91,9 +90,9 @@ pub fn write_safetensors(
         fill(i, &mut buf);
         out.write_all(&buf)?;
     }
-    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-    file.sync_all()?;
-    drop(file);
+    let written = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+    written.sync_all()?;
+    drop(written);
     fs::rename(&tmp, path)?;
     Ok(8 + json.len() as u64 + offset)
 }

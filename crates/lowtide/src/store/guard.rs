@@ -77,6 +77,6 @@ impl std::fmt::Debug for TensorGuard {
             .field("id", &self.id)
             .field("tier", &self.tier())
             .field("len", &self.bytes().len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }

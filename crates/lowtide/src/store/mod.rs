@@ -391,15 +391,14 @@ impl Store {
         let mut state = self.shared.lock();
         state.reserved -= len;
         let entry = state.tensor_mut(id)?;
-        let buf = match &entry.ram {
-            // Another thread loaded it meanwhile: keep that copy and drop ours.
-            Some(existing) => Arc::clone(existing),
-            None => {
-                let buf = Arc::new(RamBuf::Aligned(buf));
-                entry.ram = Some(Arc::clone(&buf));
-                state.anon += len;
-                buf
-            }
+        // Another thread may have loaded it meanwhile: then keep that copy and drop ours.
+        let buf = if let Some(existing) = &entry.ram {
+            Arc::clone(existing)
+        } else {
+            let buf = Arc::new(RamBuf::Aligned(buf));
+            entry.ram = Some(Arc::clone(&buf));
+            state.anon += len;
+            buf
         };
         self.shared.check(&state);
         drop(state);

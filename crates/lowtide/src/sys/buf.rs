@@ -3,7 +3,7 @@
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
-/// Alignment of every RAM copy: one page, which also satisfies O_DIRECT on common devices.
+/// Alignment of every RAM copy: one page, which also satisfies `O_DIRECT` on common devices.
 const ALIGN: usize = 4096;
 
 /// An owned, zero-initialised, page-aligned byte buffer.
@@ -66,7 +66,7 @@ impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedBuf")
             .field("len", &self.len)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
