@@ -26,22 +26,28 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod dtype;
+mod governor;
+pub mod policy;
 mod size;
 mod source;
+mod spill;
 mod stats;
 mod store;
 mod sys;
 
 pub use dtype::{Dtype, UnknownDtype};
+pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, PressureTrigger};
+pub use policy::{DefaultPolicy, EvictionPolicy, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
     Change, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source, SourceError,
     SourceTensor, TensorLocation, TensorSpec, write_safetensors,
 };
+pub use spill::SpillError;
 pub use stats::StatsSnapshot;
 pub use store::{
-    ConfigError, DropOutcome, ModelId, Store, StoreBuilder, StoreError, TensorGuard, TensorId,
-    TensorInfo, Tier,
+    ConfigError, DropOutcome, FreeOutcome, ModelId, Recipe, Store, StoreBuilder, StoreError,
+    TensorGuard, TensorId, TensorInfo, Tier,
 };
 pub use sys::procfs::{ProcIo, ProcMemory};
 

@@ -13,6 +13,16 @@ pub(crate) struct Stats {
     pub(crate) mapped_released_bytes: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) acquires: AtomicU64,
+    pub(crate) bytes_spilled: AtomicU64,
+    pub(crate) bytes_restored_spill: AtomicU64,
+    pub(crate) checksum_failures: AtomicU64,
+    pub(crate) spill_failures: AtomicU64,
+    pub(crate) recomputes: AtomicU64,
+    pub(crate) evictions_budget: AtomicU64,
+    pub(crate) evictions_reserve: AtomicU64,
+    pub(crate) evictions_pressure: AtomicU64,
+    pub(crate) evictions_request: AtomicU64,
+    pub(crate) evict_ns: AtomicU64,
 }
 
 impl Stats {
@@ -37,12 +47,22 @@ impl Stats {
             mapped_released_bytes: get(&self.mapped_released_bytes),
             evictions: get(&self.evictions),
             acquires: get(&self.acquires),
+            bytes_spilled: get(&self.bytes_spilled),
+            bytes_restored_spill: get(&self.bytes_restored_spill),
+            checksum_failures: get(&self.checksum_failures),
+            spill_failures: get(&self.spill_failures),
+            recomputes: get(&self.recomputes),
+            evictions_budget: get(&self.evictions_budget),
+            evictions_reserve: get(&self.evictions_reserve),
+            evictions_pressure: get(&self.evictions_pressure),
+            evictions_request: get(&self.evictions_request),
+            evict_seconds: get(&self.evict_ns) as f64 / 1e9,
         }
     }
 }
 
 /// A copy of the store's counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct StatsSnapshot {
     /// Bytes read from source files: `pread` into RAM copies and ranges faulted in through the
@@ -62,4 +82,24 @@ pub struct StatsSnapshot {
     pub evictions: u64,
     /// Guards handed out.
     pub acquires: u64,
+    /// Bytes written to the spill file (included in `bytes_written`).
+    pub bytes_spilled: u64,
+    /// Bytes read back from the spill file and verified.
+    pub bytes_restored_spill: u64,
+    /// Spill extents whose checksum did not match.
+    pub checksum_failures: u64,
+    /// Spill writes that failed (disk full, limit, I/O); the bytes stayed in RAM.
+    pub spill_failures: u64,
+    /// Dirty tensors recomputed from their recipe.
+    pub recomputes: u64,
+    /// Evictions to stay within the RAM budget.
+    pub evictions_budget: u64,
+    /// Evictions to keep available memory above the reserve.
+    pub evictions_reserve: u64,
+    /// Evictions after a memory pressure event.
+    pub evictions_pressure: u64,
+    /// Evictions the caller asked for.
+    pub evictions_request: u64,
+    /// Time spent evicting (spill writes included), in seconds.
+    pub evict_seconds: f64,
 }

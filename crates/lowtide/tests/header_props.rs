@@ -81,7 +81,12 @@ enum Edit {
 fn edit() -> impl Strategy<Value = Edit> {
     let big = prop_oneof![0u64..400, Just(u64::MAX), Just(u64::MAX / 2), any::<u64>()];
     let dtype = prop_oneof![
-        proptest::sample::select(Dtype::ALL.iter().map(|d| d.name().to_owned()).collect::<Vec<_>>()),
+        proptest::sample::select(
+            Dtype::ALL
+                .iter()
+                .map(|d| d.name().to_owned())
+                .collect::<Vec<_>>()
+        ),
         "[A-Z0-9_]{0,8}",
     ];
     let value = prop_oneof![
@@ -95,7 +100,10 @@ fn edit() -> impl Strategy<Value = Edit> {
         (0..5usize, big.clone(), big.clone()).prop_map(|(i, a, b)| Edit::Offsets(i, a, b)),
         (0..5usize, proptest::collection::vec(big, 0..5)).prop_map(|(i, s)| Edit::Shape(i, s)),
         (0..5usize, dtype).prop_map(|(i, d)| Edit::Dtype(i, d)),
-        (0..5usize, proptest::sample::select(vec!["dtype", "shape", "data_offsets"]))
+        (
+            0..5usize,
+            proptest::sample::select(vec!["dtype", "shape", "data_offsets"])
+        )
             .prop_map(|(i, f)| Edit::Remove(i, f)),
         (0..5usize, value.clone()).prop_map(|(i, v)| Edit::Value(i, v)),
         value.prop_map(Edit::Metadata),

@@ -41,39 +41,64 @@ fn mapped_and_ram_views_hold_the_file_bytes() {
         assert_eq!(store.acquire(id).unwrap().tier(), Tier::Ram);
     }
     let stats = store.stats();
-    let total: u64 = common::unet_specs("").iter().map(|s| s.byte_len().unwrap()).sum();
+    let total: u64 = common::unet_specs("")
+        .iter()
+        .map(|s| s.byte_len().unwrap())
+        .sum();
     assert_eq!(stats.anon_bytes, total);
     assert_eq!(stats.anon_peak_bytes, total);
     assert_eq!(stats.bytes_written, 0);
-    assert_eq!(stats.bytes_read_source, 2 * total, "mapped fault-in + pread, once each");
+    assert_eq!(
+        stats.bytes_read_source,
+        2 * total,
+        "mapped fault-in + pread, once each"
+    );
 }
 
 #[test]
 fn unknown_names_and_handles_are_typed_errors() {
     let (_dir, store, model) = store_with(1 << 20);
     let err = store.tensor(model, "nope").unwrap_err();
-    assert!(matches!(&err, StoreError::NoSuchTensor { name, .. } if name == "nope"), "{err}");
+    assert!(
+        matches!(&err, StoreError::NoSuchTensor { name, .. } if name == "nope"),
+        "{err}"
+    );
     let id = store.tensor(model, "conv_in.weight").unwrap();
     store.close_model(model).unwrap();
-    assert!(matches!(store.acquire(id), Err(StoreError::UnknownTensor { .. })));
-    assert!(matches!(store.tensors(model), Err(StoreError::UnknownModel { .. })));
+    assert!(matches!(
+        store.acquire(id),
+        Err(StoreError::UnknownTensor { .. })
+    ));
+    assert!(matches!(
+        store.tensors(model),
+        Err(StoreError::UnknownModel { .. })
+    ));
 }
 
 #[test]
 fn the_budget_evicts_clean_copies_least_recently_used_first() {
     // Budget for the two largest tensors (1.6 MB + 1.2 MB) but not three.
     let (_dir, store, model) = store_with(3_000_000);
-    let big = store.tensor(model, "time_embedding.linear_1.weight").unwrap(); // 1.6 MB
-    let conv = store.tensor(model, "mid_block.resnets.0.conv1.weight").unwrap(); // 737 KB
+    let big = store
+        .tensor(model, "time_embedding.linear_1.weight")
+        .unwrap(); // 1.6 MB
+    let conv = store
+        .tensor(model, "mid_block.resnets.0.conv1.weight")
+        .unwrap(); // 737 KB
     let quant = store.tensor(model, "mid_block.quant.weight").unwrap(); // 410 KB
-    let k = store.tensor(model, "down_blocks.0.attentions.0.to_k.weight").unwrap(); // 491 KB
+    let k = store
+        .tensor(model, "down_blocks.0.attentions.0.to_k.weight")
+        .unwrap(); // 491 KB
     drop(store.acquire_ram(big).unwrap());
     drop(store.acquire_ram(conv).unwrap());
     drop(store.acquire_ram(quant).unwrap());
     drop(store.acquire_ram(big).unwrap()); // big is now the most recent
     // 1.6 + 0.74 + 0.41 = 2.75 MB; adding 0.49 MB needs 0.24 MB: conv (the LRU) goes.
     drop(store.acquire_ram(k).unwrap());
-    assert!(!store.info(conv).unwrap().in_ram, "least recently used copy evicted");
+    assert!(
+        !store.info(conv).unwrap().in_ram,
+        "least recently used copy evicted"
+    );
     assert!(store.info(quant).unwrap().in_ram);
     assert!(store.info(big).unwrap().in_ram);
     assert!(store.stats().anon_bytes <= 3_000_000);
@@ -84,11 +109,21 @@ fn the_budget_evicts_clean_copies_least_recently_used_first() {
 #[test]
 fn pinned_copies_are_never_evicted_and_over_budget_is_an_error() {
     let (_dir, store, model) = store_with(2_000_000);
-    let big = store.tensor(model, "time_embedding.linear_1.weight").unwrap(); // 1.6 MB
-    let conv = store.tensor(model, "mid_block.resnets.0.conv1.weight").unwrap(); // 737 KB
+    let big = store
+        .tensor(model, "time_embedding.linear_1.weight")
+        .unwrap(); // 1.6 MB
+    let conv = store
+        .tensor(model, "mid_block.resnets.0.conv1.weight")
+        .unwrap(); // 737 KB
     let pinned = store.acquire_ram(big).unwrap();
     let err = store.acquire_ram(conv).unwrap_err();
-    let StoreError::OverBudget { name, requested, available, budget } = &err else {
+    let StoreError::OverBudget {
+        name,
+        requested,
+        available,
+        budget,
+    } = &err
+    else {
         panic!("{err:?}")
     };
     assert_eq!(name, "mid_block.resnets.0.conv1.weight");
@@ -96,7 +131,10 @@ fn pinned_copies_are_never_evicted_and_over_budget_is_an_error() {
     assert_eq!(*available, 2_000_000 - 1_638_400);
     assert_eq!(*budget, 2_000_000);
     assert!(store.info(big).unwrap().in_ram);
-    assert!(matches!(store.drop_clean(big), Err(StoreError::Pinned { pins: 1, .. })));
+    assert!(matches!(
+        store.drop_clean(big),
+        Err(StoreError::Pinned { pins: 1, .. })
+    ));
     // The mapped view still works without RAM.
     assert_eq!(store.acquire(conv).unwrap().tier(), Tier::Mapped);
     drop(pinned);
@@ -108,7 +146,12 @@ fn pinned_copies_are_never_evicted_and_over_budget_is_an_error() {
 fn derived_and_patched_tensors_are_dirty_and_kept() {
     let (_dir, store, model) = store_with(8 << 20);
     let bias = store.tensor(model, "conv_in.bias").unwrap();
-    let patched: Vec<u8> = store.acquire(bias).unwrap().iter().map(|b| b ^ 0xff).collect();
+    let patched: Vec<u8> = store
+        .acquire(bias)
+        .unwrap()
+        .iter()
+        .map(|b| b ^ 0xff)
+        .collect();
     store.replace(bias, patched.clone()).unwrap();
     let info = store.info(bias).unwrap();
     assert!(!info.clean && info.in_ram);
@@ -117,18 +160,39 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
     assert_eq!((outcome.ram_bytes, outcome.kept), (0, 1));
     assert_eq!(&store.acquire(bias).unwrap()[..], &patched[..]);
 
-    let lora = store.derive(model, "lora.down", Dtype::BF16, &[4, 320], vec![7; 2560]).unwrap();
+    let lora = store
+        .derive(model, "lora.down", Dtype::BF16, &[4, 320], vec![7; 2560])
+        .unwrap();
     assert!(!store.info(lora).unwrap().clean);
     assert_eq!(store.stats().anon_bytes, 640 + 2560);
-    let err = store.derive(model, "lora.down", Dtype::BF16, &[4, 320], vec![7; 2560]).unwrap_err();
+    let err = store
+        .derive(model, "lora.down", Dtype::BF16, &[4, 320], vec![7; 2560])
+        .unwrap_err();
     assert!(matches!(err, StoreError::DuplicateName { .. }), "{err}");
-    let err = store.derive(model, "lora.up", Dtype::F32, &[3], vec![0; 11]).unwrap_err();
-    assert!(matches!(err, StoreError::ByteLength { expected: 12, actual: 11, .. }), "{err}");
-    let err = store.derive(model, "huge", Dtype::F32, &[u64::MAX, 2], vec![]).unwrap_err();
+    let err = store
+        .derive(model, "lora.up", Dtype::F32, &[3], vec![0; 11])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::ByteLength {
+                expected: 12,
+                actual: 11,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = store
+        .derive(model, "huge", Dtype::F32, &[u64::MAX, 2], vec![])
+        .unwrap_err();
     assert!(matches!(err, StoreError::BadShape { .. }), "{err}");
     // Replacing while pinned is refused and changes nothing.
     let guard = store.acquire(lora).unwrap();
-    assert!(matches!(store.replace(lora, vec![1; 2560]), Err(StoreError::Pinned { .. })));
+    assert!(matches!(
+        store.replace(lora, vec![1; 2560]),
+        Err(StoreError::Pinned { .. })
+    ));
     assert_eq!(&guard[..], &[7; 2560][..]);
     assert_eq!(store.stats().bytes_written, 0);
 }

@@ -21,7 +21,9 @@ fn dropping_clean_copies_writes_zero_bytes() {
     assert!(held > 2_000_000);
 
     let Some(before) = ProcIo::read() else {
-        eprintln!("skipped: /proc/self/io is not readable here; the Store's own counter is checked");
+        eprintln!(
+            "skipped: /proc/self/io is not readable here; the Store's own counter is checked"
+        );
         let outcome = store.release_model(model).unwrap();
         assert_eq!(outcome.ram_bytes, held);
         assert_eq!(store.stats().bytes_written, 0);
@@ -35,5 +37,8 @@ fn dropping_clean_copies_writes_zero_bytes() {
     assert_eq!(store.stats().anon_bytes, 0);
     assert_eq!(store.stats().bytes_written, 0);
     assert_eq!(after.wchar, before.wchar, "no write system call");
-    assert_eq!(after.write_bytes, before.write_bytes, "nothing sent to storage");
+    assert_eq!(
+        after.write_bytes, before.write_bytes,
+        "nothing sent to storage"
+    );
 }

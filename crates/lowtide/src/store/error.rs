@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::dtype::Dtype;
 use crate::source::SourceError;
+use crate::spill::SpillError;
 
 /// An impossible or contradictory store setting.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,35 @@ pub enum ConfigError {
     /// The RAM budget is zero.
     #[error("ram_budget must be more than 0 bytes")]
     ZeroBudget,
+    /// The spill directory does not exist or is not a directory.
+    #[error("spill_dir {} is not a directory", path.display())]
+    SpillDir {
+        /// The directory given.
+        path: PathBuf,
+    },
+    /// `spill_max` is zero.
+    #[error("spill_max must be more than 0 bytes (leave it unset for no limit)")]
+    ZeroSpillMax,
+    /// The PSI trigger cannot be registered as given.
+    #[error(
+        "pressure trigger of {stall:?} per {window:?}: the stall must be non-zero and within the window, and the window a multiple of 2 s"
+    )]
+    Trigger {
+        /// Stall time.
+        stall: std::time::Duration,
+        /// Window.
+        window: std::time::Duration,
+    },
+    /// The sample interval is zero.
+    #[error("sample_interval must be more than 0")]
+    ZeroInterval,
+    /// The monitor thread could not be started.
+    #[error("cannot start the memory monitor thread")]
+    Monitor {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Errors of [`crate::Store`] operations.
@@ -88,6 +118,50 @@ pub enum StoreError {
         available: u64,
         /// The RAM budget.
         budget: u64,
+    },
+    /// Keeping a new RAM copy would take available memory under the reserve, and nothing more
+    /// can be evicted.
+    #[error(
+        "tensor `{name}`: {requested} more bytes of RAM would leave {available} available, under the {reserve}-byte reserve"
+    )]
+    UnderReserve {
+        /// The tensor.
+        name: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// Available memory now.
+        available: u64,
+        /// The reserve.
+        reserve: u64,
+    },
+    /// A dirty tensor could not be written to the spill file; it keeps its RAM copy.
+    #[error("tensor `{name}` could not be spilled")]
+    Spill {
+        /// The tensor.
+        name: String,
+        /// Why.
+        #[source]
+        source: SpillError,
+    },
+    /// A dirty tensor's bytes could not be brought back: its spill extent is unreadable or
+    /// corrupt and it has no recipe.
+    #[error("tensor `{name}` is lost: its spilled bytes cannot be restored")]
+    Lost {
+        /// The tensor.
+        name: String,
+        /// Why.
+        #[source]
+        source: SpillError,
+    },
+    /// A recipe produced the wrong number of bytes.
+    #[error("tensor `{name}`: its recipe produced {actual} bytes, expected {expected}")]
+    Recipe {
+        /// The tensor.
+        name: String,
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes produced.
+        actual: u64,
     },
     /// The operation needs the tensor unpinned, but a guard is alive.
     #[error("tensor `{name}` is in use by {pins} guard(s)")]

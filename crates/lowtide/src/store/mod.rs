@@ -1,10 +1,13 @@
-//! The store: models, tensors, their copies, guards and the RAM budget.
+//! The store: models, tensors, their copies, guards, the budget and the spill file.
 //!
-//! One lock guards the registry (`State`); file I/O (page faults, reads) happens outside it
-//! while the tensor is pinned, so threads working on different tensors do not wait on each
-//! other's disk reads.
+//! One lock guards the registry (`State`); file reads (page faults, `pread`, spill restores)
+//! happen outside it while the tensor is pinned, so threads working on different tensors do
+//! not wait on each other's disk reads. Spill writes happen during eviction, under the lock.
+//! Lock order: registry, then spill file.
 
+mod builder;
 mod error;
+mod evict;
 mod guard;
 mod state;
 
@@ -12,12 +15,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+pub use builder::StoreBuilder;
 pub use error::{ConfigError, StoreError};
+pub use evict::FreeOutcome;
 pub use guard::TensorGuard;
 pub use state::DropOutcome;
 
 use crate::dtype::Dtype;
+use crate::governor::{EvictReason, Governor, MemoryReading, Monitor};
+use crate::policy::{EvictionPolicy, Priority};
 use crate::source::ModelFiles;
+use crate::spill::{SpillError, SpillFile};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::sys::AlignedBuf;
 use guard::View;
@@ -39,6 +47,40 @@ pub enum Tier {
     Ram,
     /// The source file's own pages, which the kernel may reclaim without writing anything.
     Mapped,
+    /// An extent of the spill file (dirty bytes only).
+    Spilled,
+}
+
+/// How to recompute a derived tensor, so that evicting it may cost no write at all.
+#[derive(Clone)]
+pub struct Recipe {
+    compute: Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
+    cost_per_byte: f64,
+}
+
+impl Recipe {
+    /// A recipe whose recompute costs `cost_per_byte` relative to reading a byte back from
+    /// disk (`1.0`); spilling costs a write and a read (`2.0`). The policy drops instead of
+    /// spilling when the recipe is cheaper.
+    pub fn new(cost_per_byte: f64, compute: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Self {
+        Self {
+            compute: Arc::new(compute),
+            cost_per_byte: cost_per_byte.max(0.0),
+        }
+    }
+
+    /// The recompute cost per byte.
+    pub fn cost_per_byte(&self) -> f64 {
+        self.cost_per_byte
+    }
+}
+
+impl std::fmt::Debug for Recipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recipe")
+            .field("cost_per_byte", &self.cost_per_byte)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the store knows about a tensor.
@@ -61,64 +103,32 @@ pub struct TensorInfo {
     pub in_ram: bool,
     /// Its mapped pages were faulted in by lowtide and not released since.
     pub mapped: bool,
+    /// Its bytes are in the spill file.
+    pub spilled: bool,
+    /// It carries a recipe.
+    pub has_recipe: bool,
     /// Live guards.
     pub pins: u32,
 }
 
-/// Settings for a [`Store`].
-#[derive(Debug, Clone, Default)]
-pub struct StoreBuilder {
-    ram_budget: Option<u64>,
-}
-
-impl StoreBuilder {
-    /// The most anonymous bytes (RAM copies) the store may hold.
-    ///
-    /// Default: half of the system's available memory when the store is built.
-    pub fn ram_budget(mut self, bytes: u64) -> Self {
-        self.ram_budget = Some(bytes);
-        self
-    }
-
-    /// Validates the settings and creates the store.
-    pub fn build(self) -> Result<Store, ConfigError> {
-        let ram_budget = self.ram_budget.unwrap_or_else(default_ram_budget);
-        if ram_budget == 0 {
-            return Err(ConfigError::ZeroBudget);
-        }
-        Ok(Store {
-            shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
-                stats: Stats::default(),
-                ram_budget,
-            }),
-        })
-    }
-}
-
-/// Half of `MemAvailable`, or 1 GiB where `/proc/meminfo` cannot be read.
-fn default_ram_budget() -> u64 {
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        });
-    available.map_or(1 << 30, |bytes| (bytes / 2).max(1))
-}
-
 pub(crate) struct Shared {
     state: Mutex<State>,
+    spill: Mutex<SpillFile>,
     stats: Stats,
-    ram_budget: u64,
+    governor: Governor,
+    policy: Box<dyn EvictionPolicy>,
+    monitor: Mutex<Option<Monitor>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves the registry consistent at operation
-        // boundaries (every mutation completes before anything can panic), so carry on.
+        // Every mutation of the registry completes before anything that can panic, so a
+        // poisoned lock still guards a consistent registry.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spill_lock(&self) -> MutexGuard<'_, SpillFile> {
+        self.spill.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn unpin(&self, id: TensorId) {
@@ -130,54 +140,25 @@ impl Shared {
 
     fn check(&self, state: &State) {
         if cfg!(feature = "strict") {
-            state.assert_invariants(self.ram_budget);
+            state.assert_invariants(self.governor.ram_budget);
         }
         self.stats.set_anon(state.anon);
     }
 
-    /// Makes room for `bytes` more anonymous bytes by dropping clean RAM copies, least
-    /// recently used first. Never touches pinned copies or `for_tensor`.
-    fn make_room(
-        &self,
-        state: &mut State,
-        for_tensor: TensorId,
-        name: &str,
-        bytes: u64,
-    ) -> Result<(), StoreError> {
-        let budget = self.ram_budget;
-        if state.anon + state.reserved + bytes <= budget {
-            return Ok(());
+    fn guard(self: &Arc<Self>, id: TensorId, view: View) -> TensorGuard {
+        Stats::add(&self.stats.acquires, 1);
+        TensorGuard {
+            shared: Arc::clone(self),
+            id,
+            view,
         }
-        let victims = state.clean_ram_victims(for_tensor);
-        let freeable: u64 = victims
-            .iter()
-            .filter_map(|&id| state.tensor(id).ok())
-            .map(|t| t.len)
-            .sum();
-        let available = budget.saturating_sub(state.anon + state.reserved) + freeable;
-        if available < bytes {
-            return Err(StoreError::OverBudget {
-                name: name.to_owned(),
-                requested: bytes,
-                available,
-                budget,
-            });
-        }
-        for id in victims {
-            if state.anon + state.reserved + bytes <= budget {
-                break;
-            }
-            let freed = state.free_ram(id);
-            Stats::add(&self.stats.ram_dropped_bytes, freed);
-            Stats::add(&self.stats.evictions, 1);
-        }
-        Ok(())
     }
 }
 
-/// The registry of models and tensors, their copies, and the RAM budget.
+/// The registry of models and tensors, their copies, the RAM budget and the spill file.
 ///
 /// Cheap to clone (an `Arc` inside); `Send + Sync`, meant to be shared by many threads.
+/// Dropping the last clone (and the last guard) stops the monitor thread.
 #[derive(Clone)]
 pub struct Store {
     shared: Arc<Shared>,
@@ -186,10 +167,33 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("ram_budget", &self.shared.ram_budget)
+            .field("ram_budget", &self.shared.governor.ram_budget)
+            .field("reserve_ram", &self.shared.governor.reserve_ram)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// What a restore needs, taken under the lock.
+enum Restore {
+    Ready(Arc<RamBuf>),
+    Read {
+        name: String,
+        len: u64,
+        from: CopyFrom,
+    },
+}
+
+enum CopyFrom {
+    Source {
+        source: Arc<crate::source::Source>,
+        offset: u64,
+    },
+    Spill {
+        extent: crate::spill::Extent,
+        recipe: Option<Recipe>,
+    },
+    Recipe(Recipe),
 }
 
 impl Store {
@@ -200,7 +204,27 @@ impl Store {
 
     /// The RAM budget in bytes.
     pub fn ram_budget(&self) -> u64 {
-        self.shared.ram_budget
+        self.shared.governor.ram_budget
+    }
+
+    /// The RAM reserve in bytes (0 when off).
+    pub fn reserve_ram(&self) -> u64 {
+        self.shared.governor.reserve_ram
+    }
+
+    /// Available memory now, as the governor sees it.
+    pub fn memory(&self) -> MemoryReading {
+        self.shared.governor.reading()
+    }
+
+    /// The pressure file the monitor thread watches, if it runs and PSI is available.
+    pub fn pressure_file(&self) -> Option<std::path::PathBuf> {
+        let monitor = self
+            .shared
+            .monitor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        monitor.as_ref().and_then(|m| m.pressure_file.clone())
     }
 
     /// Opens a model: a `.safetensors` file, a directory of shards or a shard index.
@@ -228,32 +252,44 @@ impl Store {
                 },
                 ram: None,
                 mapped: false,
+                spilled: None,
+                recipe: None,
                 pins: 0,
                 last_use: 0,
+                credit: 0.0,
             }));
             tensors.push(id);
             by_name.insert(name.clone(), id);
         }
         state.models.push(Some(ModelEntry {
             path: files.path.clone(),
+            priority: Priority::default(),
             tensors,
             by_name,
         }));
         Ok(model)
     }
 
+    /// Sets a model's priority class (see [`crate::policy`] for the eviction order).
+    pub fn set_priority(&self, model: ModelId, priority: Priority) -> Result<(), StoreError> {
+        let mut state = self.shared.lock();
+        state.model(model)?;
+        state.models[model.0 as usize]
+            .as_mut()
+            .expect("checked")
+            .priority = priority;
+        Ok(())
+    }
+
     /// The tensors of a model, ordered by name.
     pub fn tensors(&self, model: ModelId) -> Result<Vec<TensorId>, StoreError> {
         let state = self.shared.lock();
         let mut ids = state.model(model)?.tensors.clone();
-        ids.sort_by(|a, b| {
-            let name = |id: &TensorId| {
-                state
-                    .tensor(*id)
-                    .map(|t| t.name.clone())
-                    .unwrap_or_default()
-            };
-            name(a).cmp(&name(b))
+        ids.sort_by_cached_key(|id| {
+            state
+                .tensor(*id)
+                .map(|t| t.name.clone())
+                .unwrap_or_default()
         });
         Ok(ids)
     }
@@ -285,46 +321,42 @@ impl Store {
             clean: t.is_clean(),
             in_ram: t.ram.is_some(),
             mapped: t.mapped,
+            spilled: t.spilled.is_some(),
+            has_recipe: t.recipe.is_some(),
             pins: t.pins,
         })
     }
 
-    /// Pins a host view of the tensor: its RAM copy if it has one, else the source file's own
-    /// mapped pages (faulted in safely, costing no anonymous memory).
+    /// Pins a host view of the tensor: its RAM copy if it has one; for a clean tensor, the
+    /// source file's own mapped pages (faulted in safely, costing no anonymous memory); for a
+    /// dirty one, a RAM copy restored from the spill file or recomputed.
     pub fn acquire(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
         let (source, offset, len, was_mapped) = {
             let mut state = self.shared.lock();
-            let now = state.tick();
+            let (now, inflation) = (state.tick(), state.inflation);
             let entry = state.tensor_mut(id)?;
-            entry.last_use = now;
+            entry.touch(now, inflation);
             if let Some(buf) = &entry.ram {
                 let view = View::Ram(Arc::clone(buf));
                 entry.pins += 1;
-                Stats::add(&self.shared.stats.acquires, 1);
-                return Ok(TensorGuard {
-                    shared: Arc::clone(&self.shared),
-                    id,
-                    view,
-                });
+                return Ok(self.shared.guard(id, view));
             }
             let Origin::Source { source, offset } = &entry.origin else {
-                unreachable!("a dirty tensor always has a RAM copy (checked in strict mode)");
+                drop(state);
+                return self.acquire_ram(id);
             };
             let found = (Arc::clone(source), *offset, entry.len, entry.mapped);
             entry.pins += 1;
             entry.mapped = true;
             found
         };
-        let guard = TensorGuard {
-            shared: Arc::clone(&self.shared),
-            id,
-            view: View::Mapped {
-                source: Arc::clone(&source),
-                offset: offset as usize,
-                len: len as usize,
-            },
+        let view = View::Mapped {
+            source: Arc::clone(&source),
+            offset: offset as usize,
+            len: len as usize,
         };
-        // On error the guard's drop unpins; the pages were not (all) faulted in.
+        // From here the guard owns the pin: on error its drop unpins.
+        let guard = self.shared.guard(id, view);
         if let Err(err) = source.fault_in(offset, len) {
             if !was_mapped {
                 if let Ok(entry) = self.shared.lock().tensor_mut(id) {
@@ -336,78 +368,150 @@ impl Store {
         if !was_mapped {
             Stats::add(&self.shared.stats.bytes_read_source, len);
         }
-        Stats::add(&self.shared.stats.acquires, 1);
         Ok(guard)
     }
 
-    /// Pins an owned RAM copy of the tensor, reading it from the source when it has none.
+    /// Pins an owned RAM copy of the tensor, reading it from the source (clean) or the spill
+    /// file (dirty), or recomputing it from its recipe, when it has none.
     ///
-    /// The copy counts against the RAM budget; clean copies of other tensors are dropped (least
-    /// recently used first) to make room. Fails with [`StoreError::OverBudget`] when even that
-    /// is not enough; nothing is allocated past the budget.
+    /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
+    /// evicted in policy order to make room. Fails with [`StoreError::OverBudget`] or
+    /// [`StoreError::UnderReserve`] when even that is not enough: nothing is allocated past
+    /// the budget.
     pub fn acquire_ram(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
-        let (source, offset, len, name) = {
+        let restore = {
             let mut state = self.shared.lock();
-            let now = state.tick();
+            let (now, inflation) = (state.tick(), state.inflation);
             let entry = state.tensor_mut(id)?;
-            entry.last_use = now;
+            entry.touch(now, inflation);
             if let Some(buf) = &entry.ram {
-                let view = View::Ram(Arc::clone(buf));
+                let buf = Arc::clone(buf);
                 entry.pins += 1;
-                Stats::add(&self.shared.stats.acquires, 1);
-                return Ok(TensorGuard {
-                    shared: Arc::clone(&self.shared),
-                    id,
-                    view,
+                Restore::Ready(buf)
+            } else {
+                let from = match (&entry.origin, entry.spilled, &entry.recipe) {
+                    (Origin::Source { source, offset }, _, _) => CopyFrom::Source {
+                        source: Arc::clone(source),
+                        offset: *offset,
+                    },
+                    (Origin::Derived, Some(extent), recipe) => CopyFrom::Spill {
+                        extent,
+                        recipe: recipe.clone(),
+                    },
+                    (Origin::Derived, None, Some(recipe)) => CopyFrom::Recipe(recipe.clone()),
+                    (Origin::Derived, None, None) => {
+                        unreachable!("a dirty tensor always has a copy (strict mode checks)")
+                    }
+                };
+                let (name, len) = (entry.name.clone(), entry.len);
+                // Reserve the bytes now so that concurrent loads cannot overshoot together.
+                self.shared.make_room(&mut state, id, &name, len)?;
+                self.shared.keep_reserve(&mut state, id, &name, len)?;
+                state.reserved += len;
+                state.tensor_mut(id)?.pins += 1;
+                self.shared.check(&state);
+                Restore::Read { name, len, from }
+            }
+        };
+        let (name, len, from) = match restore {
+            Restore::Ready(buf) => return Ok(self.shared.guard(id, View::Ram(buf))),
+            Restore::Read { name, len, from } => (name, len, from),
+        };
+        match self.read_copy(&name, len, &from) {
+            Ok(buf) => Ok(self.install(id, len, buf, &from)),
+            Err(err) => {
+                let mut state = self.shared.lock();
+                state.reserved -= len;
+                if let Ok(entry) = state.tensor_mut(id) {
+                    entry.pins -= 1;
+                }
+                self.shared.check(&state);
+                Err(err)
+            }
+        }
+    }
+
+    /// Reads a copy's bytes outside the lock.
+    fn read_copy(&self, name: &str, len: u64, from: &CopyFrom) -> Result<RamBuf, StoreError> {
+        let alloc = || {
+            AlignedBuf::zeroed(len as usize).ok_or_else(|| StoreError::Alloc {
+                name: name.to_owned(),
+                bytes: len,
+            })
+        };
+        let stats = &self.shared.stats;
+        let recompute = |recipe: &Recipe| {
+            let bytes = (recipe.compute)();
+            if bytes.len() as u64 != len {
+                return Err(StoreError::Recipe {
+                    name: name.to_owned(),
+                    expected: len,
+                    actual: bytes.len() as u64,
                 });
             }
-            let Origin::Source { source, offset } = &entry.origin else {
-                unreachable!("a dirty tensor always has a RAM copy (checked in strict mode)");
-            };
-            let found = (Arc::clone(source), *offset, entry.len, entry.name.clone());
-            // Reserve the bytes now so concurrent loads cannot overshoot the budget together.
-            self.shared.make_room(&mut state, id, &found.3, found.2)?;
-            state.reserved += found.2;
-            state.tensor_mut(id)?.pins += 1;
-            found
+            Stats::add(&stats.recomputes, 1);
+            Ok(RamBuf::Owned(bytes.into_boxed_slice()))
         };
-        let unreserve = |shared: &Shared| {
-            let mut state = shared.lock();
-            state.reserved -= len;
-            if let Ok(entry) = state.tensor_mut(id) {
-                entry.pins -= 1;
+        match from {
+            CopyFrom::Source { source, offset } => {
+                let mut buf = alloc()?;
+                source.read_into(*offset, buf.as_mut_slice())?;
+                Stats::add(&stats.bytes_read_source, len);
+                Ok(RamBuf::Aligned(buf))
             }
-            shared.check(&state);
-        };
-        let Some(mut buf) = AlignedBuf::zeroed(len as usize) else {
-            unreserve(&self.shared);
-            return Err(StoreError::Alloc { name, bytes: len });
-        };
-        if let Err(err) = source.read_into(offset, buf.as_mut_slice()) {
-            unreserve(&self.shared);
-            return Err(err.into());
+            CopyFrom::Spill { extent, recipe } => {
+                let mut buf = alloc()?;
+                match self.shared.spill_lock().read(extent, buf.as_mut_slice()) {
+                    Ok(()) => {
+                        Stats::add(&stats.bytes_restored_spill, len);
+                        Ok(RamBuf::Aligned(buf))
+                    }
+                    Err(err) => {
+                        if matches!(err, SpillError::Checksum { .. }) {
+                            Stats::add(&stats.checksum_failures, 1);
+                        }
+                        log::warn!("tensor `{name}`: {err}");
+                        match recipe {
+                            Some(recipe) => recompute(recipe),
+                            None => Err(StoreError::Lost {
+                                name: name.to_owned(),
+                                source: err,
+                            }),
+                        }
+                    }
+                }
+            }
+            CopyFrom::Recipe(recipe) => recompute(recipe),
         }
-        Stats::add(&self.shared.stats.bytes_read_source, len);
+    }
+
+    /// Installs a restored copy (unless another thread did first) and frees the spill extent
+    /// it came from.
+    fn install(&self, id: TensorId, len: u64, buf: RamBuf, from: &CopyFrom) -> TensorGuard {
         let mut state = self.shared.lock();
         state.reserved -= len;
-        let entry = state.tensor_mut(id)?;
-        // Another thread may have loaded it meanwhile: then keep that copy and drop ours.
+        let entry = state
+            .tensor_mut(id)
+            .expect("pinned tensors stay registered");
         let buf = if let Some(existing) = &entry.ram {
             Arc::clone(existing)
         } else {
-            let buf = Arc::new(RamBuf::Aligned(buf));
+            let buf = Arc::new(buf);
             entry.ram = Some(Arc::clone(&buf));
+            let spilled = if matches!(from, CopyFrom::Spill { .. } | CopyFrom::Recipe(_)) {
+                entry.spilled.take()
+            } else {
+                None
+            };
             state.anon += len;
+            if let Some(extent) = spilled {
+                self.shared.spill_lock().free(extent);
+            }
             buf
         };
         self.shared.check(&state);
         drop(state);
-        Stats::add(&self.shared.stats.acquires, 1);
-        Ok(TensorGuard {
-            shared: Arc::clone(&self.shared),
-            id,
-            view: View::Ram(buf),
-        })
+        self.shared.guard(id, View::Ram(buf))
     }
 
     /// Registers a new dirty tensor in `model` from owned bytes (a cast, a quantization, a
@@ -419,6 +523,32 @@ impl Store {
         dtype: Dtype,
         shape: &[u64],
         bytes: Vec<u8>,
+    ) -> Result<TensorId, StoreError> {
+        self.derive_inner(model, name, dtype, shape, bytes, None)
+    }
+
+    /// Like [`Store::derive`], with a recipe that recomputes the bytes: the policy may then
+    /// drop the copy instead of spilling it.
+    pub fn derive_with_recipe(
+        &self,
+        model: ModelId,
+        name: &str,
+        dtype: Dtype,
+        shape: &[u64],
+        bytes: Vec<u8>,
+        recipe: Recipe,
+    ) -> Result<TensorId, StoreError> {
+        self.derive_inner(model, name, dtype, shape, bytes, Some(recipe))
+    }
+
+    fn derive_inner(
+        &self,
+        model: ModelId,
+        name: &str,
+        dtype: Dtype,
+        shape: &[u64],
+        bytes: Vec<u8>,
+        recipe: Option<Recipe>,
     ) -> Result<TensorId, StoreError> {
         check_len(name, dtype, shape, bytes.len() as u64)?;
         let mut state = self.shared.lock();
@@ -432,8 +562,9 @@ impl Store {
         let id = TensorId(state.tensors.len() as u32);
         let len = bytes.len() as u64;
         self.shared.make_room(&mut state, id, name, len)?;
-        let now = state.tick();
-        state.tensors.push(Some(TensorEntry {
+        self.shared.keep_reserve(&mut state, id, name, len)?;
+        let (now, inflation) = (state.tick(), state.inflation);
+        let mut entry = TensorEntry {
             model,
             name: name.to_owned(),
             dtype,
@@ -442,9 +573,14 @@ impl Store {
             origin: Origin::Derived,
             ram: Some(Arc::new(RamBuf::Owned(bytes.into_boxed_slice()))),
             mapped: false,
+            spilled: None,
+            recipe,
             pins: 0,
-            last_use: now,
-        }));
+            last_use: 0,
+            credit: 0.0,
+        };
+        entry.touch(now, inflation);
+        state.tensors.push(Some(entry));
         state.anon += len;
         let model_entry = state.models[model.0 as usize]
             .as_mut()
@@ -456,8 +592,8 @@ impl Store {
     }
 
     /// Replaces a tensor's bytes (after patching it): the tensor becomes dirty and its new
-    /// bytes are its only copy. Fails while a guard pins it; on any error the tensor is
-    /// unchanged.
+    /// bytes are its only copy (any recipe is forgotten). Fails while a guard pins it; on any
+    /// error the tensor is unchanged.
     pub fn replace(&self, id: TensorId, bytes: Vec<u8>) -> Result<(), StoreError> {
         let mut state = self.shared.lock();
         let entry = state.tensor(id)?;
@@ -473,15 +609,23 @@ impl Store {
         let len = bytes.len() as u64;
         self.shared
             .make_room(&mut state, id, &name, len.saturating_sub(held))?;
-        // Release the file's pages first: they no longer hold this tensor's bytes.
-        state.drop_clean(id);
+        self.shared
+            .keep_reserve(&mut state, id, &name, len.saturating_sub(held))?;
+        // The file's pages no longer hold this tensor's bytes: release them.
+        let released = state.drop_clean(id);
+        self.record_drop(released);
         state.free_ram(id);
-        let now = state.tick();
+        let (now, inflation) = (state.tick(), state.inflation);
         let entry = state.tensor_mut(id)?;
         entry.origin = Origin::Derived;
+        entry.recipe = None;
+        let stale = entry.spilled.take();
         entry.ram = Some(Arc::new(RamBuf::Owned(bytes.into_boxed_slice())));
-        entry.last_use = now;
+        entry.touch(now, inflation);
         state.anon += len;
+        if let Some(extent) = stale {
+            self.shared.spill_lock().free(extent);
+        }
         self.shared.check(&state);
         Ok(())
     }
@@ -516,7 +660,65 @@ impl Store {
         Ok(total)
     }
 
-    /// Closes a model: frees its copies and forgets its tensors. Fails while any is pinned.
+    /// Evicts at least `bytes` of RAM copies in policy order if it can: clean copies are
+    /// dropped, dirty ones spilled (or dropped when their recipe is cheaper).
+    pub fn free_memory(&self, bytes: u64) -> FreeOutcome {
+        let mut state = self.shared.lock();
+        let outcome = self
+            .shared
+            .free(&mut state, bytes, EvictReason::Request, None);
+        self.shared.check(&state);
+        outcome
+    }
+
+    /// Spills one dirty tensor's RAM copy now. On error (disk full, `spill_max`) the tensor
+    /// keeps its RAM copy.
+    pub fn spill(&self, id: TensorId) -> Result<u64, StoreError> {
+        let mut state = self.shared.lock();
+        let entry = state.tensor(id)?;
+        let name = entry.name.clone();
+        if entry.pins > 0 {
+            return Err(StoreError::Pinned {
+                name,
+                pins: entry.pins,
+            });
+        }
+        let Some(buf) = entry
+            .ram
+            .as_ref()
+            .filter(|_| !entry.is_clean() && entry.spilled.is_none())
+        else {
+            return Ok(0);
+        };
+        let buf = Arc::clone(buf);
+        let extent = self
+            .shared
+            .spill_lock()
+            .write(buf.as_slice())
+            .map_err(|source| {
+                Stats::add(&self.shared.stats.spill_failures, 1);
+                StoreError::Spill {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+        Stats::add(&self.shared.stats.bytes_spilled, extent.len);
+        Stats::add(&self.shared.stats.bytes_written, extent.len);
+        state.tensor_mut(id)?.spilled = Some(extent);
+        let freed = state.free_ram(id);
+        Stats::add(&self.shared.stats.evictions, 1);
+        Stats::add(&self.shared.stats.evictions_request, 1);
+        self.shared.check(&state);
+        Ok(freed)
+    }
+
+    /// Bytes the spill file holds now.
+    pub fn spill_used(&self) -> u64 {
+        self.shared.spill_lock().used()
+    }
+
+    /// Closes a model: frees its copies and spill extents and forgets its tensors. Fails while
+    /// any is pinned.
     pub fn close_model(&self, model: ModelId) -> Result<(), StoreError> {
         let mut state = self.shared.lock();
         let ids = state.model(model)?.tensors.clone();
@@ -533,6 +735,11 @@ impl Store {
             let outcome = state.drop_clean(id);
             self.record_drop(outcome);
             state.free_ram(id);
+            if let Some(Some(entry)) = state.tensors.get_mut(id.0 as usize) {
+                if let Some(extent) = entry.spilled.take() {
+                    self.shared.spill_lock().free(extent);
+                }
+            }
             state.tensors[id.0 as usize] = None;
         }
         state.models[model.0 as usize] = None;

@@ -7,9 +7,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{ModelId, StoreError, TensorId};
+use super::{ModelId, Recipe, StoreError, TensorId};
 use crate::dtype::Dtype;
+use crate::policy::{Priority, restore_cost};
 use crate::source::Source;
+use crate::spill::Extent;
 use crate::sys::AlignedBuf;
 
 /// An owned RAM copy: page-aligned when lowtide filled it, the caller's buffer when derived.
@@ -52,19 +54,45 @@ pub(super) struct TensorEntry {
     pub(super) ram: Option<Arc<RamBuf>>,
     /// The mapped pages were faulted in by lowtide and not released since.
     pub(super) mapped: bool,
+    /// A dirty tensor's bytes in the spill file.
+    pub(super) spilled: Option<Extent>,
+    /// How to recompute a dirty tensor instead of spilling it.
+    pub(super) recipe: Option<Recipe>,
     pub(super) pins: u32,
     pub(super) last_use: u64,
+    /// GreedyDual credit (see `policy`).
+    pub(super) credit: f64,
 }
 
 impl TensorEntry {
     pub(super) fn is_clean(&self) -> bool {
         matches!(self.origin, Origin::Source { .. })
     }
+
+    /// Cost per byte of bringing the bytes back after evicting the RAM copy.
+    pub(super) fn restore_cost(&self) -> f64 {
+        restore_cost(
+            self.is_clean(),
+            self.recipe.as_ref().map(Recipe::cost_per_byte),
+        )
+    }
+
+    /// Records a use at logical time `now` with inflation `inflation`.
+    pub(super) fn touch(&mut self, now: u64, inflation: f64) {
+        self.last_use = now;
+        self.credit = inflation + self.restore_cost();
+    }
+
+    /// The bytes survive somewhere other than RAM.
+    pub(super) fn recoverable_without_ram(&self) -> bool {
+        self.is_clean() || self.spilled.is_some() || self.recipe.is_some()
+    }
 }
 
 #[derive(Debug)]
 pub(super) struct ModelEntry {
     pub(super) path: PathBuf,
+    pub(super) priority: Priority,
     pub(super) tensors: Vec<TensorId>,
     pub(super) by_name: HashMap<String, TensorId>,
 }
@@ -98,6 +126,8 @@ pub(super) struct State {
     pub(super) reserved: u64,
     /// Logical clock for recency.
     pub(super) clock: u64,
+    /// GreedyDual inflation value `L`: the credit of the last evicted copy.
+    pub(super) inflation: f64,
 }
 
 impl State {
@@ -172,18 +202,31 @@ impl State {
         }
     }
 
-    /// Unpinned clean RAM copies, least recently used first: what can be dropped for free.
-    pub(super) fn clean_ram_victims(&self, exclude: TensorId) -> Vec<TensorId> {
-        let mut victims: Vec<(u64, TensorId)> = self
+    /// Releases the mapped pages of unpinned tensors of idle models. Returns bytes released.
+    pub(super) fn release_idle_mapped(&mut self) -> u64 {
+        let idle: Vec<TensorId> = self
             .tensors
             .iter()
             .enumerate()
             .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
-            .filter(|(id, t)| *id != exclude && t.pins == 0 && t.ram.is_some() && t.is_clean())
-            .map(|(id, t)| (t.last_use, id))
+            .filter(|(_, t)| t.mapped && t.pins == 0)
+            .filter(|(_, t)| {
+                self.model(t.model)
+                    .is_ok_and(|m| m.priority == Priority::Idle)
+            })
+            .map(|(id, _)| id)
             .collect();
-        victims.sort_unstable();
-        victims.into_iter().map(|(_, id)| id).collect()
+        let mut released = 0;
+        for id in idle {
+            let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
+                continue;
+            };
+            if let Origin::Source { source, offset } = &entry.origin {
+                released += source.release(*offset, entry.len);
+                entry.mapped = false;
+            }
+        }
+        released
     }
 
     /// Panics if the accounting disagrees with the copies held (`strict` builds call this
@@ -216,8 +259,13 @@ impl State {
                 );
             }
             assert!(
-                t.is_clean() || t.ram.is_some(),
+                t.ram.is_some() || t.recoverable_without_ram(),
                 "dirty tensor `{}` has no copy",
+                t.name
+            );
+            assert!(
+                t.spilled.is_none() || !t.is_clean(),
+                "clean tensor `{}` was spilled",
                 t.name
             );
         }

@@ -1,0 +1,127 @@
+//! The governor: turns limits and signals into a number of bytes to free.
+//!
+//! - `ram_budget`: the most anonymous bytes (RAM copies) the store may hold — a hard limit.
+//! - `reserve_ram`: keep the system's available memory above this. Available memory is the
+//!   smaller of `MemAvailable` and the headroom of the process's own memory cgroup.
+//! - pressure events: a PSI trigger on the cgroup's `memory.pressure` or
+//!   `/proc/pressure/memory`, watched by a monitor thread.
+
+mod cgroup;
+mod monitor;
+
+use std::fs;
+use std::path::PathBuf;
+
+pub use cgroup::{CgroupMemory, CgroupVersion};
+pub use monitor::PressureTrigger;
+pub(crate) use monitor::{Monitor, Relieve};
+
+/// Why copies were evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[non_exhaustive]
+pub enum EvictReason {
+    /// To stay within the RAM budget.
+    Budget,
+    /// To keep available memory above the reserve.
+    Reserve,
+    /// A memory pressure event fired.
+    Pressure,
+    /// The caller asked (`Store::free_memory`).
+    Request,
+}
+
+/// One reading of how much memory the system can still give.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryReading {
+    /// `MemAvailable` from `/proc/meminfo`.
+    pub mem_available: u64,
+    /// The process's memory cgroup, when one is readable.
+    pub cgroup: Option<CgroupMemory>,
+    /// The smaller of `mem_available` and the cgroup's headroom.
+    pub available: u64,
+}
+
+impl MemoryReading {
+    /// Reads `/proc/meminfo` and the process's memory cgroup now.
+    pub fn now() -> Self {
+        Self::with_cgroup(CgroupMemory::detect())
+    }
+
+    fn with_cgroup(cgroup: Option<CgroupMemory>) -> Self {
+        let mem_available = mem_available().unwrap_or(u64::MAX);
+        let headroom = cgroup
+            .as_ref()
+            .and_then(CgroupMemory::headroom)
+            .unwrap_or(u64::MAX);
+        Self {
+            mem_available,
+            cgroup,
+            available: mem_available.min(headroom),
+        }
+    }
+}
+
+/// The limits of one store, and where to read the memory figures they are checked against.
+#[derive(Debug)]
+pub(crate) struct Governor {
+    pub(crate) ram_budget: u64,
+    pub(crate) reserve_ram: u64,
+    /// The cgroup found when the store was built; re-read (not re-detected) on each reading.
+    cgroup: Option<(CgroupVersion, PathBuf)>,
+}
+
+impl Governor {
+    pub(crate) fn new(ram_budget: u64, reserve_ram: u64) -> Self {
+        let cgroup = CgroupMemory::detect().map(|c| (c.version, c.dir));
+        Self {
+            ram_budget,
+            reserve_ram,
+            cgroup,
+        }
+    }
+
+    /// Available memory now.
+    pub(crate) fn reading(&self) -> MemoryReading {
+        let cgroup = self
+            .cgroup
+            .as_ref()
+            .and_then(|(version, dir)| match version {
+                CgroupVersion::V1 => CgroupMemory::read_v1(dir).ok(),
+                CgroupVersion::V2 => CgroupMemory::read_v2(dir).ok(),
+            });
+        MemoryReading::with_cgroup(cgroup)
+    }
+
+    /// Pressure files to try, most specific first.
+    pub(crate) fn pressure_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some((CgroupVersion::V2, dir)) = &self.cgroup {
+            files.push(dir.join("memory.pressure"));
+        }
+        files.push(PathBuf::from("/proc/pressure/memory"));
+        files
+    }
+}
+
+/// `MemAvailable` in bytes.
+fn mem_available() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The default RAM budget: half of what is available now (1 GiB where nothing can be read).
+pub(crate) fn default_ram_budget() -> u64 {
+    let available = MemoryReading::now().available;
+    if available == u64::MAX {
+        1 << 30
+    } else {
+        (available / 2).max(1)
+    }
+}
+
+/// How many bytes to free so that holding `extra` more keeps `available` above `reserve`.
+pub(crate) fn reserve_shortfall(available: u64, extra: u64, reserve: u64) -> u64 {
+    (reserve + extra).saturating_sub(available)
+}

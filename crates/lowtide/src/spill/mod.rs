@@ -1,0 +1,307 @@
+//! The spill file: where dirty bytes go when RAM may not hold them.
+//!
+//! One file per store, created with `O_TMPFILE` in the spill directory so that a crash leaves
+//! nothing behind (no name ever exists). Space is reserved with `fallocate` before any byte is
+//! written — a full disk is then `ENOSPC` from `fallocate`, an ordinary error, never a SIGBUS or
+//! a half-written extent. Writes use `pwrite`; every extent carries an xxh3 checksum verified on
+//! every read; freed extents have their blocks returned with hole punching.
+
+mod allocator;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FallocateFlags;
+
+use allocator::{Allocator, blocks};
+
+/// Errors of the spill file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpillError {
+    /// The file system holding the spill file is full.
+    #[error("no space left in {} for {requested} spill bytes", dir.display())]
+    NoSpace {
+        /// The spill directory.
+        dir: PathBuf,
+        /// Bytes asked for.
+        requested: u64,
+    },
+    /// The configured `spill_max` would be exceeded.
+    #[error("spill limit reached: {used} of {max} bytes used, {requested} more asked for")]
+    Limit {
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes in use.
+        used: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The spill file could not be created, written or read.
+    #[error("spill file in {}: cannot {op}", dir.display())]
+    Io {
+        /// The spill directory.
+        dir: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An extent's bytes do not match the checksum written with them.
+    #[error(
+        "spill extent at offset {offset} ({len} bytes) is corrupt: checksum {actual:#018x}, expected {expected:#018x}"
+    )]
+    Checksum {
+        /// Offset in the spill file.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Checksum written.
+        expected: u64,
+        /// Checksum read back.
+        actual: u64,
+    },
+}
+
+/// One tensor's bytes in the spill file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    pub(crate) checksum: u64,
+}
+
+impl Extent {
+    fn reserved(&self) -> u64 {
+        blocks(self.len)
+    }
+}
+
+/// The spill file, created on first use.
+#[derive(Debug)]
+pub(crate) struct SpillFile {
+    dir: PathBuf,
+    max: Option<u64>,
+    file: Option<File>,
+    alloc: Allocator,
+    /// Bytes reserved by live extents (whole blocks).
+    used: u64,
+}
+
+impl SpillFile {
+    pub(crate) fn new(dir: PathBuf, max: Option<u64>) -> Self {
+        Self {
+            dir,
+            max,
+            file: None,
+            alloc: Allocator::default(),
+            used: 0,
+        }
+    }
+
+    /// Bytes reserved by live extents.
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> SpillError + use<> {
+        let dir = self.dir.clone();
+        move |source| SpillError::Io { dir, op, source }
+    }
+
+    fn file(&mut self) -> Result<&File, SpillError> {
+        if self.file.is_none() {
+            let file = create_unnamed(&self.dir).map_err(self.io("create"))?;
+            self.file = Some(file);
+        }
+        Ok(self.file.as_ref().expect("created above"))
+    }
+
+    /// Writes `bytes` to a new extent: space reserved first, then written, then checksummed.
+    /// On any error nothing is kept and the caller still holds its bytes.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
+        let len = bytes.len() as u64;
+        let reserved = blocks(len);
+        if let Some(max) = self.max {
+            if self.used + reserved > max {
+                return Err(SpillError::Limit {
+                    requested: len,
+                    used: self.used,
+                    max,
+                });
+            }
+        }
+        let dir = self.dir.clone();
+        self.file()?;
+        let offset = self.alloc.allocate(reserved);
+        let file = self.file.as_ref().expect("created above");
+        let result = rustix::fs::fallocate(file, FallocateFlags::empty(), offset, reserved)
+            .map_err(|errno| match errno {
+                rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => SpillError::NoSpace {
+                    dir: dir.clone(),
+                    requested: len,
+                },
+                errno => SpillError::Io {
+                    dir: dir.clone(),
+                    op: "reserve space in",
+                    source: errno.into(),
+                },
+            })
+            .and_then(|()| {
+                file.write_all_at(bytes, offset)
+                    .map_err(|source| match source.raw_os_error() {
+                        Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
+                            SpillError::NoSpace {
+                                dir: dir.clone(),
+                                requested: len,
+                            }
+                        }
+                        _ => SpillError::Io {
+                            dir: dir.clone(),
+                            op: "write",
+                            source,
+                        },
+                    })
+            });
+        if let Err(err) = result {
+            // ext4 may leave a partial allocation behind a failed fallocate: give it back.
+            punch(file, offset, reserved);
+            self.alloc.free(offset, reserved);
+            return Err(err);
+        }
+        self.used += reserved;
+        Ok(Extent {
+            offset,
+            len,
+            checksum: checksum(bytes),
+        })
+    }
+
+    /// Reads an extent into `dst` (exactly `extent.len` bytes) and verifies its checksum.
+    pub(crate) fn read(&self, extent: &Extent, dst: &mut [u8]) -> Result<(), SpillError> {
+        debug_assert_eq!(dst.len() as u64, extent.len);
+        let Some(file) = &self.file else {
+            return Err(SpillError::Io {
+                dir: self.dir.clone(),
+                op: "read",
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        };
+        file.read_exact_at(dst, extent.offset)
+            .map_err(self.io("read"))?;
+        let actual = checksum(dst);
+        if actual != extent.checksum {
+            return Err(SpillError::Checksum {
+                offset: extent.offset,
+                len: extent.len,
+                expected: extent.checksum,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Frees an extent: its blocks go back to the file system and to the allocator.
+    pub(crate) fn free(&mut self, extent: Extent) {
+        let reserved = extent.reserved();
+        if let Some(file) = &self.file {
+            punch(file, extent.offset, reserved);
+        }
+        self.alloc.free(extent.offset, reserved);
+        self.used -= reserved;
+    }
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Returns `[offset, offset + len)` to the file system. Advisory: a failure only costs space.
+fn punch(file: &File, offset: u64, len: u64) {
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    if let Err(err) = rustix::fs::fallocate(file, flags, offset, len) {
+        log::debug!("punching a hole in the spill file failed: {err}");
+    }
+}
+
+/// An unnamed file in `dir`: `O_TMPFILE`, or where the file system lacks it, a file unlinked
+/// right after creation.
+fn create_unnamed(dir: &Path) -> io::Result<File> {
+    let tmpfile = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::TMPFILE.bits() as i32)
+        .open(dir);
+    match tmpfile {
+        Ok(file) => Ok(file),
+        Err(err)
+            if matches!(
+                rustix::io::Errno::from_io_error(&err),
+                Some(
+                    rustix::io::Errno::OPNOTSUPP
+                        | rustix::io::Errno::ISDIR
+                        | rustix::io::Errno::INVAL
+                )
+            ) =>
+        {
+            let path = dir.join(format!(
+                ".lowtide-spill-{}-{:x}",
+                std::process::id(),
+                nonce()
+            ));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(file)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn nonce() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SpillError, SpillFile};
+
+    #[test]
+    fn round_trip_reuse_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = SpillFile::new(dir.path().to_path_buf(), Some(64 << 10));
+        let a: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let extent = spill.write(&a).unwrap();
+        assert_eq!(spill.used(), 12_288);
+        let mut back = vec![0; a.len()];
+        spill.read(&extent, &mut back).unwrap();
+        assert_eq!(back, a);
+        // Nothing named is left in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        spill.free(extent);
+        assert_eq!(spill.used(), 0);
+        let again = spill.write(&a).unwrap();
+        assert_eq!(again.offset, 0, "freed space is reused");
+        let err = spill.write(&vec![0; 60 << 10]).unwrap_err();
+        assert!(matches!(err, SpillError::Limit { .. }), "{err}");
+        assert_eq!(spill.used(), 12_288, "a refused write reserves nothing");
+    }
+
+    #[test]
+    fn missing_directory_is_an_io_error() {
+        let mut spill = SpillFile::new("/nonexistent/spill".into(), None);
+        let err = spill.write(b"abc").unwrap_err();
+        assert!(matches!(err, SpillError::Io { op: "create", .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/spill"));
+    }
+}

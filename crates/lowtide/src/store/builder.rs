@@ -1,0 +1,146 @@
+//! Store settings: limits, spill, policy and the pressure monitor.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{ConfigError, Shared, Store};
+use crate::governor::{self, Governor, PressureTrigger};
+use crate::policy::{DefaultPolicy, EvictionPolicy};
+use crate::spill::SpillFile;
+use crate::stats::Stats;
+
+/// Settings for a [`Store`]. Every setter documents its default; [`StoreBuilder::build`]
+/// rejects impossible combinations with a [`ConfigError`].
+#[derive(Debug, Default)]
+pub struct StoreBuilder {
+    ram_budget: Option<u64>,
+    reserve_ram: u64,
+    spill_dir: Option<PathBuf>,
+    spill_max: Option<u64>,
+    policy: Option<Box<dyn EvictionPolicy>>,
+    monitor: Option<bool>,
+    trigger: PressureTrigger,
+    interval: Option<Duration>,
+}
+
+impl StoreBuilder {
+    /// The most anonymous bytes (RAM copies) the store may hold. A hard limit: a request that
+    /// cannot fit even after evicting is refused.
+    ///
+    /// Default: half of the available memory (the smaller of `MemAvailable` and the process's
+    /// memory cgroup headroom) when the store is built.
+    pub fn ram_budget(mut self, bytes: u64) -> Self {
+        self.ram_budget = Some(bytes);
+        self
+    }
+
+    /// Keep the system's available memory above this many bytes: evict when it drops below,
+    /// and refuse new RAM copies that would take it below.
+    ///
+    /// Default: 0 (off).
+    pub fn reserve_ram(mut self, bytes: u64) -> Self {
+        self.reserve_ram = bytes;
+        self
+    }
+
+    /// Directory of the spill file (an unnamed file: nothing is left there after a crash).
+    ///
+    /// Default: the system temp directory (`$TMPDIR` or `/tmp`).
+    pub fn spill_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.spill_dir = Some(dir.into());
+        self
+    }
+
+    /// The most bytes the spill file may hold.
+    ///
+    /// Default: no limit other than the file system's free space.
+    pub fn spill_max(mut self, bytes: u64) -> Self {
+        self.spill_max = Some(bytes);
+        self
+    }
+
+    /// The eviction order.
+    ///
+    /// Default: [`crate::DefaultPolicy`] (priority class, then cost-aware recency).
+    pub fn policy(mut self, policy: impl EvictionPolicy + 'static) -> Self {
+        self.policy = Some(Box::new(policy));
+        self
+    }
+
+    /// Run a monitor thread that watches memory pressure (PSI) and samples available memory,
+    /// evicting when pressure fires or available memory falls under the reserve.
+    ///
+    /// Default: on when `reserve_ram` is set, off otherwise.
+    pub fn monitor(mut self, on: bool) -> Self {
+        self.monitor = Some(on);
+        self
+    }
+
+    /// The PSI trigger the monitor registers.
+    ///
+    /// Default: 150 ms of stall per 2 s window (`some 150000 2000000`).
+    pub fn pressure_trigger(mut self, trigger: PressureTrigger) -> Self {
+        self.trigger = trigger;
+        self
+    }
+
+    /// How often the monitor samples available memory.
+    ///
+    /// Default: 250 ms.
+    pub fn sample_interval(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
+    }
+
+    /// Validates the settings and creates the store (and its monitor thread, if on).
+    pub fn build(self) -> Result<Store, ConfigError> {
+        let ram_budget = self.ram_budget.unwrap_or_else(governor::default_ram_budget);
+        if ram_budget == 0 {
+            return Err(ConfigError::ZeroBudget);
+        }
+        let spill_dir = self.spill_dir.unwrap_or_else(std::env::temp_dir);
+        if !spill_dir.is_dir() {
+            return Err(ConfigError::SpillDir { path: spill_dir });
+        }
+        if self.spill_max == Some(0) {
+            return Err(ConfigError::ZeroSpillMax);
+        }
+        let trigger = self.trigger;
+        let window_us = trigger.window.as_micros();
+        if trigger.stall.is_zero() || trigger.stall > trigger.window || window_us % 2_000_000 != 0 {
+            return Err(ConfigError::Trigger {
+                stall: trigger.stall,
+                window: trigger.window,
+            });
+        }
+        let interval = self.interval.unwrap_or(Duration::from_millis(250));
+        if interval.is_zero() {
+            return Err(ConfigError::ZeroInterval);
+        }
+        let governor = Governor::new(ram_budget, self.reserve_ram);
+        let pressure_files = governor.pressure_files();
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            spill: Mutex::new(SpillFile::new(spill_dir, self.spill_max)),
+            stats: Stats::default(),
+            governor,
+            policy: self.policy.unwrap_or_else(|| Box::new(DefaultPolicy)),
+            monitor: Mutex::new(None),
+        });
+        if self.monitor.unwrap_or(self.reserve_ram > 0) {
+            let monitor = governor::Monitor::spawn(
+                Arc::downgrade(&shared),
+                &pressure_files,
+                trigger,
+                interval,
+            )
+            .map_err(|source| ConfigError::Monitor { source })?;
+            *shared
+                .monitor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(monitor);
+        }
+        Ok(Store { shared })
+    }
+}
