@@ -89,12 +89,11 @@ impl CgroupMemory {
         let cgroup = fs::read_to_string("/proc/self/cgroup").ok()?;
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
         let membership = parse_proc_cgroup(&cgroup);
-        if let Some(path) = &membership.v1_memory {
-            if let Some(dir) = resolve(&mountinfo, path, Hierarchy::V1Memory) {
-                if let Ok(reading) = Self::read_v1(&dir) {
-                    return Some(reading);
-                }
-            }
+        if let Some(path) = &membership.v1_memory
+            && let Some(dir) = resolve(&mountinfo, path, Hierarchy::V1Memory)
+            && let Ok(reading) = Self::read_v1(&dir)
+        {
+            return Some(reading);
         }
         let path = membership.v2?;
         let (mount, dir) = resolve_with_mount(&mountinfo, &path, Hierarchy::V2)?;

@@ -65,7 +65,7 @@ impl MemoryReading {
 #[derive(Debug)]
 pub(crate) struct Governor {
     pub(crate) ram_budget: u64,
-    pub(crate) reserve_ram: u64,
+    reserve_ram: std::sync::atomic::AtomicU64,
     /// The cgroup found when the store was built; re-read (not re-detected) on each reading.
     cgroup: Option<(CgroupVersion, PathBuf)>,
 }
@@ -75,9 +75,19 @@ impl Governor {
         let cgroup = CgroupMemory::detect().map(|c| (c.version, c.dir));
         Self {
             ram_budget,
-            reserve_ram,
+            reserve_ram: reserve_ram.into(),
             cgroup,
         }
+    }
+
+    /// The reserve in bytes (0 when off).
+    pub(crate) fn reserve_ram(&self) -> u64 {
+        self.reserve_ram.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_reserve_ram(&self, bytes: u64) {
+        self.reserve_ram
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Available memory now.

@@ -58,7 +58,7 @@ pub(crate) fn register(path: &Path, trigger: PressureTrigger) -> std::io::Result
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits().cast_signed())
         .open(path)?;
     file.write_all(trigger.to_trigger_string().as_bytes())?;
     Ok(Registered {
@@ -133,23 +133,18 @@ fn run<R: Relieve>(
     // Poll in short slices so that a stop request is seen quickly.
     let slice = interval.min(Duration::from_millis(100));
     let timeout = rustix::event::Timespec {
-        tv_sec: slice.as_secs() as i64,
+        tv_sec: i64::try_from(slice.as_secs()).unwrap_or(i64::MAX),
         tv_nsec: i64::from(slice.subsec_nanos()),
     };
     let mut since_sample = Duration::ZERO;
     while !stop.load(Ordering::Acquire) {
-        let fired = match registered {
-            Some(r) => {
-                let mut fds = [PollFd::new(&r.file, PollFlags::PRI)];
-                match poll(&mut fds, Some(&timeout)) {
-                    Ok(_) => fds[0].revents().intersects(PollFlags::PRI | PollFlags::ERR),
-                    Err(_) => false,
-                }
-            }
-            None => {
-                thread::sleep(slice);
-                false
-            }
+        let fired = if let Some(r) = registered {
+            let mut fds = [PollFd::new(&r.file, PollFlags::PRI)];
+            poll(&mut fds, Some(&timeout))
+                .is_ok_and(|_| fds[0].revents().intersects(PollFlags::PRI | PollFlags::ERR))
+        } else {
+            thread::sleep(slice);
+            false
         };
         since_sample += slice;
         if !fired && since_sample < interval {

@@ -45,12 +45,12 @@ impl Allocator {
 
     /// Gives `[offset, offset + len)` back.
     pub(crate) fn free(&mut self, mut offset: u64, mut len: u64) {
-        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back() {
-            if prev + prev_len == offset {
-                self.free.remove(&prev);
-                offset = prev;
-                len += prev_len;
-            }
+        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back()
+            && prev + prev_len == offset
+        {
+            self.free.remove(&prev);
+            offset = prev;
+            len += prev_len;
         }
         if let Some(&next_len) = self.free.get(&(offset + len)) {
             self.free.remove(&(offset + len));

@@ -125,14 +125,14 @@ impl SpillFile {
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
         let len = bytes.len() as u64;
         let reserved = blocks(len);
-        if let Some(max) = self.max {
-            if self.used + reserved > max {
-                return Err(SpillError::Limit {
-                    requested: len,
-                    used: self.used,
-                    max,
-                });
-            }
+        if let Some(max) = self.max
+            && self.used + reserved > max
+        {
+            return Err(SpillError::Limit {
+                requested: len,
+                used: self.used,
+                max,
+            });
         }
         let dir = self.dir.clone();
         self.file()?;
@@ -234,7 +234,7 @@ fn create_unnamed(dir: &Path) -> io::Result<File> {
         .read(true)
         .write(true)
         .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::TMPFILE.bits() as i32)
+        .custom_flags(rustix::fs::OFlags::TMPFILE.bits().cast_signed())
         .open(dir);
     match tmpfile {
         Ok(file) => Ok(file),

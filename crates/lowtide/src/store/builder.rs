@@ -108,7 +108,10 @@ impl StoreBuilder {
         }
         let trigger = self.trigger;
         let window_us = trigger.window.as_micros();
-        if trigger.stall.is_zero() || trigger.stall > trigger.window || window_us % 2_000_000 != 0 {
+        if trigger.stall.is_zero()
+            || trigger.stall > trigger.window
+            || !window_us.is_multiple_of(2_000_000)
+        {
             return Err(ConfigError::Trigger {
                 stall: trigger.stall,
                 window: trigger.window,

@@ -166,7 +166,7 @@ impl Shared {
         name: &str,
         bytes: u64,
     ) -> Result<(), super::StoreError> {
-        let reserve = self.governor.reserve_ram;
+        let reserve = self.governor.reserve_ram();
         if reserve == 0 {
             return Ok(());
         }
@@ -193,7 +193,7 @@ impl Shared {
 impl crate::governor::Relieve for Shared {
     fn tick(&self, pressure: bool) {
         let reading: MemoryReading = self.governor.reading();
-        let reserve = self.governor.reserve_ram;
+        let reserve = self.governor.reserve_ram();
         let short = reserve.saturating_sub(reading.available);
         let mut state = self.lock();
         if pressure {

@@ -86,6 +86,7 @@ impl std::fmt::Debug for Recipe {
 /// What the store knows about a tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[allow(clippy::struct_excessive_bools)] // independent facts about one tensor, not a state machine
 pub struct TensorInfo {
     /// Name within its model.
     pub name: String,
@@ -168,7 +169,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("ram_budget", &self.shared.governor.ram_budget)
-            .field("reserve_ram", &self.shared.governor.reserve_ram)
+            .field("reserve_ram", &self.shared.governor.reserve_ram())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -209,7 +210,13 @@ impl Store {
 
     /// The RAM reserve in bytes (0 when off).
     pub fn reserve_ram(&self) -> u64 {
-        self.shared.governor.reserve_ram
+        self.shared.governor.reserve_ram()
+    }
+
+    /// Changes the RAM reserve (0 turns it off). The monitor thread, when it runs, acts on the
+    /// new value at its next sample; new RAM copies are checked against it at once.
+    pub fn set_reserve_ram(&self, bytes: u64) {
+        self.shared.governor.set_reserve_ram(bytes);
     }
 
     /// Available memory now, as the governor sees it.
@@ -358,10 +365,8 @@ impl Store {
         // From here the guard owns the pin: on error its drop unpins.
         let guard = self.shared.guard(id, view);
         if let Err(err) = source.fault_in(offset, len) {
-            if !was_mapped {
-                if let Ok(entry) = self.shared.lock().tensor_mut(id) {
-                    entry.mapped = false;
-                }
+            if !was_mapped && let Ok(entry) = self.shared.lock().tensor_mut(id) {
+                entry.mapped = false;
             }
             return Err(err.into());
         }
@@ -619,11 +624,11 @@ impl Store {
         let entry = state.tensor_mut(id)?;
         entry.origin = Origin::Derived;
         entry.recipe = None;
-        let stale = entry.spilled.take();
+        let old_extent = entry.spilled.take();
         entry.ram = Some(Arc::new(RamBuf::Owned(bytes.into_boxed_slice())));
         entry.touch(now, inflation);
         state.anon += len;
-        if let Some(extent) = stale {
+        if let Some(extent) = old_extent {
             self.shared.spill_lock().free(extent);
         }
         self.shared.check(&state);
@@ -735,10 +740,10 @@ impl Store {
             let outcome = state.drop_clean(id);
             self.record_drop(outcome);
             state.free_ram(id);
-            if let Some(Some(entry)) = state.tensors.get_mut(id.0 as usize) {
-                if let Some(extent) = entry.spilled.take() {
-                    self.shared.spill_lock().free(extent);
-                }
+            if let Some(Some(entry)) = state.tensors.get_mut(id.0 as usize)
+                && let Some(extent) = entry.spilled.take()
+            {
+                self.shared.spill_lock().free(extent);
             }
             state.tensors[id.0 as usize] = None;
         }

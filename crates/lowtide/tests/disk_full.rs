@@ -1,0 +1,131 @@
+//! Disk full on a real tiny file system: a tmpfs of 1 MiB mounted by the test (root only).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use lowtide::{Dtype, SpillError, Store, StoreError};
+
+/// A tmpfs mounted for the test's lifetime.
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(size: &str) -> Result<Self, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Err("not root: cannot mount a tmpfs".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "lowtide-test"])
+            .arg(dir.path())
+            .status()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({status}): no mount privilege here"
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn skip(why: &str) {
+    eprintln!("skipped: disk-full test on a real tmpfs: {why}");
+}
+
+#[test]
+fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
+    let fs = match TinyFs::mount("1m") {
+        Ok(fs) => fs,
+        Err(why) => return skip(&why),
+    };
+    let models = common::tempdir();
+    let path = common::unet(&models);
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(fs.path())
+        .build()
+        .unwrap();
+    let model = store.open_model(&path).unwrap();
+    let part = 300 * 1024;
+    let fill = |i: u8| vec![i; part];
+    let ids: Vec<_> = (0..5u8)
+        .map(|i| {
+            store
+                .derive(
+                    model,
+                    &format!("patched.{i}"),
+                    Dtype::U8,
+                    &[part as u64],
+                    fill(i),
+                )
+                .unwrap()
+        })
+        .collect();
+
+    // Three 300 KiB extents fit in 1 MiB; the fourth does not.
+    let mut spilled = Vec::new();
+    let mut refused = None;
+    for &id in &ids {
+        match store.spill(id) {
+            Ok(_) => spilled.push(id),
+            Err(StoreError::Spill {
+                source: SpillError::NoSpace { dir, .. },
+                name,
+            }) => {
+                assert_eq!(dir, fs.path());
+                refused = Some((id, name));
+                break;
+            }
+            Err(other) => panic!("expected a disk-full error, got {other}"),
+        }
+    }
+    let (full_id, name) = refused.expect("a 1 MiB file system must fill up");
+    assert!(spilled.len() >= 2, "{} extents fit", spilled.len());
+    assert!(
+        store.info(full_id).unwrap().in_ram,
+        "`{name}` keeps its RAM copy"
+    );
+    assert!(store.stats().spill_failures >= 1);
+
+    // Every tensor is still readable with the right bytes (restoring frees spill space).
+    for (i, &id) in ids.iter().enumerate() {
+        assert!(
+            store.acquire(id).unwrap().iter().all(|&b| b == i as u8),
+            "tensor {i}"
+        );
+    }
+    assert_eq!(store.spill_used(), 0);
+    // Space was freed by the restores: spilling works again.
+    store.spill(full_id).unwrap();
+    assert!(store.info(full_id).unwrap().spilled);
+    assert!(
+        store
+            .acquire(full_id)
+            .unwrap()
+            .iter()
+            .all(|&b| b == spilled.len() as u8)
+    );
+    drop(store);
+    assert_eq!(
+        std::fs::read_dir(fs.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+}
