@@ -52,9 +52,15 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         files: Vec::new(),
         tensors: Vec::new(),
     };
+    let mut seen = std::collections::HashSet::new();
     for path in &args.paths {
         let model = ModelFiles::open(path)?;
         for source in &model.sources {
+            // The same file named twice (or a directory and a file in it) is listed once.
+            let identity = source.identity();
+            if !seen.insert((identity.dev, identity.ino)) {
+                continue;
+            }
             let file = source.path().display().to_string();
             let bytes: u64 = source.tensors().iter().map(|t| t.len).sum();
             report.total_bytes += bytes;
