@@ -25,6 +25,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod device;
 mod dtype;
 mod governor;
 pub mod policy;
@@ -35,6 +36,9 @@ mod stats;
 mod store;
 mod sys;
 
+#[cfg(feature = "cuda")]
+pub use device::CudaDevice;
+pub use device::{Device, DeviceAlloc, DeviceError, SimDevice};
 pub use dtype::{Dtype, UnknownDtype};
 pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, PressureTrigger};
 pub use policy::{DefaultPolicy, EvictionPolicy, Priority};
