@@ -50,8 +50,8 @@ pub use source::{
 pub use spill::SpillError;
 pub use stats::StatsSnapshot;
 pub use store::{
-    ConfigError, DropOutcome, FreeOutcome, ModelId, Recipe, Store, StoreBuilder, StoreError,
-    TensorGuard, TensorId, TensorInfo, Tier,
+    ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Recipe,
+    Store, StoreBuilder, StoreError, TensorGuard, TensorId, TensorInfo, Tier, UnloadOutcome,
 };
 pub use sys::procfs::{ProcIo, ProcMemory};
 

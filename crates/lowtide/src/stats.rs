@@ -23,6 +23,10 @@ pub(crate) struct Stats {
     pub(crate) evictions_pressure: AtomicU64,
     pub(crate) evictions_request: AtomicU64,
     pub(crate) evict_ns: AtomicU64,
+    pub(crate) bytes_uploaded: AtomicU64,
+    pub(crate) bytes_downloaded: AtomicU64,
+    pub(crate) device_bytes: AtomicU64,
+    pub(crate) unloaded_clean_bytes: AtomicU64,
 }
 
 impl Stats {
@@ -57,6 +61,10 @@ impl Stats {
             evictions_pressure: get(&self.evictions_pressure),
             evictions_request: get(&self.evictions_request),
             evict_seconds: get(&self.evict_ns) as f64 / 1e9,
+            bytes_uploaded: get(&self.bytes_uploaded),
+            bytes_downloaded: get(&self.bytes_downloaded),
+            device_bytes: get(&self.device_bytes),
+            unloaded_clean_bytes: get(&self.unloaded_clean_bytes),
         }
     }
 }
@@ -102,4 +110,12 @@ pub struct StatsSnapshot {
     pub evictions_request: u64,
     /// Time spent evicting (spill writes included), in seconds.
     pub evict_seconds: f64,
+    /// Bytes copied to devices.
+    pub bytes_uploaded: u64,
+    /// Bytes copied back from devices (into RAM or straight into the spill file).
+    pub bytes_downloaded: u64,
+    /// Bytes of device copies held now.
+    pub device_bytes: u64,
+    /// Bytes of device copies freed without writing anything (their bytes exist elsewhere).
+    pub unloaded_clean_bytes: u64,
 }

@@ -64,7 +64,9 @@ impl SimDevice {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn throttle(&self, started: Instant, len: usize) {
@@ -94,7 +96,11 @@ impl Device for SimDevice {
         let mut state = self.lock();
         let free = self.capacity - state.used;
         if len > free {
-            return Err(DeviceError::OutOfMemory { device: self.name.clone(), requested: len, free });
+            return Err(DeviceError::OutOfMemory {
+                device: self.name.clone(),
+                requested: len,
+                free,
+            });
         }
         let bytes = usize::try_from(len).map_err(|_| DeviceError::OutOfMemory {
             device: self.name.clone(),
@@ -121,7 +127,10 @@ impl Device for SimDevice {
         {
             let mut state = self.lock();
             let Some(memory) = state.allocs.get_mut(&dst.id()) else {
-                return Err(DeviceError::UnknownAlloc { device: self.name.clone(), id: dst.id() });
+                return Err(DeviceError::UnknownAlloc {
+                    device: self.name.clone(),
+                    id: dst.id(),
+                });
             };
             memory[offset as usize..offset as usize + src.len()].copy_from_slice(src);
         }
@@ -136,11 +145,15 @@ impl Device for SimDevice {
         {
             let state = self.lock();
             let Some(memory) = state.allocs.get(&src.id()) else {
-                return Err(DeviceError::UnknownAlloc { device: self.name.clone(), id: src.id() });
+                return Err(DeviceError::UnknownAlloc {
+                    device: self.name.clone(),
+                    id: src.id(),
+                });
             };
             dst.copy_from_slice(&memory[offset as usize..offset as usize + dst.len()]);
         }
-        self.downloaded.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        self.downloaded
+            .fetch_add(dst.len() as u64, Ordering::Relaxed);
         self.throttle(started, dst.len());
         Ok(())
     }
@@ -155,12 +168,18 @@ mod tests {
     fn capacity_ranges_and_round_trip() {
         let device = SimDevice::new("sim0", 1000);
         let a = device.allocate(600).unwrap();
-        assert!(matches!(device.allocate(500), Err(DeviceError::OutOfMemory { free: 400, .. })));
+        assert!(matches!(
+            device.allocate(500),
+            Err(DeviceError::OutOfMemory { free: 400, .. })
+        ));
         device.upload(&a, 100, b"hello").unwrap();
         let mut back = [0u8; 5];
         device.download(&a, 100, &mut back).unwrap();
         assert_eq!(&back, b"hello");
-        assert!(matches!(device.upload(&a, 598, b"abc"), Err(DeviceError::Range { .. })));
+        assert!(matches!(
+            device.upload(&a, 598, b"abc"),
+            Err(DeviceError::Range { .. })
+        ));
         assert_eq!((device.bytes_uploaded(), device.bytes_downloaded()), (5, 5));
         device.release(a);
         assert_eq!(device.free_bytes(), 1000);

@@ -50,6 +50,13 @@ pub enum SpillError {
         #[source]
         source: io::Error,
     },
+    /// The device the bytes were streamed from or to failed.
+    #[error("device transfer failed")]
+    Device {
+        /// The device's error.
+        #[source]
+        source: crate::device::DeviceError,
+    },
     /// An extent's bytes do not match the checksum written with them.
     #[error(
         "spill extent at offset {offset} ({len} bytes) is corrupt: checksum {actual:#018x}, expected {expected:#018x}"
@@ -120,10 +127,9 @@ impl SpillFile {
         Ok(self.file.as_ref().expect("created above"))
     }
 
-    /// Writes `bytes` to a new extent: space reserved first, then written, then checksummed.
-    /// On any error nothing is kept and the caller still holds its bytes.
-    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
-        let len = bytes.len() as u64;
+    /// Reserves whole blocks for `len` bytes: checks `spill_max`, creates the file on first
+    /// use, allocates an extent and `fallocate`s it. On error nothing stays reserved.
+    fn reserve(&mut self, len: u64) -> Result<(u64, u64), SpillError> {
         let reserved = blocks(len);
         if let Some(max) = self.max
             && self.used + reserved > max
@@ -134,42 +140,59 @@ impl SpillFile {
                 max,
             });
         }
-        let dir = self.dir.clone();
         self.file()?;
         let offset = self.alloc.allocate(reserved);
         let file = self.file.as_ref().expect("created above");
-        let result = rustix::fs::fallocate(file, FallocateFlags::empty(), offset, reserved)
-            .map_err(|errno| match errno {
+        if let Err(errno) = rustix::fs::fallocate(file, FallocateFlags::empty(), offset, reserved) {
+            self.abort(offset, reserved);
+            return Err(match errno {
                 rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => SpillError::NoSpace {
-                    dir: dir.clone(),
+                    dir: self.dir.clone(),
                     requested: len,
                 },
                 errno => SpillError::Io {
-                    dir: dir.clone(),
+                    dir: self.dir.clone(),
                     op: "reserve space in",
                     source: errno.into(),
                 },
-            })
-            .and_then(|()| {
-                file.write_all_at(bytes, offset)
-                    .map_err(|source| match source.raw_os_error() {
-                        Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
-                            SpillError::NoSpace {
-                                dir: dir.clone(),
-                                requested: len,
-                            }
-                        }
-                        _ => SpillError::Io {
-                            dir: dir.clone(),
-                            op: "write",
-                            source,
-                        },
-                    })
             });
-        if let Err(err) = result {
-            // ext4 may leave a partial allocation behind a failed fallocate: give it back.
+        }
+        Ok((offset, reserved))
+    }
+
+    /// Gives back a reservation whose write failed. ext4 may leave a partial allocation behind
+    /// a failed `fallocate`: punching the range frees it too.
+    fn abort(&mut self, offset: u64, reserved: u64) {
+        if let Some(file) = &self.file {
             punch(file, offset, reserved);
-            self.alloc.free(offset, reserved);
+        }
+        self.alloc.free(offset, reserved);
+    }
+
+    fn write_error(&self, len: u64, source: io::Error) -> SpillError {
+        if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            SpillError::NoSpace {
+                dir: self.dir.clone(),
+                requested: len,
+            }
+        } else {
+            SpillError::Io {
+                dir: self.dir.clone(),
+                op: "write",
+                source,
+            }
+        }
+    }
+
+    /// Writes `bytes` to a new extent: space reserved first, then written, then checksummed.
+    /// On any error nothing is kept and the caller still holds its bytes.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
+        let len = bytes.len() as u64;
+        let (offset, reserved) = self.reserve(len)?;
+        let file = self.file.as_ref().expect("reserved");
+        if let Err(source) = file.write_all_at(bytes, offset) {
+            let err = self.write_error(len, source);
+            self.abort(offset, reserved);
             return Err(err);
         }
         self.used += reserved;
@@ -178,6 +201,84 @@ impl SpillFile {
             len,
             checksum: checksum(bytes),
         })
+    }
+
+    /// Writes `len` bytes produced chunk by chunk: `fill(offset, chunk)` fills each chunk
+    /// (at most `chunk_len` bytes) of the tensor, for example from a device. The checksum is
+    /// computed as the chunks pass. On any error nothing is kept.
+    pub(crate) fn write_with(
+        &mut self,
+        len: u64,
+        chunk_len: usize,
+        mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), crate::device::DeviceError>,
+    ) -> Result<Extent, SpillError> {
+        let (offset, reserved) = self.reserve(len)?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut chunk = vec![0u8; chunk_len.max(4096).min(len as usize).max(1)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            let buf = &mut chunk[..n];
+            let result = fill(done, buf)
+                .map_err(|source| SpillError::Device { source })
+                .and_then(|()| {
+                    let file = self.file.as_ref().expect("reserved");
+                    file.write_all_at(buf, offset + done)
+                        .map_err(|source| self.write_error(len, source))
+                });
+            if let Err(err) = result {
+                self.abort(offset, reserved);
+                return Err(err);
+            }
+            hasher.update(buf);
+            done += n as u64;
+        }
+        self.used += reserved;
+        Ok(Extent {
+            offset,
+            len,
+            checksum: hasher.digest(),
+        })
+    }
+
+    /// Reads an extent chunk by chunk into `sink(offset, chunk)` (for example a device) and
+    /// verifies the checksum at the end. On a mismatch the caller must discard what `sink`
+    /// received.
+    pub(crate) fn read_with(
+        &self,
+        extent: &Extent,
+        chunk_len: usize,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), crate::device::DeviceError>,
+    ) -> Result<(), SpillError> {
+        let Some(file) = &self.file else {
+            return Err(SpillError::Io {
+                dir: self.dir.clone(),
+                op: "read",
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        };
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut chunk = vec![0u8; chunk_len.max(4096).min(extent.len as usize).max(1)];
+        let mut done = 0u64;
+        while done < extent.len {
+            let n = (extent.len - done).min(chunk.len() as u64) as usize;
+            let buf = &mut chunk[..n];
+            file.read_exact_at(buf, extent.offset + done)
+                .map_err(self.io("read"))?;
+            hasher.update(buf);
+            sink(done, buf).map_err(|source| SpillError::Device { source })?;
+            done += n as u64;
+        }
+        let actual = hasher.digest();
+        if actual != extent.checksum {
+            return Err(SpillError::Checksum {
+                offset: extent.offset,
+                len: extent.len,
+                expected: extent.checksum,
+                actual,
+            });
+        }
+        Ok(())
     }
 
     /// Reads an extent into `dst` (exactly `extent.len` bytes) and verifies its checksum.
@@ -290,6 +391,23 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         spill.free(extent);
         assert_eq!(spill.used(), 0);
+        // Streamed writes and reads give the same checksum as whole ones.
+        let streamed = spill
+            .write_with(a.len() as u64, 4096, |off, buf| {
+                buf.copy_from_slice(&a[off as usize..off as usize + buf.len()]);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(streamed.checksum, super::checksum(&a));
+        let mut gathered = Vec::new();
+        spill
+            .read_with(&streamed, 4096, |_, chunk| {
+                gathered.extend_from_slice(chunk);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(gathered, a);
+        spill.free(streamed);
         let again = spill.write(&a).unwrap();
         assert_eq!(again.offset, 0, "freed space is reused");
         let err = spill.write(&vec![0; 60 << 10]).unwrap_err();

@@ -163,6 +163,33 @@ pub enum StoreError {
         /// Bytes produced.
         actual: u64,
     },
+    /// The device handle does not belong to this store.
+    #[error("device #{device} is not in this store")]
+    UnknownDevice {
+        /// The handle's number.
+        device: u32,
+    },
+    /// The device cannot hold the tensor even after unloading every unpinned copy.
+    #[error("tensor `{name}`: needs {requested} bytes on {device}, only {available} can be freed")]
+    DeviceFull {
+        /// The tensor.
+        name: String,
+        /// The device's name.
+        device: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes free or freeable.
+        available: u64,
+    },
+    /// A transfer to or from a device failed.
+    #[error("tensor `{name}`: device transfer failed")]
+    Device {
+        /// The tensor.
+        name: String,
+        /// The device's error.
+        #[source]
+        source: crate::device::DeviceError,
+    },
     /// The operation needs the tensor unpinned, but a guard is alive.
     #[error("tensor `{name}` is in use by {pins} guard(s)")]
     Pinned {

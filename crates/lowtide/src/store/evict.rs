@@ -73,9 +73,10 @@ impl Shared {
                 .as_ref()
                 .is_some_and(|r| r.cost_per_byte() < WRITE_COST + READ_COST)
                 || entry.spilled.is_some()
+                || entry.device.is_some()
             {
-                // Recomputing is cheaper than a write and a read, or the spill file already
-                // holds these bytes: nothing to write.
+                // Recomputing is cheaper than a write and a read, or the spill file or a
+                // device already holds these bytes: nothing to write now.
                 outcome.recipe_bytes += state.free_ram(id);
             } else {
                 let buf = Arc::clone(entry.ram.as_ref().expect("candidates have a RAM copy"));

@@ -6,6 +6,7 @@
 //! Lock order: registry, then spill file.
 
 mod builder;
+mod device;
 mod error;
 mod evict;
 mod guard;
@@ -16,6 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use builder::StoreBuilder;
+pub use device::{DeviceGuard, DeviceId, LoadOutcome, UnloadOutcome};
 pub use error::{ConfigError, StoreError};
 pub use evict::FreeOutcome;
 pub use guard::TensorGuard;
@@ -108,6 +110,8 @@ pub struct TensorInfo {
     pub spilled: bool,
     /// It carries a recipe.
     pub has_recipe: bool,
+    /// The device holding a copy, if any.
+    pub device: Option<DeviceId>,
     /// Live guards.
     pub pins: u32,
 }
@@ -264,6 +268,7 @@ impl Store {
                 pins: 0,
                 last_use: 0,
                 credit: 0.0,
+                device: None,
             }));
             tensors.push(id);
             by_name.insert(name.clone(), id);
@@ -330,6 +335,7 @@ impl Store {
             mapped: t.mapped,
             spilled: t.spilled.is_some(),
             has_recipe: t.recipe.is_some(),
+            device: t.device.as_ref().map(|c| c.device),
             pins: t.pins,
         })
     }
@@ -583,6 +589,7 @@ impl Store {
             pins: 0,
             last_use: 0,
             credit: 0.0,
+            device: None,
         };
         entry.touch(now, inflation);
         state.tensors.push(Some(entry));
@@ -616,10 +623,11 @@ impl Store {
             .make_room(&mut state, id, &name, len.saturating_sub(held))?;
         self.shared
             .keep_reserve(&mut state, id, &name, len.saturating_sub(held))?;
-        // The file's pages no longer hold this tensor's bytes: release them.
+        // The file's pages and any device copy no longer hold this tensor's bytes.
         let released = state.drop_clean(id);
         self.record_drop(released);
         state.free_ram(id);
+        self.shared.release_device_copy(&mut state, id);
         let (now, inflation) = (state.tick(), state.inflation);
         let entry = state.tensor_mut(id)?;
         entry.origin = Origin::Derived;
@@ -745,6 +753,7 @@ impl Store {
             {
                 self.shared.spill_lock().free(extent);
             }
+            self.shared.release_device_copy(&mut state, id);
             state.tensors[id.0 as usize] = None;
         }
         state.models[model.0 as usize] = None;

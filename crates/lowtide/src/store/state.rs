@@ -62,6 +62,15 @@ pub(super) struct TensorEntry {
     pub(super) last_use: u64,
     /// GreedyDual credit (see `policy`).
     pub(super) credit: f64,
+    /// A copy in device memory.
+    pub(super) device: Option<DeviceCopy>,
+}
+
+/// A tensor's bytes on a device.
+#[derive(Debug)]
+pub(super) struct DeviceCopy {
+    pub(super) device: super::DeviceId,
+    pub(super) alloc: Arc<crate::device::DeviceAlloc>,
 }
 
 impl TensorEntry {
@@ -85,7 +94,12 @@ impl TensorEntry {
 
     /// The bytes survive somewhere other than RAM.
     pub(super) fn recoverable_without_ram(&self) -> bool {
-        self.is_clean() || self.spilled.is_some() || self.recipe.is_some()
+        self.is_clean() || self.spilled.is_some() || self.recipe.is_some() || self.device.is_some()
+    }
+
+    /// The bytes survive somewhere other than the device.
+    pub(super) fn recoverable_without_device(&self) -> bool {
+        self.is_clean() || self.spilled.is_some() || self.ram.is_some()
     }
 }
 
@@ -116,7 +130,7 @@ impl std::ops::AddAssign for DropOutcome {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct State {
     pub(super) models: Vec<Option<ModelEntry>>,
     pub(super) tensors: Vec<Option<TensorEntry>>,
@@ -128,6 +142,8 @@ pub(super) struct State {
     pub(super) clock: u64,
     /// GreedyDual inflation value `L`: the credit of the last evicted copy.
     pub(super) inflation: f64,
+    /// Devices added with `Store::add_device`, indexed by `DeviceId`.
+    pub(super) devices: Vec<Arc<dyn crate::device::Device>>,
 }
 
 impl State {

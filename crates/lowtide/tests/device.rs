@@ -1,0 +1,228 @@
+//! The device tier with `SimDevice`: the ComfyUI proposal's unload scenario, partial unloads,
+//! loading within a device budget.
+
+mod common;
+
+use std::sync::Arc;
+
+use lowtide::{Dtype, SimDevice, Store, StoreError, TensorId, TensorSpec};
+
+const KIB: u64 = 1024;
+
+/// A model of ten 256 KiB tensors.
+fn model(dir: &std::path::Path) -> std::path::PathBuf {
+    let specs: Vec<TensorSpec> = (0..10)
+        .map(|i| TensorSpec::new(format!("block.{i}.weight"), Dtype::BF16, &[128, 1024]))
+        .collect();
+    common::write(&dir.join("model.safetensors"), &specs)
+}
+
+fn expected(store: &Store, id: TensorId) -> Vec<u8> {
+    let info = store.info(id).unwrap();
+    common::expected(&info.name, info.len)
+}
+
+/// A low-rank-style patch: deterministic and different from the original bytes.
+fn patch(bytes: &[u8]) -> Vec<u8> {
+    bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.wrapping_add((i % 7) as u8 + 1))
+        .collect()
+}
+
+#[test]
+fn the_proposal_scenario_writes_only_the_patched_tensors() {
+    let dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir.path())
+        .monitor(false)
+        .build()
+        .unwrap();
+    let sim = Arc::new(SimDevice::new("sim0", 8 << 20));
+    let gpu = store.add_device(sim.clone());
+    let m = store.open_model(model(dir.path())).unwrap();
+    let loaded = store.load(m, gpu, None).unwrap();
+    assert_eq!((loaded.device_tensors, loaded.host_tensors), (10, 0));
+    assert_eq!(store.stats().anon_bytes, 0, "loading kept no host copy");
+
+    // LoRA-patch three tensors on the device.
+    let ids = store.tensors(m).unwrap();
+    let patched: Vec<TensorId> = ids[..3].to_vec();
+    let mut truth: Vec<Vec<u8>> = ids.iter().map(|&id| expected(&store, id)).collect();
+    for (i, &id) in patched.iter().enumerate() {
+        truth[i] = patch(&truth[i]);
+        store.replace_on_device(id, gpu, &truth[i]).unwrap();
+        assert!(!store.info(id).unwrap().clean);
+    }
+
+    // Host RAM is under the reserve: nothing may go to RAM.
+    store.set_reserve_ram(u64::MAX / 4);
+    let written_before = store.stats().bytes_written;
+    let outcome = store.unload_all(m).unwrap();
+    let patched_bytes = 3 * 256 * KIB;
+    assert_eq!(outcome.to_spill_bytes, patched_bytes, "{outcome:?}");
+    assert_eq!(
+        outcome.clean_bytes,
+        7 * 256 * KIB,
+        "clean tensors: freed, nothing written"
+    );
+    assert_eq!(outcome.to_ram_bytes, 0);
+    assert_eq!(outcome.not_freed_bytes, 0);
+    assert_eq!(store.stats().bytes_written - written_before, patched_bytes);
+    assert_eq!(sim.used(), 0);
+    assert_eq!(
+        store.stats().anon_bytes,
+        0,
+        "streamed to the spill file without a RAM copy"
+    );
+
+    // Reload: byte-identical.
+    store.set_reserve_ram(0);
+    store.load(m, gpu, None).unwrap();
+    for (i, &id) in ids.iter().enumerate() {
+        let guard = store.acquire_device(id, gpu).unwrap();
+        assert_eq!(guard.download().unwrap(), truth[i], "tensor {i}");
+    }
+    // Unloading again writes nothing: the spill file still holds the patched bytes.
+    let outcome = store.unload_all(m).unwrap();
+    assert_eq!(outcome.clean_bytes, 10 * 256 * KIB);
+    assert_eq!(store.stats().bytes_written - written_before, patched_bytes);
+}
+
+#[test]
+fn unload_goes_to_ram_when_the_governor_allows() {
+    let dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir.path())
+        .build()
+        .unwrap();
+    let gpu = store.add_device(Arc::new(SimDevice::new("sim0", 8 << 20)));
+    let m = store.open_model(model(dir.path())).unwrap();
+    let id = store.tensors(m).unwrap()[0];
+    let bytes = patch(&expected(&store, id));
+    store.replace_on_device(id, gpu, &bytes).unwrap();
+    let outcome = store.unload_all(m).unwrap();
+    assert_eq!(outcome.to_ram_bytes, 256 * KIB);
+    assert_eq!(store.stats().bytes_written, 0);
+    assert_eq!(&store.acquire(id).unwrap()[..], &bytes[..]);
+}
+
+#[test]
+fn when_neither_ram_nor_spill_can_take_it_the_device_copy_stays() {
+    let dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .reserve_ram(u64::MAX / 4)
+        .monitor(false)
+        .spill_dir(dir.path())
+        .spill_max(100 * KIB)
+        .build()
+        .unwrap();
+    let gpu = store.add_device(Arc::new(SimDevice::new("sim0", 8 << 20)));
+    let m = store.open_model(model(dir.path())).unwrap();
+    let id = store.tensors(m).unwrap()[0];
+    let bytes = patch(&expected(&store, id));
+    store.replace_on_device(id, gpu, &bytes).unwrap();
+    let outcome = store.unload_all(m).unwrap();
+    assert_eq!(outcome.not_freed_bytes, 256 * KIB, "{outcome:?}");
+    assert_eq!(store.stats().spill_failures, 1);
+    assert_eq!(
+        store.acquire_device(id, gpu).unwrap().download().unwrap(),
+        bytes,
+        "nothing lost"
+    );
+}
+
+#[test]
+fn partial_unload_frees_what_was_asked_in_policy_order_and_never_a_pinned_copy() {
+    let dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir.path())
+        .build()
+        .unwrap();
+    let gpu = store.add_device(Arc::new(SimDevice::new("sim0", 8 << 20)));
+    let m = store.open_model(model(dir.path())).unwrap();
+    store.load(m, gpu, None).unwrap();
+    let ids = store.tensors(m).unwrap();
+    // Use tensors 0..4 again, most recently 3; pin tensor 0 (the oldest of the four).
+    for &id in &ids[..4] {
+        drop(store.acquire_device(id, gpu).unwrap());
+    }
+    let pinned = store.acquire_device(ids[0], gpu).unwrap();
+    // Make tensor 9 dirty on the device: evicting it costs a write.
+    store
+        .replace_on_device(ids[9], gpu, &patch(&expected(&store, ids[9])))
+        .unwrap();
+    let outcome = store.unload(m, 600 * KIB).unwrap();
+    assert!(outcome.freed_bytes >= 600 * KIB, "{outcome:?}");
+    assert_eq!(outcome.freed_bytes, 768 * KIB, "three 256 KiB copies");
+    assert_eq!(
+        outcome.clean_bytes, outcome.freed_bytes,
+        "clean copies go first"
+    );
+    assert_eq!(outcome.pinned, 1);
+    assert!(
+        ids.iter().all(|&id| !store.info(id).unwrap().spilled),
+        "nothing spilled"
+    );
+    // The least recently used clean copies went: tensors 4, 5, 6 (used only by the load).
+    let on_device: Vec<bool> = ids
+        .iter()
+        .map(|&id| store.info(id).unwrap().device == Some(gpu))
+        .collect();
+    assert_eq!(
+        on_device,
+        [
+            true, true, true, true, false, false, false, true, true, true
+        ]
+    );
+    let sim = store.device(gpu).unwrap();
+    assert_eq!(sim.capacity() - sim.free_bytes(), 7 * 256 * KIB);
+    drop(pinned);
+}
+
+#[test]
+fn loading_within_a_device_budget_leaves_the_rest_on_the_host() {
+    let dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir.path())
+        .build()
+        .unwrap();
+    // The device holds four tensors; the load budget allows three.
+    let gpu = store.add_device(Arc::new(SimDevice::new("sim0", 1024 * KIB)));
+    let m = store.open_model(model(dir.path())).unwrap();
+    let outcome = store.load(m, gpu, Some(800 * KIB)).unwrap();
+    assert_eq!((outcome.device_tensors, outcome.host_tensors), (3, 7));
+    assert_eq!(outcome.device_bytes, 768 * KIB);
+    // Every tensor is still served: host ones by the mapped file, and on the device on demand
+    // (unloading others to make room).
+    for &id in &store.tensors(m).unwrap() {
+        assert_eq!(&store.acquire(id).unwrap()[..], &expected(&store, id)[..]);
+        let guard = store.acquire_device(id, gpu).unwrap();
+        assert_eq!(guard.download().unwrap(), expected(&store, id));
+    }
+    // With four copies pinned the fifth cannot fit: a typed error, nothing unloaded.
+    let ids = store.tensors(m).unwrap();
+    let guards: Vec<_> = ids[..4]
+        .iter()
+        .map(|&id| store.acquire_device(id, gpu).unwrap())
+        .collect();
+    let err = store.acquire_device(ids[4], gpu).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::DeviceFull {
+                requested: 262_144,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(guards);
+    assert_eq!(store.stats().bytes_written, 0);
+}
