@@ -226,3 +226,30 @@ fn loading_within_a_device_budget_leaves_the_rest_on_the_host() {
     drop(guards);
     assert_eq!(store.stats().bytes_written, 0);
 }
+
+#[test]
+fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
+    let dir = common::tempdir();
+    let store = Store::builder().ram_budget(64 << 20).spill_dir(dir.path()).build().unwrap();
+    let gpu = store.add_device(Arc::new(SimDevice::new("sim0", 8 << 20)));
+    let m = store.open_model(model(dir.path())).unwrap();
+    let id = store.tensors(m).unwrap()[0];
+    let original = expected(&store, id);
+    store.replace_on_device(id, gpu, &patch(&original)).unwrap();
+    store.spill(id).unwrap_or_default();
+    store.set_reserve_ram(u64::MAX / 4);
+    store.unload_all(m).unwrap();
+    assert!(store.info(id).unwrap().spilled);
+    let written = store.stats().bytes_written;
+    store.set_reserve_ram(0);
+    store.revert(id).unwrap();
+    let info = store.info(id).unwrap();
+    assert!(info.clean && !info.spilled && info.device.is_none(), "{info:?}");
+    assert_eq!(store.spill_used(), 0);
+    assert_eq!(&store.acquire(id).unwrap()[..], &original[..]);
+    assert_eq!(store.acquire_device(id, gpu).unwrap().download().unwrap(), original);
+    assert_eq!(store.stats().bytes_written, written);
+    // Derived tensors have nothing to revert to.
+    let lora = store.derive(m, "lora", Dtype::U8, &[4], vec![1; 4]).unwrap();
+    assert!(matches!(store.revert(lora), Err(StoreError::NotFromFile { .. })));
+}

@@ -190,6 +190,12 @@ pub enum StoreError {
         #[source]
         source: crate::device::DeviceError,
     },
+    /// Only tensors opened from a file can be reverted to it.
+    #[error("tensor `{name}` was derived, not opened from a file: there is nothing to revert to")]
+    NotFromFile {
+        /// The tensor.
+        name: String,
+    },
     /// The operation needs the tensor unpinned, but a guard is alive.
     #[error("tensor `{name}` is in use by {pins} guard(s)")]
     Pinned {

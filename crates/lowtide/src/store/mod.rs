@@ -269,6 +269,7 @@ impl Store {
                 last_use: 0,
                 credit: 0.0,
                 device: None,
+                base: Some((Arc::clone(source), entry.offset)),
             }));
             tensors.push(id);
             by_name.insert(name.clone(), id);
@@ -590,6 +591,7 @@ impl Store {
             last_use: 0,
             credit: 0.0,
             device: None,
+            base: None,
         };
         entry.touch(now, inflation);
         state.tensors.push(Some(entry));
@@ -641,6 +643,37 @@ impl Store {
         }
         self.shared.check(&state);
         Ok(())
+    }
+
+    /// Reverts a patched tensor to its original bytes in its file: its RAM, device and spill
+    /// copies are dropped (nothing is written) and it is clean again — switching a LoRA off
+    /// costs no write. Fails for tensors that were derived rather than opened from a file, and
+    /// while a guard pins it. Returns the bytes of copies freed.
+    pub fn revert(&self, id: TensorId) -> Result<u64, StoreError> {
+        let mut state = self.shared.lock();
+        let entry = state.tensor(id)?;
+        if entry.pins > 0 {
+            return Err(StoreError::Pinned { name: entry.name.clone(), pins: entry.pins });
+        }
+        let Some((source, offset)) = entry.base.clone() else {
+            return Err(StoreError::NotFromFile { name: entry.name.clone() });
+        };
+        if entry.is_clean() {
+            return Ok(0);
+        }
+        let mut freed = state.free_ram(id);
+        freed += self.shared.release_device_copy(&mut state, id);
+        let (now, inflation) = (state.tick(), state.inflation);
+        let entry = state.tensor_mut(id)?;
+        entry.origin = Origin::Source { source, offset };
+        entry.recipe = None;
+        entry.mapped = false;
+        entry.touch(now, inflation);
+        if let Some(extent) = entry.spilled.take() {
+            self.shared.spill_lock().free(extent);
+        }
+        self.shared.check(&state);
+        Ok(freed)
     }
 
     /// Drops the tensor's clean copies: frees its RAM copy and releases its mapped pages (only

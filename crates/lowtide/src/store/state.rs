@@ -64,6 +64,9 @@ pub(super) struct TensorEntry {
     pub(super) credit: f64,
     /// A copy in device memory.
     pub(super) device: Option<DeviceCopy>,
+    /// The file extent the tensor was opened from, kept after patching so that it can be
+    /// reverted to its original bytes without writing anything.
+    pub(super) base: Option<(Arc<Source>, u64)>,
 }
 
 /// A tensor's bytes on a device.

@@ -1,0 +1,482 @@
+//! Device memory on an NVIDIA GPU through the CUDA driver API, behind the `cuda` feature.
+//!
+//! The driver library (`libcuda.so`) is loaded at run time, on first use, so this module builds
+//! and lints on machines without CUDA; there [`CudaDevice::new`] returns [`DeviceError::Driver`].
+//!
+//! Transfers run on a stream of their own through a small ring of pinned (page-locked) host
+//! staging buffers. An upload copies each chunk of the caller's bytes into the next buffer of
+//! the ring and queues its host-to-device copy, then moves on: it waits only when it comes back
+//! round to a buffer whose copy has not finished yet. So `upload` returns while the last few
+//! chunks are still on their way, and the caller reads the next chunk from disk in the meantime.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::sys::{self, CUmemPool_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+
+use super::{Device, DeviceAlloc, DeviceError, check_range};
+
+/// An NVIDIA GPU, through the CUDA driver loaded at run time.
+///
+/// Allocations are zeroed device memory of the device's primary context. Uploads and downloads
+/// go through [`CudaDevice::RING_LEN`] pinned staging buffers of [`CudaDevice::CHUNK_LEN`] bytes
+/// each (by default): that pinned host memory is held for the device's lifetime.
+pub struct CudaDevice {
+    name: String,
+    capacity: u64,
+    chunk_len: usize,
+    /// The stream every allocation, copy and free of this device is queued on, so that they
+    /// run in the order they were issued.
+    stream: Arc<CudaStream>,
+    allocs: Mutex<Allocs>,
+    /// Lock order: `staging` before `allocs`.
+    staging: Mutex<Staging>,
+    ctx: Arc<CudaContext>,
+}
+
+/// The allocations, by [`DeviceAlloc::id`].
+#[derive(Default)]
+struct Allocs {
+    /// `None` for an empty allocation (the driver does not allocate zero bytes).
+    slices: HashMap<u64, Option<CudaSlice<u8>>>,
+    next_id: u64,
+    /// Bytes allocated through this device.
+    used: u64,
+}
+
+/// The ring of pinned staging buffers.
+struct Staging {
+    slots: Vec<Slot>,
+    /// The slot the next chunk goes through.
+    next: usize,
+}
+
+/// One staging buffer and the event recorded after the last copy that used it.
+///
+/// Invariant: the host writes or reads `buffer`, or hands it to a copy, only after `done` has
+/// completed, that is after the last copy queued on it has finished.
+struct Slot {
+    buffer: PinnedHostSlice<u8>,
+    done: CudaEvent,
+}
+
+impl CudaDevice {
+    /// The default staging chunk: 8 MiB.
+    pub const CHUNK_LEN: usize = 8 << 20;
+    /// The default number of staging buffers in the ring.
+    pub const RING_LEN: usize = 4;
+
+    /// Opens the GPU with the given ordinal (0 for the first) with the default staging ring.
+    ///
+    /// Fails with [`DeviceError::Driver`] where the CUDA driver library cannot be loaded, where
+    /// there is no such device, or where the driver fails; it does not panic.
+    pub fn new(ordinal: usize) -> Result<Self, DeviceError> {
+        Self::with_staging(ordinal, Self::CHUNK_LEN, Self::RING_LEN)
+    }
+
+    /// Opens the GPU with the given ordinal with `ring_len` pinned staging buffers of
+    /// `chunk_len` bytes each (both at least 1).
+    pub fn with_staging(
+        ordinal: usize,
+        chunk_len: usize,
+        ring_len: usize,
+    ) -> Result<Self, DeviceError> {
+        let label = format!("cuda:{ordinal}");
+        // cudarc panics on the first driver call when it cannot load the library: look for it
+        // first, so that a machine without CUDA gets an error rather than a panic message.
+        // SAFETY: this loads (and unloads again) the CUDA driver library under the names cudarc
+        // itself loads it by on the first driver call; loading it runs only the driver's own
+        // initialisers, as in every CUDA program, and no symbol of it is called.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(DeviceError::Driver {
+                device: label,
+                op: "load the CUDA driver library",
+                source: "libcuda not found: no NVIDIA driver installed, or not on the library \
+                         search path (LD_LIBRARY_PATH)"
+                    .into(),
+            });
+        }
+        // cudarc also panics when a driver symbol is missing (a driver older than the API it was
+        // built for): every symbol this device uses is loaded here, by the self-test.
+        match panic::catch_unwind(move || Self::open(ordinal, chunk_len.max(1), ring_len.max(1))) {
+            Ok(result) => result,
+            Err(payload) => Err(DeviceError::Driver {
+                device: label,
+                op: "load the CUDA driver",
+                source: panic_message(&*payload).into(),
+            }),
+        }
+    }
+
+    fn open(ordinal: usize, chunk_len: usize, ring_len: usize) -> Result<Self, DeviceError> {
+        let label = format!("cuda:{ordinal}");
+        let err = |op| driver_error(&label, op);
+        let ctx = CudaContext::new(ordinal).map_err(err("create a context"))?;
+        let name = match ctx.name() {
+            Ok(device_name) => format!("{label} ({device_name})"),
+            Err(_) => label.clone(),
+        };
+        let capacity = match ctx.mem_get_info() {
+            Ok((_, total)) => total,
+            Err(_) => ctx.total_mem().map_err(err("query the memory size"))?,
+        } as u64;
+        let stream = ctx.new_stream().map_err(err("create a stream"))?;
+        let mut slots = Vec::with_capacity(ring_len);
+        for _ in 0..ring_len {
+            // Plain pinned memory, not write-combined: downloads read it back on the host.
+            // SAFETY: the buffer's bytes are uninitialised: they are zeroed right below, through
+            // the raw pointer, before anything reads them or forms a reference to them.
+            let mut buffer = unsafe { ctx.alloc_pinned_with_flags::<u8>(chunk_len, 0) }
+                .map_err(err("allocate pinned staging memory"))?;
+            let ptr = buffer
+                .as_mut_ptr()
+                .map_err(err("allocate pinned staging memory"))?;
+            // SAFETY: `ptr` points to the `chunk_len` bytes `buffer` owns, which no copy uses.
+            unsafe { std::ptr::write_bytes(ptr, 0, chunk_len) };
+            let done = ctx.new_event(None).map_err(err("create an event"))?;
+            slots.push(Slot { buffer, done });
+        }
+        let device = Self {
+            name,
+            capacity,
+            chunk_len,
+            stream,
+            allocs: Mutex::default(),
+            staging: Mutex::new(Staging { slots, next: 0 }),
+            ctx,
+        };
+        device.self_test()?;
+        Ok(device)
+    }
+
+    /// A small round trip through the device's whole transfer path, which loads every driver
+    /// symbol the device uses while the caller still catches panics.
+    fn self_test(&self) -> Result<(), DeviceError> {
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let alloc = self.allocate(pattern.len() as u64 + 16)?;
+        let mut back = vec![0; pattern.len()];
+        let result = self
+            .upload(&alloc, 16, &pattern)
+            .and_then(|()| self.synchronize())
+            .and_then(|()| self.download(&alloc, 16, &mut back));
+        let _ = self.free_bytes();
+        self.release(alloc);
+        result?;
+        if back != pattern {
+            return Err(DeviceError::Driver {
+                device: self.name.clone(),
+                op: "self-test",
+                source: "bytes read back differ from the bytes written".into(),
+            });
+        }
+        self.synchronize()
+    }
+
+    fn allocs(&self) -> MutexGuard<'_, Allocs> {
+        self.allocs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn staging(&self) -> MutexGuard<'_, Staging> {
+        self.staging.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn driver(&self, op: &'static str) -> impl FnOnce(DriverError) -> DeviceError + '_ {
+        driver_error(&self.name, op)
+    }
+
+    fn unknown(&self, id: u64) -> DeviceError {
+        DeviceError::UnknownAlloc {
+            device: self.name.clone(),
+            id,
+        }
+    }
+
+    /// The bytes free in the memory pool that allocations come from: freed memory stays in the
+    /// pool (and out of the driver's free count) until the pool is trimmed, but it is free for
+    /// this device's next allocations, which are queued on the same stream.
+    fn pool_free(&self) -> Result<u64, DriverError> {
+        if !self.ctx.has_async_alloc() {
+            return Ok(0);
+        }
+        // SAFETY: `cu_device` is the handle cudarc got from the driver for the context's device.
+        let pool = unsafe { result::device::get_mem_pool(self.ctx.cu_device()) }?;
+        let (mut reserved, mut used) = (0u64, 0u64);
+        // SAFETY: `pool` is the device's current pool; both attributes are `cuuint64_t` values
+        // and each pointer points to a live `u64`.
+        unsafe {
+            result::mem_pool::get_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&raw mut reserved).cast(),
+            )?;
+            result::mem_pool::get_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                (&raw mut used).cast(),
+            )?;
+        }
+        Ok(reserved.saturating_sub(used))
+    }
+
+    /// Queues the copy of `len` bytes of `slot` into `dst` at `offset`, and records the slot's
+    /// event after it.
+    fn queue_upload(
+        &self,
+        slot: &Slot,
+        dst: &DeviceAlloc,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let chunk = &slot.buffer.as_slice().map_err(self.driver("upload"))?[..len];
+        {
+            let mut allocs = self.allocs();
+            let slice = allocs
+                .slices
+                .get_mut(&dst.id())
+                .ok_or_else(|| self.unknown(dst.id()))?;
+            let Some(slice) = slice else {
+                return Err(self.range(offset, len, 0));
+            };
+            let alloc_len = slice.len();
+            let Some(mut view) = slice.try_slice_mut(offset..offset + len) else {
+                return Err(self.range(offset, len, alloc_len));
+            };
+            self.stream
+                .memcpy_htod(chunk, &mut view)
+                .map_err(self.driver("upload"))?;
+        }
+        slot.done
+            .record(&self.stream)
+            .map_err(self.driver("upload"))
+    }
+
+    /// Queues the copy of `len` bytes of `src` at `offset` into `slot`, and records the slot's
+    /// event after it.
+    fn queue_download(
+        &self,
+        slot: &mut Slot,
+        src: &DeviceAlloc,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        slot.done.synchronize().map_err(self.driver("download"))?;
+        let chunk = &mut slot
+            .buffer
+            .as_mut_slice()
+            .map_err(self.driver("download"))?[..len];
+        {
+            let allocs = self.allocs();
+            let slice = allocs
+                .slices
+                .get(&src.id())
+                .ok_or_else(|| self.unknown(src.id()))?;
+            let Some(slice) = slice else {
+                return Err(self.range(offset, len, 0));
+            };
+            let Some(view) = slice.try_slice(offset..offset + len) else {
+                return Err(self.range(offset, len, slice.len()));
+            };
+            self.stream
+                .memcpy_dtoh(&view, chunk)
+                .map_err(self.driver("download"))?;
+        }
+        slot.done
+            .record(&self.stream)
+            .map_err(self.driver("download"))
+    }
+
+    /// A range error for a handle whose length disagrees with the allocation it names.
+    fn range(&self, offset: usize, len: usize, alloc_len: usize) -> DeviceError {
+        DeviceError::Range {
+            device: self.name.clone(),
+            offset: offset as u64,
+            len: len as u64,
+            alloc_len: alloc_len as u64,
+        }
+    }
+
+    /// Checks that the handle names a live allocation (for transfers of zero bytes).
+    fn check_known(&self, alloc: &DeviceAlloc) -> Result<(), DeviceError> {
+        if self.allocs().slices.contains_key(&alloc.id()) {
+            Ok(())
+        } else {
+            Err(self.unknown(alloc.id()))
+        }
+    }
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn free_bytes(&self) -> u64 {
+        match self.ctx.mem_get_info() {
+            Ok((free, _)) => (free as u64 + self.pool_free().unwrap_or(0)).min(self.capacity),
+            Err(_) => self.capacity.saturating_sub(self.allocs().used),
+        }
+    }
+
+    fn allocate(&self, len: u64) -> Result<DeviceAlloc, DeviceError> {
+        let out_of_memory = || DeviceError::OutOfMemory {
+            device: self.name.clone(),
+            requested: len,
+            free: self.free_bytes(),
+        };
+        let bytes = match usize::try_from(len) {
+            Ok(bytes) if len <= self.capacity => bytes,
+            _ => return Err(out_of_memory()),
+        };
+        let slice = if bytes == 0 {
+            None
+        } else {
+            let mut result = self.stream.alloc_zeros::<u8>(bytes);
+            if matches!(result, Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY))) {
+                // Memory freed on the stream goes back to the driver once the stream is
+                // synchronised (the pool trims itself then): wait for that and try once more.
+                self.stream
+                    .synchronize()
+                    .map_err(self.driver("synchronize"))?;
+                result = self.stream.alloc_zeros::<u8>(bytes);
+            }
+            match result {
+                Ok(slice) => Some(slice),
+                Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                    return Err(out_of_memory());
+                }
+                Err(err) => return Err(self.driver("allocate")(err)),
+            }
+        };
+        let mut allocs = self.allocs();
+        let id = allocs.next_id;
+        allocs.next_id += 1;
+        allocs.slices.insert(id, slice);
+        allocs.used += len;
+        Ok(DeviceAlloc::new(id, len))
+    }
+
+    fn release(&self, alloc: DeviceAlloc) {
+        let slice = {
+            let mut allocs = self.allocs();
+            let slice = allocs.slices.remove(&alloc.id());
+            if slice.is_some() {
+                allocs.used -= alloc.len();
+            }
+            slice
+        };
+        // Dropped outside the lock: the free is queued on the stream, after every copy queued
+        // so far (or, without stream-ordered allocation, waits for them).
+        drop(slice);
+    }
+
+    fn upload(&self, dst: &DeviceAlloc, offset: u64, src: &[u8]) -> Result<(), DeviceError> {
+        check_range(self, dst, offset, src.len() as u64)?;
+        if src.is_empty() {
+            return self.check_known(dst);
+        }
+        let mut staging = self.staging();
+        let Staging { slots, next } = &mut *staging;
+        let mut at = offset as usize;
+        for chunk in src.chunks(self.chunk_len) {
+            let index = *next;
+            *next = (index + 1) % slots.len();
+            let slot = &mut slots[index];
+            // Wait until the copy last queued from this buffer has finished, then refill it.
+            slot.done.synchronize().map_err(self.driver("upload"))?;
+            let buffer = slot.buffer.as_mut_slice().map_err(self.driver("upload"))?;
+            buffer[..chunk.len()].copy_from_slice(chunk);
+            self.queue_upload(slot, dst, at, chunk.len())?;
+            at += chunk.len();
+        }
+        Ok(())
+    }
+
+    fn download(&self, src: &DeviceAlloc, offset: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(self, src, offset, dst.len() as u64)?;
+        if dst.is_empty() {
+            return self.check_known(src);
+        }
+        let mut staging = self.staging();
+        let Staging { slots, next } = &mut *staging;
+        let ring = slots.len();
+        let first = *next;
+        let (chunk_len, total) = (self.chunk_len, dst.len());
+        let count = total.div_ceil(chunk_len);
+        *next = (first + count) % ring;
+        // Keep up to `ring` chunks queued: chunk k is copied out while the next ones are in flight.
+        let mut queued = 0;
+        for (k, out) in dst.chunks_mut(chunk_len).enumerate() {
+            while queued < count && queued < k + ring {
+                let start = queued * chunk_len;
+                let len = chunk_len.min(total - start);
+                let slot = &mut slots[(first + queued) % ring];
+                self.queue_download(slot, src, offset as usize + start, len)?;
+                queued += 1;
+            }
+            let slot = &slots[(first + k) % ring];
+            slot.done.synchronize().map_err(self.driver("download"))?;
+            let buffer = slot.buffer.as_slice().map_err(self.driver("download"))?;
+            out.copy_from_slice(&buffer[..out.len()]);
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        self.stream
+            .synchronize()
+            .map_err(self.driver("synchronize"))
+    }
+
+    fn chunk_len(&self) -> usize {
+        self.chunk_len
+    }
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let allocs = self.allocs();
+        f.debug_struct("CudaDevice")
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .field("allocations", &allocs.slices.len())
+            .field("used", &allocs.used)
+            .field("chunk_len", &self.chunk_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // Let queued copies finish before the staging buffers and allocations are freed.
+        let _ = self.stream.synchronize();
+    }
+}
+
+fn driver_error<'a>(
+    device: &'a str,
+    op: &'static str,
+) -> impl FnOnce(DriverError) -> DeviceError + 'a {
+    move |err| DeviceError::Driver {
+        device: device.to_owned(),
+        op,
+        source: Box::new(err),
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "the CUDA bindings panicked".to_owned()
+    }
+}
