@@ -230,7 +230,11 @@ fn loading_within_a_device_budget_leaves_the_rest_on_the_host() {
 #[test]
 fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
     let dir = common::tempdir();
-    let store = Store::builder().ram_budget(64 << 20).spill_dir(dir.path()).build().unwrap();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir.path())
+        .build()
+        .unwrap();
     let gpu = store.add_device(Arc::new(SimDevice::new("sim0", 8 << 20)));
     let m = store.open_model(model(dir.path())).unwrap();
     let id = store.tensors(m).unwrap()[0];
@@ -244,12 +248,23 @@ fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
     store.set_reserve_ram(0);
     store.revert(id).unwrap();
     let info = store.info(id).unwrap();
-    assert!(info.clean && !info.spilled && info.device.is_none(), "{info:?}");
+    assert!(
+        info.clean && !info.spilled && info.device.is_none(),
+        "{info:?}"
+    );
     assert_eq!(store.spill_used(), 0);
     assert_eq!(&store.acquire(id).unwrap()[..], &original[..]);
-    assert_eq!(store.acquire_device(id, gpu).unwrap().download().unwrap(), original);
+    assert_eq!(
+        store.acquire_device(id, gpu).unwrap().download().unwrap(),
+        original
+    );
     assert_eq!(store.stats().bytes_written, written);
     // Derived tensors have nothing to revert to.
-    let lora = store.derive(m, "lora", Dtype::U8, &[4], vec![1; 4]).unwrap();
-    assert!(matches!(store.revert(lora), Err(StoreError::NotFromFile { .. })));
+    let lora = store
+        .derive(m, "lora", Dtype::U8, &[4], vec![1; 4])
+        .unwrap();
+    assert!(matches!(
+        store.revert(lora),
+        Err(StoreError::NotFromFile { .. })
+    ));
 }

@@ -480,3 +480,88 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
         "the CUDA bindings panicked".to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CudaDevice;
+    use crate::device::{Device, DeviceError};
+
+    /// Opens GPU 0, or says why the test is skipped.
+    fn open(chunk_len: usize, ring_len: usize) -> Option<CudaDevice> {
+        match CudaDevice::with_staging(0, chunk_len, ring_len) {
+            Ok(device) => Some(device),
+            Err(err) => {
+                let source = std::error::Error::source(&err).map(ToString::to_string);
+                println!(
+                    "skipped: no CUDA device: {err}: {}",
+                    source.unwrap_or_default()
+                );
+                None
+            }
+        }
+    }
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    }
+
+    /// Uploads 20 MiB at an unaligned offset (in one call, then again in uneven pieces as the
+    /// store streams a file), synchronizes, downloads and compares.
+    fn round_trip(device: &CudaDevice) {
+        const LEN: usize = 20 << 20;
+        const OFFSET: u64 = (1 << 20) + 3;
+        let free_before = device.free_bytes();
+        assert!(free_before <= device.capacity());
+        let alloc = device.allocate(OFFSET + 2 * LEN as u64 + 5).unwrap();
+        let (first, second) = (pattern(LEN, 1), pattern(LEN, 7));
+        device.upload(&alloc, OFFSET, &first).unwrap();
+        let mut at = OFFSET + LEN as u64;
+        for piece in second.chunks((3 << 20) + 17) {
+            device.upload(&alloc, at, piece).unwrap();
+            at += piece.len() as u64;
+        }
+        device.synchronize().unwrap();
+
+        let mut back = vec![0xAA; 2 * LEN + 9];
+        device.download(&alloc, OFFSET - 4, &mut back).unwrap();
+        assert_eq!(&back[..4], &[0; 4], "allocations start zeroed");
+        assert!(back[4..4 + LEN] == first, "first 20 MiB differ");
+        assert!(back[4 + LEN..4 + 2 * LEN] == second, "second 20 MiB differ");
+        assert_eq!(&back[4 + 2 * LEN..], &[0; 5]);
+
+        assert!(matches!(
+            device.upload(&alloc, at, &[0; 6]),
+            Err(DeviceError::Range { .. })
+        ));
+        let id = alloc.id();
+        device.release(alloc);
+        let gone = crate::device::DeviceAlloc::new(id, 10);
+        assert!(matches!(
+            device.download(&gone, 0, &mut [0; 10]),
+            Err(DeviceError::UnknownAlloc { .. })
+        ));
+        device.synchronize().unwrap();
+        println!(
+            "{}: capacity {} B, free {} B before, {} B after",
+            device.name(),
+            device.capacity(),
+            free_before,
+            device.free_bytes()
+        );
+    }
+
+    #[test]
+    fn cuda_round_trip_through_the_staging_ring() {
+        let Some(device) = open(CudaDevice::CHUNK_LEN, CudaDevice::RING_LEN) else {
+            return;
+        };
+        round_trip(&device);
+        // Small chunks and a short ring: every transfer wraps the ring many times.
+        let Some(device) = open(1 << 20, 3) else {
+            return;
+        };
+        round_trip(&device);
+    }
+}

@@ -123,9 +123,19 @@ pub trait Device: Send + Sync + std::fmt::Debug {
 }
 
 /// Checks that `[offset, offset + len)` lies inside `alloc`.
-pub(crate) fn check_range(device: &dyn Device, alloc: &DeviceAlloc, offset: u64, len: u64) -> Result<(), DeviceError> {
+pub(crate) fn check_range(
+    device: &dyn Device,
+    alloc: &DeviceAlloc,
+    offset: u64,
+    len: u64,
+) -> Result<(), DeviceError> {
     match offset.checked_add(len) {
         Some(end) if end <= alloc.len => Ok(()),
-        _ => Err(DeviceError::Range { device: device.name(), offset, len, alloc_len: alloc.len }),
+        _ => Err(DeviceError::Range {
+            device: device.name(),
+            offset,
+            len,
+            alloc_len: alloc.len,
+        }),
     }
 }

@@ -222,8 +222,9 @@ impl SpillFile {
             let result = fill(done, buf)
                 .map_err(|source| SpillError::Device { source })
                 .and_then(|()| {
-                    let file = self.file.as_ref().expect("reserved");
-                    file.write_all_at(buf, offset + done)
+                    let spill = self.file.as_ref().expect("reserved");
+                    spill
+                        .write_all_at(buf, offset + done)
                         .map_err(|source| self.write_error(len, source))
                 });
             if let Err(err) = result {

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::state::{DeviceCopy, Origin, RamBuf, State};
+use super::state::{DeviceCopy, Origin, RamBuf, State, TensorEntry};
 use super::{Recipe, Shared, Store, StoreError, TensorId};
 use crate::device::{Device, DeviceAlloc, DeviceError};
 use crate::policy::{Candidate, READ_COST, WRITE_COST};
@@ -116,7 +116,55 @@ enum UploadFrom {
     Recipe(Recipe),
 }
 
+impl UploadFrom {
+    /// Where the bytes of a tensor without a device copy come from, fastest first.
+    fn of(entry: &TensorEntry) -> UploadFrom {
+        match (&entry.ram, &entry.origin, entry.spilled, &entry.recipe) {
+            (Some(buf), ..) => UploadFrom::Ram(Arc::clone(buf)),
+            (None, Origin::Source { source, offset }, ..) => UploadFrom::Source {
+                source: Arc::clone(source),
+                offset: *offset,
+            },
+            (None, Origin::Derived, Some(extent), recipe) => UploadFrom::Spill {
+                extent,
+                recipe: recipe.clone(),
+            },
+            (None, Origin::Derived, None, Some(recipe)) => UploadFrom::Recipe(recipe.clone()),
+            (None, Origin::Derived, None, None) => {
+                unreachable!("a dirty tensor off the device has a RAM, spill or recipe copy")
+            }
+        }
+    }
+}
+
 impl Shared {
+    /// Unloads other copies from `device_id`, in policy order, until `len` bytes are free or
+    /// nothing else can go. `id` itself and the model `spare` stay.
+    fn make_device_room(
+        &self,
+        state: &mut State,
+        device: &dyn Device,
+        device_id: DeviceId,
+        id: TensorId,
+        len: u64,
+        spare: Option<super::ModelId>,
+    ) {
+        if device.free_bytes() >= len {
+            return;
+        }
+        let mut outcome = UnloadOutcome::default();
+        for victim in self.device_victims(state, device_id, None, spare) {
+            if device.free_bytes() >= len {
+                break;
+            }
+            if victim != id {
+                self.unload_copy(state, victim, &mut outcome);
+            }
+        }
+        self.check(state);
+    }
+
+    #[allow(clippy::unused_self)] // a method so that every lookup reads `shared.device(..)`
     pub(super) fn device(
         &self,
         state: &State,
@@ -190,25 +238,25 @@ impl Shared {
         };
         let alloc = Arc::clone(&copy.alloc);
         let name = entry.name.clone();
-        if self.ram_allows(state, len) {
-            if let Some(mut buf) = AlignedBuf::zeroed(len as usize) {
-                match device.download(&alloc, 0, buf.as_mut_slice()) {
-                    Ok(()) => {
-                        drop(alloc);
-                        Stats::add(&self.stats.bytes_downloaded, len);
-                        state.tensor_mut(id).expect("present").ram =
-                            Some(Arc::new(RamBuf::Aligned(buf)));
-                        state.anon += len;
-                        self.release_device_copy(state, id);
-                        outcome.to_ram_bytes += len;
-                        outcome.freed_bytes += len;
-                        return;
-                    }
-                    Err(err) => log::warn!(
-                        "tensor `{name}`: download from {} failed: {err}",
-                        device.name()
-                    ),
+        if self.ram_allows(state, len)
+            && let Some(mut buf) = AlignedBuf::zeroed(len as usize)
+        {
+            match device.download(&alloc, 0, buf.as_mut_slice()) {
+                Ok(()) => {
+                    drop(alloc);
+                    Stats::add(&self.stats.bytes_downloaded, len);
+                    state.tensor_mut(id).expect("present").ram =
+                        Some(Arc::new(RamBuf::Aligned(buf)));
+                    state.anon += len;
+                    self.release_device_copy(state, id);
+                    outcome.to_ram_bytes += len;
+                    outcome.freed_bytes += len;
+                    return;
                 }
+                Err(err) => log::warn!(
+                    "tensor `{name}`: download from {} failed: {err}",
+                    device.name()
+                ),
             }
         }
         let chunk = device.chunk_len();
@@ -335,34 +383,9 @@ impl Store {
             }
             let entry = state.tensor_mut(id)?;
             let (name, len) = (entry.name.clone(), entry.len);
-            let from = match (&entry.ram, &entry.origin, entry.spilled, &entry.recipe) {
-                (Some(buf), ..) => UploadFrom::Ram(Arc::clone(buf)),
-                (None, Origin::Source { source, offset }, ..) => UploadFrom::Source {
-                    source: Arc::clone(source),
-                    offset: *offset,
-                },
-                (None, Origin::Derived, Some(extent), recipe) => UploadFrom::Spill {
-                    extent,
-                    recipe: recipe.clone(),
-                },
-                (None, Origin::Derived, None, Some(recipe)) => UploadFrom::Recipe(recipe.clone()),
-                (None, Origin::Derived, None, None) => {
-                    unreachable!("a dirty tensor off the device has a RAM, spill or recipe copy")
-                }
-            };
-            // Make room on the device: unload other copies in policy order.
-            if device.free_bytes() < len {
-                let mut outcome = UnloadOutcome::default();
-                for victim in self.shared.device_victims(&state, device_id, None, spare) {
-                    if device.free_bytes() >= len {
-                        break;
-                    }
-                    if victim != id {
-                        self.shared.unload_copy(&mut state, victim, &mut outcome);
-                    }
-                }
-                self.shared.check(&state);
-            }
+            let from = UploadFrom::of(entry);
+            self.shared
+                .make_device_room(&mut state, &*device, device_id, id, len, spare);
             let alloc = device.allocate(len).map_err(|err| match err {
                 DeviceError::OutOfMemory { free, .. } => StoreError::DeviceFull {
                     name: name.clone(),

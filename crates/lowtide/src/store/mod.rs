@@ -653,10 +653,15 @@ impl Store {
         let mut state = self.shared.lock();
         let entry = state.tensor(id)?;
         if entry.pins > 0 {
-            return Err(StoreError::Pinned { name: entry.name.clone(), pins: entry.pins });
+            return Err(StoreError::Pinned {
+                name: entry.name.clone(),
+                pins: entry.pins,
+            });
         }
         let Some((source, offset)) = entry.base.clone() else {
-            return Err(StoreError::NotFromFile { name: entry.name.clone() });
+            return Err(StoreError::NotFromFile {
+                name: entry.name.clone(),
+            });
         };
         if entry.is_clean() {
             return Ok(0);
