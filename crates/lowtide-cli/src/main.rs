@@ -1,6 +1,13 @@
 //! The `lowtide` command.
 
+mod catalog;
+mod compare;
+mod demo;
 mod inspect;
+mod run;
+mod strategy;
+mod synth;
+mod workflow;
 
 use std::process::ExitCode;
 
@@ -18,12 +25,18 @@ struct Cli {
 enum Command {
     /// Validate safetensors files (or sharded models) and list their tensors.
     Inspect(inspect::Args),
+    /// Run a workflow (TOML) with one strategy, or compare all three under a memory cap.
+    Run(run::Args),
+    /// Generate an SDXL-like model set and compare the strategies on it under a memory cap.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,7 +58,7 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 /// The error and its causes on one line, each cause once.
-fn one_line(err: &anyhow::Error) -> String {
+pub(crate) fn one_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
         let text = cause.to_string();

@@ -1,0 +1,298 @@
+//! The models of a workflow resolved to files, their tensors, and the arithmetic every strategy
+//! shares: applying a LoRA and hashing weights, so that all strategies compute the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use lowtide::{Dtype, ModelFiles};
+
+use crate::synth;
+use crate::workflow::{ModelSource, Workflow};
+
+/// One tensor of a model file.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorMeta {
+    pub(crate) name: String,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) len: u64,
+    /// The file holding it and the absolute offset of its bytes there.
+    pub(crate) file: PathBuf,
+    pub(crate) offset: u64,
+}
+
+/// A LoRA pair for one target weight: `up` [out, rank] and `down` [rank, in].
+#[derive(Debug, Clone)]
+pub(crate) struct LoraPair {
+    pub(crate) target: String,
+    pub(crate) down: usize,
+    pub(crate) up: usize,
+}
+
+/// A model of the workflow, opened and validated.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelMeta {
+    pub(crate) name: String,
+    /// What to open: a file, a directory of shards or an index.
+    pub(crate) path: PathBuf,
+    /// Tensors in name order.
+    pub(crate) tensors: Vec<TensorMeta>,
+    /// For a LoRA: its pairs by target name (empty for other models).
+    pub(crate) lora: Vec<LoraPair>,
+}
+
+impl ModelMeta {
+    pub(crate) fn bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+    }
+}
+
+/// The files of a synthetic model, written on first use into the workflow's cache directory.
+/// `progress` is told the bytes written so far.
+pub(crate) fn resolve(
+    workflow: &Workflow,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> anyhow::Result<Vec<ModelMeta>> {
+    workflow
+        .models
+        .iter()
+        .map(|def| {
+            let path = match &def.source {
+                ModelSource::Path(path) => path.clone(),
+                ModelSource::Synthetic { kind, scale, seed } => {
+                    let total = synth::bytes(*kind, *scale, *seed);
+                    synth::ensure(&workflow.cache_dir, *kind, *scale, *seed, &mut |done| {
+                        progress(&def.name, done, total);
+                    })?
+                }
+            };
+            open(&def.name, path)
+        })
+        .collect()
+}
+
+/// Opens and validates one model.
+pub(crate) fn open(name: &str, path: PathBuf) -> anyhow::Result<ModelMeta> {
+    let files =
+        ModelFiles::open(&path).with_context(|| format!("model `{name}`: {}", path.display()))?;
+    let tensors: Vec<TensorMeta> = files
+        .tensors
+        .keys()
+        .filter_map(|tensor| files.get(tensor))
+        .map(|(source, t)| TensorMeta {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            len: t.len,
+            file: source.path().to_path_buf(),
+            offset: t.offset,
+        })
+        .collect();
+    let mut pairs: BTreeMap<&str, (Option<usize>, Option<usize>)> = BTreeMap::new();
+    for (i, t) in tensors.iter().enumerate() {
+        if let Some(target) = t.name.strip_suffix(".lora_down.weight") {
+            pairs.entry(target).or_default().0 = Some(i);
+        } else if let Some(target) = t.name.strip_suffix(".lora_up.weight") {
+            pairs.entry(target).or_default().1 = Some(i);
+        }
+    }
+    let mut lora = Vec::new();
+    for (target, pair) in pairs {
+        let (Some(down), Some(up)) = pair else {
+            bail!("model `{name}`: LoRA target `{target}` lacks its lora_down or lora_up tensor");
+        };
+        lora.push(LoraPair {
+            target: format!("{target}.weight"),
+            down,
+            up,
+        });
+    }
+    Ok(ModelMeta {
+        name: name.to_owned(),
+        path,
+        tensors,
+        lora,
+    })
+}
+
+/// Checks before a run that every `patch` step's LoRA fits its model: each target exists with
+/// shape [out, in] and the pair's shapes are [rank, in] and [out, rank] in BF16, F16 or F32.
+pub(crate) fn check_patches(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result<()> {
+    for step in &workflow.steps {
+        let crate::workflow::Op::Patch { model, lora, .. } = step.op else {
+            continue;
+        };
+        let (m, l) = (&models[model], &models[lora]);
+        let at = format!("{}:{}", workflow.path.display(), step.line);
+        if l.lora.is_empty() {
+            bail!(
+                "{at}: `{}` has no LoRA tensors (`*.lora_down.weight`)",
+                l.name
+            );
+        }
+        for pair in &l.lora {
+            let Some(target) = m.index_of(&pair.target) else {
+                bail!(
+                    "{at}: LoRA `{}` patches `{}`, which model `{}` lacks",
+                    l.name,
+                    pair.target,
+                    m.name
+                );
+            };
+            let (w, down, up) = (
+                &m.tensors[target],
+                &l.tensors[pair.down],
+                &l.tensors[pair.up],
+            );
+            let float = |d: Dtype| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32);
+            let fits = w.shape.len() == 2
+                && down.shape.len() == 2
+                && up.shape.len() == 2
+                && up.shape[0] == w.shape[0]
+                && down.shape[1] == w.shape[1]
+                && up.shape[1] == down.shape[0]
+                && float(w.dtype)
+                && float(down.dtype)
+                && float(up.dtype);
+            if !fits {
+                bail!(
+                    "{at}: LoRA `{}` does not fit `{}`: weight {:?} {:?}, up {:?}, down {:?}",
+                    l.name,
+                    pair.target,
+                    w.dtype,
+                    w.shape,
+                    up.shape,
+                    down.shape
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    }
+}
+
+/// `weight += strength * up @ down`, computed in f32 and rounded back to the weight's dtype.
+/// Shapes were checked by [`check_patches`].
+pub(crate) fn apply_lora(
+    weight: &mut [u8],
+    w: &TensorMeta,
+    down: (&TensorMeta, &[u8]),
+    up: (&TensorMeta, &[u8]),
+    strength: f32,
+) {
+    let (cols, rank) = (w.shape[1] as usize, down.0.shape[0] as usize);
+    let (down, up) = (to_f32(down.0.dtype, down.1), to_f32(up.0.dtype, up.1));
+    let elem = w.dtype.bytes_for(1).unwrap_or(2) as usize;
+    let mut row = vec![0f32; cols];
+    for (o, out) in weight.chunks_exact_mut(cols * elem).enumerate() {
+        row.fill(0.0);
+        for k in 0..rank {
+            let scale = strength * up[o * rank + k];
+            for (acc, d) in row.iter_mut().zip(&down[k * cols..(k + 1) * cols]) {
+                *acc += scale * d;
+            }
+        }
+        for (value, delta) in out.chunks_exact_mut(elem).zip(&row) {
+            match w.dtype {
+                Dtype::BF16 => {
+                    let x = half::bf16::from_le_bytes([value[0], value[1]]).to_f32() + delta;
+                    value.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+                }
+                Dtype::F16 => {
+                    let x = half::f16::from_le_bytes([value[0], value[1]]).to_f32() + delta;
+                    value.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
+                }
+                _ => {
+                    let x = f32::from_le_bytes([value[0], value[1], value[2], value[3]]) + delta;
+                    value.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// The digest of one model's weights as a compute step sees them: xxh3 over every tensor's
+/// name and bytes in name order, fed in chunks.
+pub(crate) struct Digest(xxhash_rust::xxh3::Xxh3);
+
+impl Digest {
+    pub(crate) fn new() -> Self {
+        Self(xxhash_rust::xxh3::Xxh3::new())
+    }
+
+    pub(crate) fn tensor(&mut self, name: &str) {
+        self.0.update(name.as_bytes());
+        self.0.update(&[0]);
+    }
+
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub(crate) fn finish(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TensorMeta, apply_lora};
+    use lowtide::Dtype;
+
+    fn meta(dtype: Dtype, shape: &[u64]) -> TensorMeta {
+        TensorMeta {
+            name: "w".into(),
+            dtype,
+            shape: shape.to_vec(),
+            len: 0,
+            file: "f".into(),
+            offset: 0,
+        }
+    }
+
+    #[test]
+    fn lora_adds_strength_times_up_down() {
+        // w = [[1, 2], [3, 4]] (F32), up = [[1], [2]], down = [[10, 20]], strength 0.5.
+        let mut w: Vec<u8> = [1f32, 2., 3., 4.]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let up: Vec<u8> = [1f32, 2.].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let down: Vec<u8> = [10f32, 20.].iter().flat_map(|x| x.to_le_bytes()).collect();
+        apply_lora(
+            &mut w,
+            &meta(Dtype::F32, &[2, 2]),
+            (&meta(Dtype::F32, &[1, 2]), &down),
+            (&meta(Dtype::F32, &[2, 1]), &up),
+            0.5,
+        );
+        let got: Vec<f32> = w
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, [6., 12., 13., 24.]);
+    }
+}

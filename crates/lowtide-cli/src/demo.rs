@@ -1,0 +1,123 @@
+//! `lowtide demo`: a ComfyUI-like session (text encoder, UNet with two LoRAs, VAE) under a
+//! memory cap that the classic strategy cannot meet, run with all three strategies.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use lowtide::ByteSize;
+
+use crate::synth::{self, Kind};
+
+/// Arguments of `lowtide demo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Size of the synthetic models (1.0: SDXL-like shapes, about 4 GiB in all).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// The memory cap (default: the UNet, its patched weights and half the text encoder and
+    /// VAE, which the classic strategy cannot meet).
+    #[arg(long)]
+    cap: Option<ByteSize>,
+    /// Generations to run (each switches LoRA).
+    #[arg(long, default_value_t = 3)]
+    generations: u32,
+    /// Where the models and the workflow are kept (default: ~/.cache/lowtide/demo).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn default_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("lowtide").join("demo")
+}
+
+/// The demo's workflow file text.
+pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> String {
+    let (te, unet, vae) = (
+        synth::bytes(Kind::TextEncoder, scale, 0),
+        synth::bytes(Kind::Unet, scale, 0),
+        synth::bytes(Kind::Vae, scale, 0),
+    );
+    let patched = synth::patched_bytes(scale, 0).max(synth::patched_bytes(scale, 1));
+    let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+    // A device that holds the largest model. A cap that holds it, its patched weights twice
+    // (the classic path keeps a backup of each in RAM) and half the other models: enough for a
+    // strategy that offloads, not for one that keeps everything in RAM. A reserve that keeps
+    // room for the smaller models.
+    let capacity = mib(unet + unet / 10);
+    let cap = cap.map_or_else(|| mib(unet + patched + u64::midpoint(te, vae)), mib);
+    let reserve = mib(te + vae);
+    let budget = mib(synth::scaled_bytes(256 << 20, scale)).max(8);
+    let mut text = format!(
+        "# lowtide demo: an SDXL-like session, {generations} generations switching LoRAs.\n\
+         # The simulated device's memory lives in this process, so the cap covers it too (as on\n\
+         # a unified-memory machine).\n\
+         cache_dir = \".\"\n\n\
+         [device]\ncapacity = \"{capacity}MiB\"\n\n\
+         [limits]\ncap = \"{cap}MiB\"\nreserve_ram = \"{reserve}MiB\"\nram_budget = \"{budget}MiB\"\n\n\
+         [models.text_encoder]\nsynthetic = \"text_encoder\"\nscale = {scale:?}\n\n\
+         [models.unet]\nsynthetic = \"unet\"\nscale = {scale:?}\n\n\
+         [models.vae]\nsynthetic = \"vae\"\nscale = {scale:?}\n\n\
+         [models.style_a]\nsynthetic = \"lora\"\nscale = {scale:?}\nseed = 0\n\n\
+         [models.style_b]\nsynthetic = \"lora\"\nscale = {scale:?}\nseed = 1\n"
+    );
+    let step = |text: &mut String, op: &str, model: &str, extra: &str| {
+        let _ = write!(
+            text,
+            "\n[[steps]]\nop = \"{op}\"\nmodel = \"{model}\"\n{extra}"
+        );
+    };
+    for generation in 0..generations {
+        let _ = write!(text, "\n# generation {}\n", generation + 1);
+        step(&mut text, "load", "text_encoder", "");
+        step(&mut text, "compute", "text_encoder", "");
+        step(&mut text, "unload", "text_encoder", "");
+        if generation > 0 {
+            step(&mut text, "unpatch", "unet", "");
+        }
+        step(&mut text, "load", "unet", "");
+        let lora = if generation % 2 == 0 {
+            "style_a"
+        } else {
+            "style_b"
+        };
+        step(
+            &mut text,
+            "patch",
+            "unet",
+            &format!("lora = \"{lora}\"\nstrength = 0.8\n"),
+        );
+        step(&mut text, "compute", "unet", "");
+        step(&mut text, "compute", "unet", "");
+        step(&mut text, "unload", "unet", "");
+        step(&mut text, "load", "vae", "");
+        step(&mut text, "compute", "vae", "");
+        step(&mut text, "unload", "vae", "");
+    }
+    text
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    if !(args.scale > 0.0 && args.scale <= 4.0) {
+        anyhow::bail!("--scale must be in (0, 4], got {}", args.scale);
+    }
+    if args.generations == 0 {
+        anyhow::bail!("--generations must be at least 1");
+    }
+    let dir = args.dir.clone().unwrap_or_else(default_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("workflow-x{}.toml", args.scale));
+    let text = workflow_text(args.scale, args.cap.map(ByteSize::bytes), args.generations);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    if !args.json {
+        eprintln!("workflow: {}", path.display());
+    }
+    crate::run::run(&crate::run::Args::compare(path, args.json))
+}
