@@ -76,19 +76,29 @@ pub(crate) trait Backend {
     fn figures(&self) -> Figures;
 }
 
-/// The simulated device of a workflow.
-pub(crate) fn device(workflow: &Workflow) -> anyhow::Result<Arc<SimDevice>> {
+/// The device of a workflow: simulated, or GPU 0 when built with the `cuda` feature.
+pub(crate) fn device(workflow: &Workflow) -> anyhow::Result<Arc<dyn Device>> {
     if workflow.device.cuda {
-        anyhow::bail!(
-            "{}: device.kind = \"cuda\" is not supported by `lowtide run` yet; use \"sim\"",
-            workflow.path.display()
-        );
+        return cuda_device(workflow);
     }
     let mut sim = SimDevice::new("sim0", workflow.device.capacity);
     if let Some(rate) = workflow.device.bandwidth {
         sim = sim.with_bandwidth(rate);
     }
     Ok(Arc::new(sim))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(_workflow: &Workflow) -> anyhow::Result<Arc<dyn Device>> {
+    Ok(Arc::new(lowtide::CudaDevice::new(0)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(workflow: &Workflow) -> anyhow::Result<Arc<dyn Device>> {
+    anyhow::bail!(
+        "{}: device.kind = \"cuda\" needs lowtide built with `--features cuda`",
+        workflow.path.display()
+    )
 }
 
 /// Hashes a device allocation in chunks.
@@ -279,7 +289,7 @@ struct Slot {
 
 /// The classic strategies: `ram` and `spill-all`.
 pub(crate) struct ClassicBackend {
-    device: Arc<SimDevice>,
+    device: Arc<dyn Device>,
     models: Vec<ModelMeta>,
     slots: Vec<Vec<Slot>>,
     /// Models on the device, least recently loaded first.
