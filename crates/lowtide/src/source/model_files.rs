@@ -202,13 +202,7 @@ impl ModelFiles {
         // Shards in order of first mention, each opened once.
         let mut shard_names: Vec<&str> = Vec::new();
         let mut shard_of: HashMap<&str, usize> = HashMap::new();
-        for (tensor, shard) in &index.weight_map {
-            if !is_plain_file_name(shard) {
-                return Err(invalid(IndexError::ShardPath {
-                    tensor: tensor.clone(),
-                    shard: shard.clone(),
-                }));
-            }
+        for shard in index.weight_map.values() {
             if !shard_of.contains_key(shard.as_str()) {
                 shard_of.insert(shard, shard_names.len());
                 shard_names.push(shard);
@@ -275,17 +269,31 @@ impl ModelFiles {
     }
 }
 
-/// Parses the text of a `*.safetensors.index.json` file (exposed for fuzzing).
+/// Parses and checks the text of a `*.safetensors.index.json` file: its JSON shape, and that
+/// every shard is a plain file name in the index's directory. Returns the weight map (tensor
+/// to shard). Never panics; exposed for fuzzing.
 pub fn parse_index_json(text: &[u8]) -> Result<BTreeMap<String, String>, IndexError> {
     parse_index(text).map(|index| index.weight_map)
 }
 
+/// Parses an index and checks that every shard is a plain file name in the index's directory.
 fn parse_index(text: &[u8]) -> Result<IndexJson, IndexError> {
-    serde_json::from_slice(text).map_err(|source| IndexError::Json {
+    let index: IndexJson = serde_json::from_slice(text).map_err(|source| IndexError::Json {
         line: source.line(),
         column: source.column(),
         source,
-    })
+    })?;
+    if let Some((tensor, shard)) = index
+        .weight_map
+        .iter()
+        .find(|(_, shard)| !is_plain_file_name(shard))
+    {
+        return Err(IndexError::ShardPath {
+            tensor: tensor.clone(),
+            shard: shard.clone(),
+        });
+    }
+    Ok(index)
 }
 
 fn is_plain_file_name(name: &str) -> bool {

@@ -1,0 +1,30 @@
+//! The properties the fuzz targets check, shared with the bounded property test that normal
+//! CI runs (`crates/lowtide/tests/fuzz_props.rs`).
+
+/// Any bytes as a whole safetensors file image: accepted with extents inside the image whose
+/// lengths match dtype x shape, or rejected with a typed error; never a panic.
+pub(crate) fn header(data: &[u8]) {
+    if let Ok(tensors) = lowtide::parse::safetensors_image(data) {
+        let len = data.len() as u64;
+        for t in &tensors {
+            assert!(t.offset.checked_add(t.len).is_some_and(|end| end <= len));
+            let elements = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+            assert_eq!(elements.and_then(|n| t.dtype.bytes_for(n)), Some(t.len));
+        }
+    }
+}
+
+/// Any bytes as a `model.safetensors.index.json`: a weight map whose shards are plain file
+/// names in the index's directory, or a typed error; never a panic.
+pub(crate) fn index(data: &[u8]) {
+    if let Ok(map) = lowtide::parse::parse_index_json(data) {
+        for shard in map.values() {
+            let path = std::path::Path::new(shard);
+            assert!(
+                path.file_name().is_some_and(|f| f == path.as_os_str()),
+                "{shard}"
+            );
+            assert!(shard != "." && shard != "..");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! `cargo fuzz run header`: any bytes as a safetensors file image.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::header(data));

@@ -1,0 +1,7 @@
+//! `cargo fuzz run index`: any bytes as a sharded model's index.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::index(data));
