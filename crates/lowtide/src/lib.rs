@@ -26,6 +26,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod device;
+pub mod direct;
 mod dtype;
 mod governor;
 pub mod policy;

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) bytes_read_source: AtomicU64,
+    pub(crate) bytes_read_cold: AtomicU64,
+    pub(crate) bytes_read_cached: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) anon_bytes: AtomicU64,
     pub(crate) anon_peak: AtomicU64,
@@ -44,6 +46,8 @@ impl Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StatsSnapshot {
             bytes_read_source: get(&self.bytes_read_source),
+            bytes_read_cold: get(&self.bytes_read_cold),
+            bytes_read_cached: get(&self.bytes_read_cached),
             bytes_written: get(&self.bytes_written),
             anon_bytes: get(&self.anon_bytes),
             anon_peak_bytes: get(&self.anon_peak),
@@ -76,6 +80,11 @@ pub struct StatsSnapshot {
     /// Bytes read from source files: `pread` into RAM copies and ranges faulted in through the
     /// mapping.
     pub bytes_read_source: u64,
+    /// Of those, bytes restored into RAM copies by direct reads (they were not in the page
+    /// cache, and are not left there).
+    pub bytes_read_cold: u64,
+    /// Of those, bytes restored into RAM copies by copying from the page cache.
+    pub bytes_read_cached: u64,
     /// Bytes written to disk by lowtide (spill writes).
     pub bytes_written: u64,
     /// Anonymous bytes held now: the sum of RAM copies.

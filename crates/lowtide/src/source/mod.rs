@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use header::{HeaderError, MAX_HEADER_LEN};
 pub use model_files::{IndexError, ModelFiles, TensorLocation, parse_index_json};
@@ -20,6 +21,7 @@ pub use writer::{TensorSpec, write_safetensors};
 
 use crate::dtype::Dtype;
 use crate::sys::Mapping;
+use crate::sys::direct::{BLOCK, DirectBuf, IoShape, read_at};
 
 /// What identifies the bytes of a file: if any of these change, the file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +165,8 @@ pub struct Source {
     tensors: Vec<SourceTensor>,
     by_name: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
+    /// The same file opened with `O_DIRECT`, on first cold restore (`None`: refused).
+    direct: OnceLock<Option<File>>,
 }
 
 impl Source {
@@ -208,6 +212,7 @@ impl Source {
             tensors,
             by_name,
             metadata: header.metadata,
+            direct: OnceLock::new(),
         })
     }
 
@@ -290,6 +295,44 @@ impl Source {
     /// The mapped bytes of `[offset, offset + len)`; callers check the range with `fault_in`.
     pub(crate) fn mapped_bytes(&self, offset: usize, len: usize) -> &[u8] {
         &self.mapping.bytes()[offset..offset + len]
+    }
+
+    /// Restores `[offset, offset + len)` into a new block-aligned buffer. A range wholly in
+    /// the page cache is copied from it (`pread`); otherwise the enclosing blocks are read
+    /// with `O_DIRECT` — several requests in flight, no second copy left in the page cache.
+    /// Returns the buffer and whether the read was cold. Where the file system refuses direct
+    /// I/O the read is buffered.
+    pub(crate) fn restore(&self, offset: u64, len: u64) -> Result<(DirectBuf, bool), SourceError> {
+        self.check_unchanged()?;
+        let io = |op: &'static str| {
+            let path = self.path.clone();
+            move |source| SourceError::Io { path, op, source }
+        };
+        let mut buf = DirectBuf::for_range(offset, len)
+            .ok_or_else(|| io("allocate a buffer for")(std::io::ErrorKind::OutOfMemory.into()))?;
+        let warm = self.mapping.resident(offset as usize, len as usize);
+        let direct = if warm {
+            None
+        } else {
+            self.direct
+                .get_or_init(|| crate::sys::direct::reopen_direct(&self.file, false))
+                .as_ref()
+        };
+        let Some(direct) = direct else {
+            self.file
+                .read_exact_at(buf.as_mut_slice(), offset)
+                .map_err(io("read"))?;
+            return Ok((buf, !warm));
+        };
+        let start = offset / BLOCK * BLOCK;
+        let (n, _) = read_at(direct, start, buf.blocks_mut(), IoShape::DEFAULT, None)
+            .map_err(io("read (O_DIRECT)"))?;
+        if (n as u64) < offset - start + len {
+            // The file ended early: it changed since it was checked.
+            self.check_unchanged()?;
+            return Err(io("read")(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok((buf, true))
     }
 
     /// Reads `[offset, offset + len)` with `pread` into `dst` (no mapping involved).

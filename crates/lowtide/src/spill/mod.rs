@@ -3,7 +3,9 @@
 //! One file per store, created with `O_TMPFILE` in the spill directory so that a crash leaves
 //! nothing behind (no name ever exists). Space is reserved with `fallocate` before any byte is
 //! written — a full disk is then `ENOSPC` from `fallocate`, an ordinary error, never a SIGBUS or
-//! a half-written extent. Writes use `pwrite`; every extent carries an xxh3 checksum verified on
+//! a half-written extent. Writes and reads use `O_DIRECT` (no copy of spilled bytes lingers in
+//! the page cache) with several requests in flight, falling back to `pwrite`/`pread` where the
+//! file system refuses direct I/O; every extent carries an xxh3 checksum verified on
 //! every read; freed extents have their blocks returned with hole punching.
 
 mod allocator;
@@ -16,6 +18,9 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FallocateFlags;
 
 use allocator::{Allocator, blocks};
+
+use crate::sys::AlignedBuf;
+use crate::sys::direct::{BLOCK, IoShape, read_at, reopen_direct, write_at};
 
 /// Errors of the spill file.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +98,8 @@ pub(crate) struct SpillFile {
     dir: PathBuf,
     max: Option<u64>,
     file: Option<File>,
+    /// The same file opened with `O_DIRECT` (`None` where the file system refuses it).
+    direct: Option<File>,
     alloc: Allocator,
     /// Bytes reserved by live extents (whole blocks).
     used: u64,
@@ -104,6 +111,7 @@ impl SpillFile {
             dir,
             max,
             file: None,
+            direct: None,
             alloc: Allocator::default(),
             used: 0,
         }
@@ -122,6 +130,7 @@ impl SpillFile {
     fn file(&mut self) -> Result<&File, SpillError> {
         if self.file.is_none() {
             let file = create_unnamed(&self.dir).map_err(self.io("create"))?;
+            self.direct = reopen_direct(&file, true);
             self.file = Some(file);
         }
         Ok(self.file.as_ref().expect("created above"))
@@ -189,8 +198,7 @@ impl SpillFile {
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
         let len = bytes.len() as u64;
         let (offset, reserved) = self.reserve(len)?;
-        let file = self.file.as_ref().expect("reserved");
-        if let Err(source) = file.write_all_at(bytes, offset) {
+        if let Err(source) = self.put(offset, bytes) {
             let err = self.write_error(len, source);
             self.abort(offset, reserved);
             return Err(err);
@@ -214,17 +222,15 @@ impl SpillFile {
     ) -> Result<Extent, SpillError> {
         let (offset, reserved) = self.reserve(len)?;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut chunk = vec![0u8; chunk_len.max(4096).min(len as usize).max(1)];
+        let mut chunk = chunk_buf(chunk_len, len)?;
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            let buf = &mut chunk[..n];
+            let n = (len - done).min(chunk.as_slice().len() as u64) as usize;
+            let buf = &mut chunk.as_mut_slice()[..n];
             let result = fill(done, buf)
                 .map_err(|source| SpillError::Device { source })
                 .and_then(|()| {
-                    let spill = self.file.as_ref().expect("reserved");
-                    spill
-                        .write_all_at(buf, offset + done)
+                    self.put(offset + done, buf)
                         .map_err(|source| self.write_error(len, source))
                 });
             if let Err(err) = result {
@@ -251,20 +257,13 @@ impl SpillFile {
         chunk_len: usize,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), crate::device::DeviceError>,
     ) -> Result<(), SpillError> {
-        let Some(file) = &self.file else {
-            return Err(SpillError::Io {
-                dir: self.dir.clone(),
-                op: "read",
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
-        };
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut chunk = vec![0u8; chunk_len.max(4096).min(extent.len as usize).max(1)];
+        let mut chunk = chunk_buf(chunk_len, extent.len)?;
         let mut done = 0u64;
         while done < extent.len {
-            let n = (extent.len - done).min(chunk.len() as u64) as usize;
-            let buf = &mut chunk[..n];
-            file.read_exact_at(buf, extent.offset + done)
+            let n = (extent.len - done).min(chunk.as_slice().len() as u64) as usize;
+            let buf = &mut chunk.as_mut_slice()[..n];
+            self.get(extent.offset + done, buf)
                 .map_err(self.io("read"))?;
             hasher.update(buf);
             sink(done, buf).map_err(|source| SpillError::Device { source })?;
@@ -285,15 +284,7 @@ impl SpillFile {
     /// Reads an extent into `dst` (exactly `extent.len` bytes) and verifies its checksum.
     pub(crate) fn read(&self, extent: &Extent, dst: &mut [u8]) -> Result<(), SpillError> {
         debug_assert_eq!(dst.len() as u64, extent.len);
-        let Some(file) = &self.file else {
-            return Err(SpillError::Io {
-                dir: self.dir.clone(),
-                op: "read",
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
-        };
-        file.read_exact_at(dst, extent.offset)
-            .map_err(self.io("read"))?;
+        self.get(extent.offset, dst).map_err(self.io("read"))?;
         let actual = checksum(dst);
         if actual != extent.checksum {
             return Err(SpillError::Checksum {
@@ -302,6 +293,86 @@ impl SpillFile {
                 expected: extent.checksum,
                 actual,
             });
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at the block-aligned `offset` of a reserved extent: with `O_DIRECT`
+    /// straight from the caller's buffer when it is block-aligned (its last partial block,
+    /// and unaligned buffers, through a block-aligned bounce buffer, zero-padded inside the
+    /// reservation); with `pwrite` where direct I/O is unavailable.
+    fn put(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let Some(direct) = &self.direct else {
+            let file = self.file.as_ref().ok_or(io::ErrorKind::NotFound)?;
+            return file.write_all_at(bytes, offset);
+        };
+        let body = if (bytes.as_ptr() as u64).is_multiple_of(BLOCK) {
+            let body = bytes.len() / BLOCK as usize * BLOCK as usize;
+            write_at(direct, offset, &bytes[..body], IoShape::DEFAULT, None)?;
+            body
+        } else {
+            0
+        };
+        let rest = &bytes[body..];
+        let mut bounce = chunk_buf(IoShape::DEFAULT.chunk, rest.len() as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let mut done = 0;
+        while done < rest.len() {
+            let n = (rest.len() - done).min(bounce.as_slice().len());
+            let padded = (n as u64).div_ceil(BLOCK) * BLOCK;
+            let buf = &mut bounce.as_mut_slice()[..padded as usize];
+            buf[..n].copy_from_slice(&rest[done..done + n]);
+            buf[n..].fill(0);
+            write_at(
+                direct,
+                offset + (body + done) as u64,
+                buf,
+                IoShape::DEFAULT,
+                None,
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `dst.len()` bytes at the block-aligned `offset` of an extent: the mirror of
+    /// [`SpillFile::put`].
+    fn get(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
+        let Some(direct) = &self.direct else {
+            let file = self.file.as_ref().ok_or(io::ErrorKind::NotFound)?;
+            return file.read_exact_at(dst, offset);
+        };
+        let short = || io::Error::from(io::ErrorKind::UnexpectedEof);
+        let body = if (dst.as_ptr() as u64).is_multiple_of(BLOCK) {
+            let body = dst.len() / BLOCK as usize * BLOCK as usize;
+            let (n, _) = read_at(direct, offset, &mut dst[..body], IoShape::DEFAULT, None)?;
+            if n < body {
+                return Err(short());
+            }
+            body
+        } else {
+            0
+        };
+        let len = dst.len() - body;
+        let mut bounce = chunk_buf(IoShape::DEFAULT.chunk, len as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(bounce.as_slice().len());
+            let padded = (n as u64).div_ceil(BLOCK) * BLOCK;
+            let buf = &mut bounce.as_mut_slice()[..padded as usize];
+            let (got, _) = read_at(
+                direct,
+                offset + (body + done) as u64,
+                buf,
+                IoShape::DEFAULT,
+                None,
+            )?;
+            if got < n {
+                return Err(short());
+            }
+            dst[body + done..body + done + n].copy_from_slice(&buf[..n]);
+            done += n;
         }
         Ok(())
     }
@@ -315,6 +386,18 @@ impl SpillFile {
         self.alloc.free(extent.offset, reserved);
         self.used -= reserved;
     }
+}
+
+/// A block-aligned buffer for moving `len` bytes in chunks of about `chunk_len`: whole blocks,
+/// at most the rounded-up `len`.
+fn chunk_buf(chunk_len: usize, len: u64) -> Result<AlignedBuf, SpillError> {
+    let chunk = (chunk_len as u64).max(BLOCK).div_ceil(BLOCK) * BLOCK;
+    let size = chunk.min(len.div_ceil(BLOCK) * BLOCK).max(BLOCK);
+    AlignedBuf::zeroed(size as usize).ok_or_else(|| SpillError::Io {
+        dir: PathBuf::new(),
+        op: "allocate a buffer for",
+        source: io::ErrorKind::OutOfMemory.into(),
+    })
 }
 
 fn checksum(bytes: &[u8]) -> u64 {

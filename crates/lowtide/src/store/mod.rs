@@ -466,10 +466,15 @@ impl Store {
         };
         match from {
             CopyFrom::Source { source, offset } => {
-                let mut buf = alloc()?;
-                source.read_into(*offset, buf.as_mut_slice())?;
+                let (buf, cold) = source.restore(*offset, len)?;
                 Stats::add(&stats.bytes_read_source, len);
-                Ok(RamBuf::Aligned(buf))
+                let kind = if cold {
+                    &stats.bytes_read_cold
+                } else {
+                    &stats.bytes_read_cached
+                };
+                Stats::add(kind, len);
+                Ok(RamBuf::Direct(buf))
             }
             CopyFrom::Spill { extent, recipe } => {
                 let mut buf = alloc()?;

@@ -13,11 +13,14 @@ use crate::policy::{Priority, restore_cost};
 use crate::source::Source;
 use crate::spill::Extent;
 use crate::sys::AlignedBuf;
+use crate::sys::direct::DirectBuf;
 
 /// An owned RAM copy: page-aligned when lowtide filled it, the caller's buffer when derived.
 #[derive(Debug)]
 pub(crate) enum RamBuf {
     Aligned(AlignedBuf),
+    /// Restored from a file by a direct read: the bytes sit inside their blocks.
+    Direct(DirectBuf),
     Owned(Box<[u8]>),
 }
 
@@ -25,6 +28,7 @@ impl RamBuf {
     pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             RamBuf::Aligned(buf) => buf.as_slice(),
+            RamBuf::Direct(buf) => buf.as_slice(),
             RamBuf::Owned(buf) => buf,
         }
     }

@@ -55,6 +55,37 @@ impl Mapping {
         }
     }
 
+    /// Whether every page of `[offset, offset + len)` is in the page cache now (`mincore`).
+    /// `false` where the kernel will not say (it reports page-cache state only for files the
+    /// caller owns or may write), which makes callers take the cold path: correct, only
+    /// slower for warm ranges.
+    pub(crate) fn resident(&self, offset: usize, len: usize) -> bool {
+        let Some(map) = &self.map else { return true };
+        if len == 0 {
+            return true;
+        }
+        let page = super::page_size();
+        let first = offset / page * page;
+        let end = (offset + len).min(map.len());
+        if end <= first {
+            return true;
+        }
+        let pages = (end - first).div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `[first, end)` lies inside the mapping (clamped to its length above) and
+        // `first` is page-aligned because the mapping starts on a page boundary; `vec` holds
+        // one byte per page of that range, as mincore requires. mincore only reads page
+        // tables and writes `vec`.
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr().add(first).cast_mut().cast(),
+                end - first,
+                vec.as_mut_ptr(),
+            )
+        };
+        rc == 0 && vec.iter().all(|&b| b & 1 == 1)
+    }
+
     /// Drops this process's pages of `[offset, offset + len)` (`MADV_DONTNEED`).
     ///
     /// `offset` and `len` must be page-aligned (see `sys::inner_pages`). Nothing is written:

@@ -4,6 +4,7 @@
 //! talks to the kernel through the safe types below.
 
 mod buf;
+pub(crate) mod direct;
 mod mapping;
 pub(crate) mod procfs;
 

@@ -1,0 +1,557 @@
+//! Direct I/O: block-aligned reads and writes that bypass the page cache, with several
+//! requests in flight — through io_uring where the kernel allows it, else through a few
+//! threads issuing `pread`/`pwrite` in parallel.
+//!
+//! Every buffer handed to the kernel here is a block-aligned slice borrowed for the whole
+//! call, and every call waits for all of its requests to complete (also on error) before it
+//! returns, so the kernel never touches memory the caller has got back.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::Mutex;
+
+use super::AlignedBuf;
+
+/// Offsets, lengths and buffer addresses of direct I/O are multiples of this.
+pub const BLOCK: u64 = 4096;
+
+/// How a transfer is split: requests of `chunk` bytes, up to `depth` in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoShape {
+    /// Bytes per request (a multiple of 4096).
+    pub chunk: usize,
+    /// Requests in flight at once.
+    pub depth: usize,
+}
+
+impl IoShape {
+    /// What restores use: 4 MiB requests, 8 in flight (see docs/performance.md).
+    pub const DEFAULT: IoShape = IoShape {
+        chunk: 4 << 20,
+        depth: 8,
+    };
+}
+
+/// Which mechanism moved the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEngine {
+    /// io_uring.
+    Uring,
+    /// Parallel `pread`/`pwrite` on threads.
+    Threads,
+}
+
+/// How many bytes of `[offset, offset + len)` of `file` are in the page cache now
+/// (`mincore` over a temporary mapping). The kernel reports page-cache state only for files
+/// the caller owns or may write; elsewhere this says 0.
+pub(crate) fn cached_bytes(file: &File, offset: u64, len: u64) -> io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let page = super::page_size() as u64;
+    let first = offset / page * page;
+    let map_len = usize::try_from(offset + len - first)
+        .map_err(|_| io::Error::from(io::ErrorKind::FileTooLarge))?;
+    // SAFETY: a private read-only mapping that this function only hands to mincore, which
+    // reads page tables and never touches the mapped bytes; it is unmapped on return.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(first)
+            .len(map_len)
+            .map(file)?
+    };
+    let pages = map_len.div_ceil(page as usize);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `map` starts on a page boundary (offset rounded down to a page) and spans
+    // `map_len` bytes; `vec` has one byte per page of it.
+    let rc = unsafe { libc::mincore(map.as_ptr().cast_mut().cast(), map_len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * page)
+}
+
+/// Reopens `file` (the same inode, even if its path was renamed over since) with `O_DIRECT`.
+/// `None` where the file system refuses direct I/O (tmpfs before Linux 6.6, some FUSE).
+pub(crate) fn reopen_direct(file: &File, write: bool) -> Option<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits().cast_signed())
+        .open(path)
+        .ok()
+}
+
+/// A buffer for one direct read of `[offset, offset + len)` of a file: the read covers the
+/// enclosing blocks, and the buffer is laid out so that the wanted bytes sit at the right
+/// place inside it without a copy.
+pub(crate) struct DirectBuf {
+    buf: AlignedBuf,
+    start: usize,
+    len: usize,
+}
+
+impl DirectBuf {
+    /// A zeroed buffer for `[offset, offset + len)`, or `None` when the allocator refuses.
+    pub(crate) fn for_range(offset: u64, len: u64) -> Option<Self> {
+        let start = (offset % BLOCK) as usize;
+        let padded = (start as u64 + len).div_ceil(BLOCK) * BLOCK;
+        Some(Self {
+            buf: AlignedBuf::zeroed(usize::try_from(padded).ok()?)?,
+            start,
+            len: usize::try_from(len).ok()?,
+        })
+    }
+
+    /// The wanted bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf.as_slice()[self.start..self.start + self.len]
+    }
+
+    /// The wanted bytes, writable.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[self.start..self.start + self.len]
+    }
+
+    /// The whole block-aligned buffer, as direct I/O needs it.
+    pub(crate) fn blocks_mut(&mut self) -> &mut [u8] {
+        self.buf.as_mut_slice()
+    }
+}
+
+impl std::fmt::Debug for DirectBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectBuf")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rings kept for reuse: setting one up costs a few system calls and mappings.
+static RINGS: Mutex<Vec<io_uring::IoUring>> = Mutex::new(Vec::new());
+
+/// Whether io_uring could not be set up once: then threads are used from then on.
+static NO_URING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn take_ring(depth: usize) -> Option<io_uring::IoUring> {
+    if NO_URING.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let depth = u32::try_from(depth.next_power_of_two())
+        .unwrap_or(32)
+        .clamp(1, 64);
+    let mut rings = RINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(pos) = rings.iter().position(|r| r.params().sq_entries() >= depth) {
+        return Some(rings.swap_remove(pos));
+    }
+    drop(rings);
+    match io_uring::IoUring::new(depth.max(8)) {
+        Ok(ring) => Some(ring),
+        Err(err) => {
+            log::info!("io_uring is unavailable ({err}); direct I/O uses threads");
+            NO_URING.store(true, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+fn give_ring(ring: io_uring::IoUring) {
+    let mut rings = RINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if rings.len() < 8 {
+        rings.push(ring);
+    }
+}
+
+fn check_aligned(offset: u64, buf: &[u8], shape: IoShape) -> io::Result<()> {
+    let ok = offset.is_multiple_of(BLOCK)
+        && (buf.as_ptr() as u64).is_multiple_of(BLOCK)
+        && (buf.len() as u64).is_multiple_of(BLOCK)
+        && (shape.chunk as u64).is_multiple_of(BLOCK)
+        && shape.chunk > 0
+        && shape.depth > 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "direct I/O needs block-aligned offsets, buffers and chunks",
+        ))
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` of a direct (or any) file into `buf`. Returns the bytes
+/// read: fewer than asked only at the end of the file. Offset and buffer must be
+/// block-aligned.
+pub(crate) fn read_at(
+    file: &File,
+    offset: u64,
+    buf: &mut [u8],
+    shape: IoShape,
+    engine: Option<IoEngine>,
+) -> io::Result<(usize, IoEngine)> {
+    check_aligned(offset, buf, shape)?;
+    if engine != Some(IoEngine::Threads)
+        && let Some(mut ring) = take_ring(shape.depth)
+    {
+        let result = uring_transfer(
+            &mut ring,
+            file,
+            offset,
+            buf.as_mut_ptr(),
+            buf.len(),
+            shape,
+            false,
+        );
+        give_ring(ring);
+        return result.map(|n| (n, IoEngine::Uring));
+    }
+    threads_transfer(shape, buf.len(), |at, len| {
+        // Each range is disjoint: split the buffer by hand through its base address.
+        let base = buf.as_ptr() as usize;
+        // SAFETY: `[at, at + len)` lies inside `buf`, which is exclusively borrowed for this
+        // call; the ranges handed to the threads are disjoint, so no two threads alias.
+        let part = unsafe { std::slice::from_raw_parts_mut((base + at) as *mut u8, len) };
+        read_full(file, offset + at as u64, part)
+    })
+    .map(|n| (n, IoEngine::Threads))
+}
+
+/// Writes `buf` at `offset` of a direct (or any) file. Offset and buffer must be
+/// block-aligned.
+pub(crate) fn write_at(
+    file: &File,
+    offset: u64,
+    buf: &[u8],
+    shape: IoShape,
+    engine: Option<IoEngine>,
+) -> io::Result<IoEngine> {
+    check_aligned(offset, buf, shape)?;
+    if engine != Some(IoEngine::Threads)
+        && let Some(mut ring) = take_ring(shape.depth)
+    {
+        let ptr = buf.as_ptr().cast_mut();
+        let result = uring_transfer(&mut ring, file, offset, ptr, buf.len(), shape, true);
+        give_ring(ring);
+        return match result {
+            Ok(n) if n == buf.len() => Ok(IoEngine::Uring),
+            Ok(_) => Err(io::ErrorKind::WriteZero.into()),
+            Err(err) => Err(err),
+        };
+    }
+    threads_transfer(shape, buf.len(), |at, len| {
+        file.write_all_at(&buf[at..at + len], offset + at as u64)?;
+        Ok(len)
+    })
+    .map(|_| IoEngine::Threads)
+}
+
+/// `pread` until `buf` is full or the file ends.
+fn read_full(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(done)
+}
+
+/// Runs `op(at, len)` over `[0, total)` in chunks on `depth` threads. Returns the bytes moved
+/// up to the first short chunk (the end of the file).
+fn threads_transfer(
+    shape: IoShape,
+    total: usize,
+    op: impl Fn(usize, usize) -> io::Result<usize> + Sync,
+) -> io::Result<usize> {
+    let chunks = total.div_ceil(shape.chunk);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // Per chunk: bytes moved.
+    let moved: Vec<std::sync::atomic::AtomicUsize> = (0..chunks)
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
+    let error: Mutex<Option<io::Error>> = Mutex::new(None);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= chunks {
+                return;
+            }
+            let at = i * shape.chunk;
+            let len = shape.chunk.min(total - at);
+            match op(at, len) {
+                Ok(n) => moved[i].store(n, std::sync::atomic::Ordering::Relaxed),
+                Err(err) => {
+                    *error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(err);
+                    return;
+                }
+            }
+        }
+    };
+    let threads = shape.depth.min(chunks).max(1);
+    if threads == 1 {
+        work();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(work);
+            }
+        });
+    }
+    if let Some(err) = error
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        return Err(err);
+    }
+    let mut total_moved = 0;
+    for (i, n) in moved.iter().enumerate() {
+        let n = n.load(std::sync::atomic::Ordering::Relaxed);
+        total_moved += n;
+        if n < shape.chunk.min(total - i * shape.chunk) {
+            break;
+        }
+    }
+    Ok(total_moved)
+}
+
+/// Reads (or writes) `len` bytes at `ptr` from (to) `offset` of `file` through `ring`, up to
+/// `shape.depth` requests in flight; short transfers are continued. Returns the bytes moved:
+/// fewer than `len` only when a read reaches the end of the file.
+#[allow(clippy::too_many_arguments)]
+fn uring_transfer(
+    ring: &mut io_uring::IoUring,
+    file: &File,
+    offset: u64,
+    ptr: *mut u8,
+    len: usize,
+    shape: IoShape,
+    write: bool,
+) -> io::Result<usize> {
+    use io_uring::{opcode, types};
+
+    let fd = types::Fd(file.as_fd().as_raw_fd());
+    let chunks = len.div_ceil(shape.chunk);
+    // Per chunk: bytes done so far; a chunk is finished when done == its length or at EOF.
+    let mut done = vec![0usize; chunks];
+    let mut eof_at: Option<usize> = None;
+    let mut next = 0usize;
+    let mut in_flight = 0usize;
+    let mut first_error: Option<io::Error> = None;
+    let chunk_len = |i: usize| shape.chunk.min(len - i * shape.chunk);
+    let depth = shape.depth.min(ring.params().sq_entries() as usize).max(1);
+
+    let submit = |ring: &mut io_uring::IoUring, i: usize, from: usize| -> io::Result<()> {
+        let at = i * shape.chunk + from;
+        let n = u32::try_from(chunk_len(i) - from).unwrap_or(u32::MAX);
+        // SAFETY: `at + n <= len`, so the range lies inside the caller's buffer at `ptr`, which
+        // stays borrowed until this function returns; it returns only after every submitted
+        // request has completed (the loop below drains `in_flight` to zero, also on error).
+        let target = unsafe { ptr.add(at) };
+        let entry = if write {
+            opcode::Write::new(fd, target, n)
+                .offset(offset + at as u64)
+                .build()
+        } else {
+            opcode::Read::new(fd, target, n)
+                .offset(offset + at as u64)
+                .build()
+        }
+        .user_data(i as u64);
+        // SAFETY: the entry's buffer stays valid until its completion is reaped (see above).
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        Ok(())
+    };
+
+    loop {
+        while first_error.is_none() && in_flight < depth && next < chunks {
+            if let Some(eof) = eof_at
+                && next * shape.chunk >= eof
+            {
+                next = chunks;
+                break;
+            }
+            submit(ring, next, 0)?;
+            next += 1;
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            break;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                // Requests already queued may still complete: wait for them before the
+                // buffer is handed back.
+                first_error.get_or_insert(err);
+                if ring.submit_and_wait(in_flight).is_err() {
+                    // Cannot confirm completion: never return while the kernel may write.
+                    std::process::abort();
+                }
+            }
+        }
+        let completions: Vec<(usize, i32)> = ring
+            .completion()
+            .map(|cqe| (cqe.user_data() as usize, cqe.result()))
+            .collect();
+        for (i, result) in completions {
+            in_flight -= 1;
+            if result < 0 {
+                let err = io::Error::from_raw_os_error(-result);
+                if err.kind() == io::ErrorKind::Interrupted && first_error.is_none() {
+                    submit(ring, i, done[i])?;
+                    in_flight += 1;
+                } else {
+                    first_error.get_or_insert(err);
+                }
+                continue;
+            }
+            let n = result.cast_unsigned() as usize;
+            done[i] += n;
+            if done[i] < chunk_len(i) && first_error.is_none() {
+                if n == 0 {
+                    if write {
+                        first_error.get_or_insert(io::ErrorKind::WriteZero.into());
+                    } else {
+                        let end = i * shape.chunk + done[i];
+                        eof_at = Some(eof_at.map_or(end, |e| e.min(end)));
+                    }
+                } else {
+                    submit(ring, i, done[i])?;
+                    in_flight += 1;
+                }
+            }
+        }
+    }
+    if let Some(err) = first_error {
+        return Err(err);
+    }
+    // Bytes up to the first short chunk.
+    let mut total = 0;
+    for (i, &d) in done.iter().enumerate() {
+        total += d;
+        if d < chunk_len(i) {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DirectBuf, IoEngine, IoShape, read_at, reopen_direct, write_at};
+    use crate::sys::AlignedBuf;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 131 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn direct_reads_and_writes_round_trip_with_both_engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes = pattern(5 << 20);
+        std::fs::write(&path, &bytes[..(5 << 20) - 100]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let direct = reopen_direct(&file, false).unwrap_or(file);
+        for engine in [IoEngine::Uring, IoEngine::Threads] {
+            for shape in [
+                IoShape {
+                    chunk: 4096,
+                    depth: 1,
+                },
+                IoShape {
+                    chunk: 1 << 20,
+                    depth: 4,
+                },
+                IoShape {
+                    chunk: 8 << 20,
+                    depth: 32,
+                },
+            ] {
+                let mut buf = AlignedBuf::zeroed(6 << 20).unwrap();
+                let (n, used) =
+                    read_at(&direct, 8192, buf.as_mut_slice(), shape, Some(engine)).unwrap();
+                if used != engine {
+                    println!("io_uring is unavailable here: {used:?} used instead");
+                }
+                assert_eq!(
+                    n,
+                    (5 << 20) - 100 - 8192,
+                    "{engine:?} {shape:?}: short at EOF"
+                );
+                assert_eq!(&buf.as_slice()[..n], &bytes[8192..(5 << 20) - 100]);
+            }
+        }
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("g"))
+            .unwrap();
+        let out_direct = reopen_direct(&out, true).unwrap_or(out);
+        let mut buf = AlignedBuf::zeroed(3 << 20).unwrap();
+        buf.as_mut_slice().copy_from_slice(&bytes[..3 << 20]);
+        for (i, engine) in [IoEngine::Uring, IoEngine::Threads].into_iter().enumerate() {
+            let at = i as u64 * (4 << 20);
+            write_at(
+                &out_direct,
+                at,
+                buf.as_slice(),
+                IoShape::DEFAULT,
+                Some(engine),
+            )
+            .unwrap();
+            let mut back = vec![0u8; 3 << 20];
+            let plain = std::fs::File::open(dir.path().join("g")).unwrap();
+            std::os::unix::fs::FileExt::read_exact_at(&plain, &mut back, at).unwrap();
+            assert_eq!(back, &bytes[..3 << 20]);
+        }
+    }
+
+    #[test]
+    fn misaligned_requests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        let mut buf = AlignedBuf::zeroed(8192).unwrap();
+        assert!(read_at(&file, 100, buf.as_mut_slice(), IoShape::DEFAULT, None).is_err());
+        assert!(
+            read_at(
+                &file,
+                0,
+                &mut buf.as_mut_slice()[1..4097],
+                IoShape::DEFAULT,
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_direct_buf_places_the_range_inside_its_blocks() {
+        let mut d = DirectBuf::for_range(5000, 10_000).unwrap();
+        assert_eq!(d.as_slice().len(), 10_000);
+        assert_eq!(
+            d.blocks_mut().len(),
+            12288,
+            "blocks 1-3 of the file, 904 + 10000 bytes"
+        );
+        d.as_mut_slice()[0] = 7;
+        assert_eq!(d.blocks_mut()[5000 - 4096], 7);
+    }
+}

@@ -1,0 +1,59 @@
+//! The restore engine: cold restores read with `O_DIRECT` and leave no second copy of the
+//! bytes in the page cache; warm ones copy from the cache; both give the file's bytes.
+
+mod common;
+
+use lowtide::direct::{cached_bytes, drop_cached};
+use lowtide::{Dtype, Store, TensorSpec};
+
+#[test]
+fn cold_restores_bypass_the_page_cache_and_warm_ones_copy_from_it() {
+    let dir = common::tempdir();
+    // Odd shapes: tensors start and end off block boundaries.
+    let specs: Vec<TensorSpec> = (0..8)
+        .map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::BF16, &[257 + i, 1531]))
+        .collect();
+    let path = common::write(&dir.path().join("m.safetensors"), &specs);
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    drop_cached(&file).unwrap();
+    let before = cached_bytes(&file, 0, len).unwrap();
+    if before > len / 4 {
+        println!("skipped: the page cache kept {before} of {len} bytes after POSIX_FADV_DONTNEED");
+        return;
+    }
+
+    let store = Store::builder()
+        .ram_budget(256 << 20)
+        .monitor(false)
+        .build()
+        .unwrap();
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let total: u64 = ids.iter().map(|&id| store.info(id).unwrap().len).sum();
+    for &id in &ids {
+        let guard = store.acquire_ram(id).unwrap();
+        let name = store.info(id).unwrap().name;
+        assert_eq!(&guard[..], &common::expected(&name, guard.len() as u64)[..]);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.bytes_read_cold, total, "{stats:?}");
+    let after = cached_bytes(&file, 0, len).unwrap();
+    // Opening read the header (buffered): a page or two. The data stayed out of the cache.
+    assert!(
+        after <= before + 16 * 1024,
+        "cold restores left {after} of {len} bytes in the page cache (before: {before})"
+    );
+
+    // Warm the file, drop the RAM copies, restore again: copied from the cache.
+    std::fs::read(&path).unwrap();
+    store.release_model(m).unwrap();
+    for &id in &ids {
+        let guard = store.acquire_ram(id).unwrap();
+        let name = store.info(id).unwrap().name;
+        assert_eq!(&guard[..], &common::expected(&name, guard.len() as u64)[..]);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.bytes_read_cached, total, "{stats:?}");
+    assert_eq!(stats.bytes_written, 0);
+}
