@@ -1,5 +1,6 @@
 //! The `lowtide` command.
 
+mod bench;
 mod catalog;
 mod compare;
 mod demo;
@@ -29,6 +30,8 @@ enum Command {
     Run(run::Args),
     /// Generate an SDXL-like model set and compare the strategies on it under a memory cap.
     Demo(demo::Args),
+    /// Measure restores, drops and spills against raw O_DIRECT I/O and memcpy in one run.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,6 +134,8 @@ pub(crate) struct LowtideBackend {
     models: Vec<ModelMeta>,
     ids: Vec<ModelId>,
     stall: Duration,
+    /// Prefetches started by `prefetch` steps (cancelled when dropped).
+    prefetches: Vec<lowtide::Prefetch>,
 }
 
 impl LowtideBackend {
@@ -165,6 +166,7 @@ impl LowtideBackend {
             models,
             ids,
             stall: Duration::ZERO,
+            prefetches: Vec::new(),
         })
     }
 
@@ -245,20 +247,10 @@ impl Backend for LowtideBackend {
     }
 
     fn prefetch(&mut self, model: usize) -> anyhow::Result<()> {
-        // Ask the kernel to read the files ahead: page cache, no anonymous memory.
+        // Restores into RAM in the background, within the room the governor has free; the
+        // steps that follow go on meanwhile.
         self.store.set_priority(self.ids[model], Priority::Queued)?;
-        let mut files: Vec<&Path> = self.models[model]
-            .tensors
-            .iter()
-            .map(|t| t.file.as_path())
-            .collect();
-        files.dedup();
-        for path in files {
-            let file =
-                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed)
-                .with_context(|| format!("{}: fadvise", path.display()))?;
-        }
+        self.prefetches.push(self.store.prefetch(self.ids[model])?);
         Ok(())
     }
 

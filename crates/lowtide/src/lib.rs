@@ -51,8 +51,9 @@ pub use source::{
 pub use spill::SpillError;
 pub use stats::StatsSnapshot;
 pub use store::{
-    ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Recipe,
-    Store, StoreBuilder, StoreError, TensorGuard, TensorId, TensorInfo, Tier, UnloadOutcome,
+    ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Prefetch,
+    PrefetchOutcome, Recipe, Store, StoreBuilder, StoreError, TensorGuard, TensorId, TensorInfo,
+    Tier, UnloadOutcome,
 };
 pub use sys::procfs::{ProcIo, ProcMemory};
 

@@ -57,3 +57,50 @@ fn cold_restores_bypass_the_page_cache_and_warm_ones_copy_from_it() {
     assert_eq!(stats.bytes_read_cached, total, "{stats:?}");
     assert_eq!(stats.bytes_written, 0);
 }
+
+#[test]
+fn prefetch_fills_free_room_in_the_background_and_never_evicts() {
+    let dir = common::tempdir();
+    let write = |name: &str| {
+        let specs: Vec<TensorSpec> = (0..6)
+            .map(|i| TensorSpec::new(format!("{name}.{i}"), Dtype::U8, &[256 << 10]))
+            .collect();
+        common::write(&dir.path().join(format!("{name}.safetensors")), &specs)
+    };
+    let (a_path, b_path) = (write("a"), write("b"));
+    let store = Store::builder()
+        .ram_budget(1 << 20)
+        .monitor(false)
+        .build()
+        .unwrap();
+    let (a, b) = (
+        store.open_model(&a_path).unwrap(),
+        store.open_model(&b_path).unwrap(),
+    );
+    // Model a holds two RAM copies (512 KiB of the 1 MiB budget).
+    let a_ids = store.tensors(a).unwrap();
+    for &id in &a_ids[..2] {
+        drop(store.acquire_ram(id).unwrap());
+    }
+    let outcome = store.prefetch(b).unwrap().wait().unwrap();
+    assert_eq!(outcome.tensors, 2, "{outcome:?}");
+    assert_eq!(outcome.bytes, 512 << 10);
+    assert_eq!(outcome.skipped_bytes, 4 * (256 << 10));
+    for &id in &a_ids[..2] {
+        assert!(store.info(id).unwrap().in_ram, "prefetch evicted a copy");
+    }
+    // What it restored is served from RAM, with the right bytes.
+    for &id in &store.tensors(b).unwrap()[..2] {
+        let info = store.info(id).unwrap();
+        assert!(info.in_ram);
+        let guard = store.acquire(id).unwrap();
+        assert_eq!(&guard[..], &common::expected(&info.name, info.len)[..]);
+    }
+    // A cancelled prefetch stops.
+    store.release_model(b).unwrap();
+    store.release_model(a).unwrap();
+    let prefetch = store.prefetch(b).unwrap();
+    prefetch.cancel();
+    let outcome = prefetch.wait().unwrap();
+    assert!(outcome.cancelled || outcome.tensors <= 4, "{outcome:?}");
+}

@@ -21,7 +21,7 @@ pub use writer::{TensorSpec, write_safetensors};
 
 use crate::dtype::Dtype;
 use crate::sys::Mapping;
-use crate::sys::direct::{BLOCK, DirectBuf, IoShape, read_at};
+use crate::sys::direct::{BLOCK, DirectBuf, IoShape, read_at, with_prefault};
 
 /// What identifies the bytes of a file: if any of these change, the file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,14 +319,17 @@ impl Source {
                 .as_ref()
         };
         let Some(direct) = direct else {
-            self.file
-                .read_exact_at(buf.as_mut_slice(), offset)
-                .map_err(io("read"))?;
+            with_prefault(buf.as_mut_slice(), |dst| {
+                self.file.read_exact_at(dst, offset)
+            })
+            .map_err(io("read"))?;
             return Ok((buf, !warm));
         };
         let start = offset / BLOCK * BLOCK;
-        let (n, _) = read_at(direct, start, buf.blocks_mut(), IoShape::DEFAULT, None)
-            .map_err(io("read (O_DIRECT)"))?;
+        let (n, _) = with_prefault(buf.blocks_mut(), |blocks| {
+            read_at(direct, start, blocks, IoShape::DEFAULT, None)
+        })
+        .map_err(io("read (O_DIRECT)"))?;
         if (n as u64) < offset - start + len {
             // The file ended early: it changed since it was checked.
             self.check_unchanged()?;

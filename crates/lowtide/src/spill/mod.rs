@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rustix::fs::FallocateFlags;
 
@@ -100,6 +101,10 @@ pub(crate) struct SpillFile {
     file: Option<File>,
     /// The same file opened with `O_DIRECT` (`None` where the file system refuses it).
     direct: Option<File>,
+    /// Block-aligned buffers kept between calls (fresh memory costs page faults on every
+    /// use): for unaligned callers' bytes, and for streaming to and from devices.
+    bounce: Mutex<Option<AlignedBuf>>,
+    stream: Mutex<Option<AlignedBuf>>,
     alloc: Allocator,
     /// Bytes reserved by live extents (whole blocks).
     used: u64,
@@ -112,6 +117,8 @@ impl SpillFile {
             max,
             file: None,
             direct: None,
+            bounce: Mutex::default(),
+            stream: Mutex::default(),
             alloc: Allocator::default(),
             used: 0,
         }
@@ -221,31 +228,46 @@ impl SpillFile {
         mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), crate::device::DeviceError>,
     ) -> Result<Extent, SpillError> {
         let (offset, reserved) = self.reserve(len)?;
+        match self.stream_out(offset, len, chunk_len, &mut fill) {
+            Ok(checksum) => {
+                self.used += reserved;
+                Ok(Extent {
+                    offset,
+                    len,
+                    checksum,
+                })
+            }
+            Err(err) => {
+                self.abort(offset, reserved);
+                Err(err)
+            }
+        }
+    }
+
+    /// The body of [`SpillFile::write_with`]: fills and writes the chunks of a reserved
+    /// extent; returns their checksum.
+    fn stream_out(
+        &self,
+        offset: u64,
+        len: u64,
+        chunk_len: usize,
+        fill: &mut impl FnMut(u64, &mut [u8]) -> Result<(), crate::device::DeviceError>,
+    ) -> Result<u64, SpillError> {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut chunk = chunk_buf(chunk_len, len)?;
+        let size = chunk_size(chunk_len, len);
+        let mut slot = reuse(&self.stream, size)?;
+        let chunk = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(chunk.as_slice().len() as u64) as usize;
-            let buf = &mut chunk.as_mut_slice()[..n];
-            let result = fill(done, buf)
-                .map_err(|source| SpillError::Device { source })
-                .and_then(|()| {
-                    self.put(offset + done, buf)
-                        .map_err(|source| self.write_error(len, source))
-                });
-            if let Err(err) = result {
-                self.abort(offset, reserved);
-                return Err(err);
-            }
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            let buf = &mut chunk[..n];
+            fill(done, buf).map_err(|source| SpillError::Device { source })?;
+            self.put(offset + done, buf)
+                .map_err(|source| self.write_error(len, source))?;
             hasher.update(buf);
             done += n as u64;
         }
-        self.used += reserved;
-        Ok(Extent {
-            offset,
-            len,
-            checksum: hasher.digest(),
-        })
+        Ok(hasher.digest())
     }
 
     /// Reads an extent chunk by chunk into `sink(offset, chunk)` (for example a device) and
@@ -258,11 +280,13 @@ impl SpillFile {
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), crate::device::DeviceError>,
     ) -> Result<(), SpillError> {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut chunk = chunk_buf(chunk_len, extent.len)?;
+        let size = chunk_size(chunk_len, extent.len);
+        let mut slot = reuse(&self.stream, size)?;
+        let chunk = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
         let mut done = 0u64;
         while done < extent.len {
-            let n = (extent.len - done).min(chunk.as_slice().len() as u64) as usize;
-            let buf = &mut chunk.as_mut_slice()[..n];
+            let n = (extent.len - done).min(chunk.len() as u64) as usize;
+            let buf = &mut chunk[..n];
             self.get(extent.offset + done, buf)
                 .map_err(self.io("read"))?;
             hasher.update(buf);
@@ -314,13 +338,16 @@ impl SpillFile {
             0
         };
         let rest = &bytes[body..];
-        let mut bounce = chunk_buf(IoShape::DEFAULT.chunk, rest.len() as u64)
-            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        // Large enough for several requests in flight per copy.
+        let size = chunk_size(BOUNCE, rest.len() as u64);
+        let mut slot =
+            reuse(&self.bounce, size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let bounce = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
         let mut done = 0;
         while done < rest.len() {
-            let n = (rest.len() - done).min(bounce.as_slice().len());
+            let n = (rest.len() - done).min(bounce.len());
             let padded = (n as u64).div_ceil(BLOCK) * BLOCK;
-            let buf = &mut bounce.as_mut_slice()[..padded as usize];
+            let buf = &mut bounce[..padded as usize];
             buf[..n].copy_from_slice(&rest[done..done + n]);
             buf[n..].fill(0);
             write_at(
@@ -354,13 +381,15 @@ impl SpillFile {
             0
         };
         let len = dst.len() - body;
-        let mut bounce = chunk_buf(IoShape::DEFAULT.chunk, len as u64)
-            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let size = chunk_size(BOUNCE, len as u64);
+        let mut slot =
+            reuse(&self.bounce, size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let bounce = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(bounce.as_slice().len());
+            let n = (len - done).min(bounce.len());
             let padded = (n as u64).div_ceil(BLOCK) * BLOCK;
-            let buf = &mut bounce.as_mut_slice()[..padded as usize];
+            let buf = &mut bounce[..padded as usize];
             let (got, _) = read_at(
                 direct,
                 offset + (body + done) as u64,
@@ -388,16 +417,31 @@ impl SpillFile {
     }
 }
 
-/// A block-aligned buffer for moving `len` bytes in chunks of about `chunk_len`: whole blocks,
-/// at most the rounded-up `len`.
-fn chunk_buf(chunk_len: usize, len: u64) -> Result<AlignedBuf, SpillError> {
+/// The bounce buffer for unaligned buffers: 8 requests of the default size.
+const BOUNCE: usize = 32 << 20;
+
+/// Bytes of buffer for moving `len` bytes in chunks of about `chunk_len`: whole blocks, at
+/// most the rounded-up `len`.
+fn chunk_size(chunk_len: usize, len: u64) -> usize {
     let chunk = (chunk_len as u64).max(BLOCK).div_ceil(BLOCK) * BLOCK;
-    let size = chunk.min(len.div_ceil(BLOCK) * BLOCK).max(BLOCK);
-    AlignedBuf::zeroed(size as usize).ok_or_else(|| SpillError::Io {
-        dir: PathBuf::new(),
-        op: "allocate a buffer for",
-        source: io::ErrorKind::OutOfMemory.into(),
-    })
+    chunk.min(len.div_ceil(BLOCK) * BLOCK).max(BLOCK) as usize
+}
+
+/// The buffer kept in `slot`, grown to at least `size` bytes.
+fn reuse(
+    slot: &Mutex<Option<AlignedBuf>>,
+    size: usize,
+) -> Result<MutexGuard<'_, Option<AlignedBuf>>, SpillError> {
+    let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    if guard.as_ref().is_none_or(|buf| buf.as_slice().len() < size) {
+        *guard = None;
+        *guard = Some(AlignedBuf::zeroed(size).ok_or_else(|| SpillError::Io {
+            dir: PathBuf::new(),
+            op: "allocate a buffer for",
+            source: io::ErrorKind::OutOfMemory.into(),
+        })?);
+    }
+    Ok(guard)
 }
 
 fn checksum(bytes: &[u8]) -> u64 {

@@ -203,7 +203,7 @@ impl Shared {
     }
 
     /// Whether the governor allows `len` more bytes of RAM copies right now, without evicting.
-    fn ram_allows(&self, state: &State, len: u64) -> bool {
+    pub(super) fn ram_allows(&self, state: &State, len: u64) -> bool {
         if state.anon + state.reserved + len > self.governor.ram_budget {
             return false;
         }

@@ -212,4 +212,10 @@ pub enum StoreError {
         /// Bytes asked for.
         bytes: u64,
     },
+    /// A background thread (prefetch) could not be started.
+    #[error("cannot start a background thread: {source}")]
+    Thread {
+        /// The error from the system.
+        source: std::io::Error,
+    },
 }

@@ -10,6 +10,7 @@ mod device;
 mod error;
 mod evict;
 mod guard;
+mod prefetch;
 mod state;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ pub use device::{DeviceGuard, DeviceId, LoadOutcome, UnloadOutcome};
 pub use error::{ConfigError, StoreError};
 pub use evict::FreeOutcome;
 pub use guard::TensorGuard;
+pub use prefetch::{Prefetch, PrefetchOutcome};
 pub use state::DropOutcome;
 
 use crate::dtype::Dtype;

@@ -1,0 +1,438 @@
+//! `lowtide bench`: lowtide's restore, drop and spill paths against raw baselines measured in
+//! the same run on the same file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use lowtide::direct::{AlignedBytes, IoShape, cached_bytes, drop_cached};
+use lowtide::{ByteSize, Dtype, ProcIo, Store, TensorSpec, write_safetensors};
+use serde::Serialize;
+
+/// Arguments of `lowtide bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Directory for the test files (default: the system temp directory). Put it on the disk
+    /// you want to measure.
+    dir: Option<PathBuf>,
+    /// Size of the test file.
+    #[arg(long, default_value = "2GiB")]
+    size: ByteSize,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Each tensor of the test file: 64 MiB, a large projection weight.
+const TENSOR: u64 = 64 << 20;
+
+/// The figures, as `--json` prints them.
+#[derive(Debug, Default, Serialize)]
+struct Figures {
+    raw_read_gbps: f64,
+    restore_cold_gbps: f64,
+    /// Raw `O_DIRECT` read at the best shape into fresh 64 MiB allocations, as a restore
+    /// must: the disk and the cost of new memory together.
+    raw_read_fresh_gbps: f64,
+    mmap_cold_gbps: f64,
+    restore_warm_gbps: f64,
+    memcpy_gbps: f64,
+    raw_write_gbps: f64,
+    spill_write_gbps: f64,
+    clean_drop_ms_per_gib: f64,
+    clean_drop_bytes_written: u64,
+    acquire_release_ns: f64,
+    // Context.
+    bytes: u64,
+    raw_read_chunk: usize,
+    raw_read_depth: usize,
+    raw_write_chunk: usize,
+    raw_write_depth: usize,
+    /// memcpy into memory that is already touched (no page faults), for reference.
+    memcpy_hot_gbps: f64,
+    /// Dropping the mapped pages of clean tensors (`MADV_DONTNEED` + `POSIX_FADV_DONTNEED`).
+    mapped_drop_ms_per_gib: f64,
+    /// Whether the page cache could be emptied before the cold figures.
+    cold: bool,
+}
+
+fn gbps(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / seconds / 1e9
+}
+
+fn fill(index: usize, buf: &mut [u8]) {
+    let mut state = (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for chunk in buf.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// The test model: `size` bytes of 64 MiB BF16 tensors, reused when already there.
+fn test_file(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, u64)> {
+    let count = size.div_ceil(TENSOR).max(1);
+    let path = dir.join(format!("lowtide-bench-{count}x64MiB.safetensors"));
+    let specs: Vec<TensorSpec> = (0..count)
+        .map(|i| TensorSpec::new(format!("blocks.{i}.weight"), Dtype::BF16, &[4096, 8192]))
+        .collect();
+    let total = count * TENSOR;
+    if lowtide::ModelFiles::open(&path).is_ok_and(|m| m.total_bytes() == total) {
+        return Ok((path, total));
+    }
+    eprintln!(
+        "writing the test file {} ({})",
+        path.display(),
+        ByteSize(total)
+    );
+    write_safetensors(&path, &specs, &BTreeMap::new(), fill)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok((path, total))
+}
+
+/// Empties the page cache of `path`; says whether it worked.
+fn make_cold(path: &Path) -> anyhow::Result<bool> {
+    let file = std::fs::File::open(path)?;
+    drop_cached(&file)?;
+    let len = file.metadata()?.len();
+    Ok(cached_bytes(&file, 0, len)? <= len / 100)
+}
+
+/// Raw `O_DIRECT` sequential read of the file's data into a reused, touched buffer.
+fn raw_read(path: &Path, start: u64, len: u64, shape: IoShape) -> anyhow::Result<f64> {
+    let file = lowtide::direct::open(path, false).context("O_DIRECT open")?;
+    let span = (256u64 << 20).min(len) as usize;
+    let mut buf = AlignedBytes::zeroed(span).context("memory")?;
+    buf.as_mut_slice().fill(1);
+    let begin = Instant::now();
+    let mut at = start / 4096 * 4096;
+    let end = start + len;
+    while at < end {
+        let (n, _) = lowtide::direct::read(&file, at, &mut buf, shape)?;
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+    }
+    Ok(gbps(len, begin.elapsed().as_secs_f64()))
+}
+
+/// Raw `O_DIRECT` read of the file's data into a fresh buffer per 64 MiB, all kept.
+fn raw_read_fresh(path: &Path, start: u64, len: u64, shape: IoShape) -> anyhow::Result<f64> {
+    let file = lowtide::direct::open(path, false).context("O_DIRECT open")?;
+    let mut keep = Vec::new();
+    let begin = Instant::now();
+    let mut at = start / 4096 * 4096;
+    while at < start + len {
+        let mut buf = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+        let (n, _) = lowtide::direct::read(&file, at, &mut buf, shape)?;
+        keep.push(buf);
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+    }
+    Ok(gbps(len, begin.elapsed().as_secs_f64()))
+}
+
+/// Raw `O_DIRECT` write of `len` bytes to a new file, space reserved first (as the spill file
+/// does).
+fn raw_write(dir: &Path, len: u64, shape: IoShape) -> anyhow::Result<f64> {
+    let path = dir.join(format!("lowtide-bench-write-{}", std::process::id()));
+    let plain = std::fs::File::create(&path)?;
+    let result = (|| {
+        let file = lowtide::direct::open(&path, true).context("O_DIRECT open")?;
+        let span = (256u64 << 20).min(len) as usize;
+        let mut buf = AlignedBytes::zeroed(span).context("memory")?;
+        fill(7, buf.as_mut_slice());
+        let begin = Instant::now();
+        rustix::fs::fallocate(&plain, rustix::fs::FallocateFlags::empty(), 0, len)?;
+        let mut at = 0u64;
+        while at < len {
+            let n = span.min((len - at) as usize);
+            lowtide::direct::write(&file, at, &buf, n, shape)?;
+            at += n as u64;
+        }
+        Ok(gbps(len, begin.elapsed().as_secs_f64()))
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The best raw read over chunk sizes 1-16 MiB and queue depths 1-32, sampled on the first
+/// 512 MiB of data, then measured on all of it.
+fn best_raw_read(path: &Path, start: u64, len: u64) -> anyhow::Result<(f64, IoShape)> {
+    let sample = (512u64 << 20).min(len);
+    let mut best = (0.0, IoShape::DEFAULT);
+    for chunk in [1usize << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20] {
+        for depth in [1, 2, 4, 8, 16, 32] {
+            let shape = IoShape { chunk, depth };
+            let rate = raw_read(path, start, sample, shape)?;
+            if rate > best.0 {
+                best = (rate, shape);
+            }
+        }
+    }
+    // The full file at the best shape, twice; the better run counts.
+    let full = raw_read(path, start, len, best.1)?.max(raw_read(path, start, len, best.1)?);
+    Ok((full, best.1))
+}
+
+fn best_raw_write(dir: &Path, len: u64) -> anyhow::Result<(f64, IoShape)> {
+    let sample = (256u64 << 20).min(len);
+    let mut best = (0.0, IoShape::DEFAULT);
+    for chunk in [1usize << 20, 4 << 20, 16 << 20] {
+        for depth in [1, 8, 32] {
+            let shape = IoShape { chunk, depth };
+            let rate = raw_write(dir, sample, shape)?;
+            if rate > best.0 {
+                best = (rate, shape);
+            }
+        }
+    }
+    let full = raw_write(dir, len, best.1)?;
+    Ok((full, best.1))
+}
+
+fn new_store(spill_dir: &Path, budget: u64) -> anyhow::Result<Store> {
+    Ok(Store::builder()
+        .ram_budget(budget)
+        .spill_dir(spill_dir)
+        .monitor(false)
+        .build()?)
+}
+
+/// Restores every tensor into RAM; returns GB/s.
+fn restore_all(store: &Store, model: lowtide::ModelId, total: u64) -> anyhow::Result<f64> {
+    let ids = store.tensors(model)?;
+    let begin = Instant::now();
+    for &id in &ids {
+        drop(store.acquire_ram(id)?);
+    }
+    Ok(gbps(total, begin.elapsed().as_secs_f64()))
+}
+
+/// memcpy of `total` bytes in tensor-sized pieces: into fresh allocations (what a restore
+/// must also pay for), and into one already-touched buffer.
+fn memcpy(total: u64) -> anyhow::Result<(f64, f64)> {
+    let mut src = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+    fill(3, src.as_mut_slice());
+    let count = total / TENSOR;
+    let begin = Instant::now();
+    let mut keep = Vec::new();
+    for _ in 0..count {
+        let mut dst = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+        dst.as_mut_slice().copy_from_slice(src.as_slice());
+        keep.push(dst);
+    }
+    let fresh = gbps(total, begin.elapsed().as_secs_f64());
+    drop(keep);
+    let mut dst = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+    dst.as_mut_slice().fill(1);
+    let begin = Instant::now();
+    for _ in 0..count {
+        dst.as_mut_slice().copy_from_slice(src.as_slice());
+        std::hint::black_box(&dst);
+    }
+    let hot = gbps(total, begin.elapsed().as_secs_f64());
+    Ok((fresh, hot))
+}
+
+#[allow(clippy::too_many_lines)]
+fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
+    let (path, total) = test_file(dir, size)?;
+    let start = lowtide::Source::open(&path)?.data_start();
+    let gib = total as f64 / f64::from(1u32 << 30);
+    let mut f = Figures {
+        bytes: total,
+        ..Figures::default()
+    };
+
+    eprintln!("raw O_DIRECT read: sweeping chunk sizes and queue depths");
+    let (raw, shape) = best_raw_read(&path, start, total)?;
+    (f.raw_read_gbps, f.raw_read_chunk, f.raw_read_depth) = (raw, shape.chunk, shape.depth);
+
+    f.raw_read_fresh_gbps = raw_read_fresh(&path, start, total, shape)?;
+
+    eprintln!("cold restore into RAM");
+    f.cold = make_cold(&path)?;
+    let store = new_store(dir, total * 2 + (1 << 30))?;
+    let model = store.open_model(&path)?;
+    f.restore_cold_gbps = restore_all(&store, model, total)?;
+    let stats = store.stats();
+    if stats.bytes_read_cold < total {
+        f.cold = false;
+    }
+
+    eprintln!("dropping clean RAM copies");
+    let (io_before, written_before) = (ProcIo::read(), store.stats().bytes_written);
+    let begin = Instant::now();
+    store.release_model(model)?;
+    f.clean_drop_ms_per_gib = begin.elapsed().as_secs_f64() * 1e3 / gib;
+    let io_after = ProcIo::read();
+    f.clean_drop_bytes_written = store.stats().bytes_written - written_before
+        + match (io_before, io_after) {
+            (Some(a), Some(b)) => b.write_bytes.saturating_sub(a.write_bytes),
+            _ => 0,
+        };
+
+    eprintln!("cold restore by mmap fault-in");
+    f.cold &= make_cold(&path)?;
+    let ids = store.tensors(model)?;
+    let begin = Instant::now();
+    for &id in &ids {
+        drop(store.acquire(id)?);
+    }
+    f.mmap_cold_gbps = gbps(total, begin.elapsed().as_secs_f64());
+
+    eprintln!("warm restore (from the page cache) and memcpy");
+    let begin = Instant::now();
+    store.release_model(model)?;
+    f.mapped_drop_ms_per_gib = begin.elapsed().as_secs_f64() * 1e3 / gib;
+    // Warm the cache again: releasing mapped pages may have dropped them.
+    std::fs::File::open(&path)
+        .and_then(|mut file| std::io::copy(&mut file, &mut std::io::sink()))?;
+    (f.memcpy_gbps, f.memcpy_hot_gbps) = memcpy(total)?;
+    f.restore_warm_gbps = restore_all(&store, model, total)?;
+
+    eprintln!("acquire + release of a resident tensor");
+    let id = ids[0];
+    drop(store.acquire(id)?);
+    let rounds = 1_000_000u32;
+    let begin = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(store.acquire(id)?);
+    }
+    f.acquire_release_ns = begin.elapsed().as_secs_f64() * 1e9 / f64::from(rounds);
+    store.release_model(model)?;
+    drop(store);
+
+    eprintln!("spill writes against raw O_DIRECT writes");
+    let spill_bytes = total.min(1 << 30);
+    let (raw_write, wshape) = best_raw_write(dir, spill_bytes)?;
+    (f.raw_write_gbps, f.raw_write_chunk, f.raw_write_depth) =
+        (raw_write, wshape.chunk, wshape.depth);
+    let store = new_store(dir, spill_bytes * 2)?;
+    let model = store.open_model(&path)?;
+    let mut derived = Vec::new();
+    for i in 0..spill_bytes / TENSOR {
+        let mut bytes = vec![0u8; TENSOR as usize];
+        fill(100 + i as usize, &mut bytes);
+        derived.push(store.derive(model, &format!("patched.{i}"), Dtype::U8, &[TENSOR], bytes)?);
+    }
+    let begin = Instant::now();
+    for &id in &derived {
+        store.spill(id)?;
+    }
+    f.spill_write_gbps = gbps(spill_bytes, begin.elapsed().as_secs_f64());
+    Ok(f)
+}
+
+/// One row: figure, value, baseline, ratio, target.
+fn row(name: &str, value: String, baseline: Option<(&str, f64, f64)>, target: &str) {
+    let (base, ratio) = baseline.map_or((String::new(), String::new()), |(b, v, base)| {
+        (format!("{b} {base:.2}"), format!("{:.2}", v / base))
+    });
+    println!("{name:<34} {value:>12} {base:>22} {ratio:>6}  {target}");
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let f = measure(&dir, args.size.bytes())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&f)?);
+        return Ok(());
+    }
+    println!(
+        "lowtide bench: {} in {}; page cache {}",
+        ByteSize(f.bytes),
+        dir.display(),
+        if f.cold {
+            "emptied before each cold figure"
+        } else {
+            "could NOT be emptied: the cold figures may be warm"
+        }
+    );
+    println!(
+        "{:<34} {:>12} {:>22} {:>6}  target",
+        "figure", "value", "baseline", "ratio"
+    );
+    let gb = |v: f64| format!("{v:.2} GB/s");
+    row(
+        "raw O_DIRECT read (best shape)",
+        gb(f.raw_read_gbps),
+        None,
+        &format!("{} MiB x {}", f.raw_read_chunk >> 20, f.raw_read_depth),
+    );
+    row(
+        "cold restore into RAM",
+        gb(f.restore_cold_gbps),
+        Some(("raw read", f.restore_cold_gbps, f.raw_read_gbps)),
+        ">= 0.90",
+    );
+    row(
+        "raw read into fresh memory",
+        gb(f.raw_read_fresh_gbps),
+        Some(("raw read", f.raw_read_fresh_gbps, f.raw_read_gbps)),
+        "",
+    );
+    row(
+        "cold restore by mmap fault-in",
+        gb(f.mmap_cold_gbps),
+        Some(("raw read", f.mmap_cold_gbps, f.raw_read_gbps)),
+        "",
+    );
+    row(
+        "warm restore (page cache)",
+        gb(f.restore_warm_gbps),
+        Some(("memcpy", f.restore_warm_gbps, f.memcpy_gbps)),
+        ">= 0.80",
+    );
+    row("memcpy into fresh memory", gb(f.memcpy_gbps), None, "");
+    row(
+        "memcpy into touched memory",
+        gb(f.memcpy_hot_gbps),
+        None,
+        "",
+    );
+    row(
+        "raw O_DIRECT write (best shape)",
+        gb(f.raw_write_gbps),
+        None,
+        &format!("{} MiB x {}", f.raw_write_chunk >> 20, f.raw_write_depth),
+    );
+    row(
+        "spill write",
+        gb(f.spill_write_gbps),
+        Some(("raw write", f.spill_write_gbps, f.raw_write_gbps)),
+        ">= 0.90",
+    );
+    row(
+        "drop clean RAM copies",
+        format!("{:.2} ms/GiB", f.clean_drop_ms_per_gib),
+        None,
+        "<= 1 ms/GiB",
+    );
+    row(
+        "  bytes written by the drop",
+        f.clean_drop_bytes_written.to_string(),
+        None,
+        "0",
+    );
+    row(
+        "drop clean mapped pages",
+        format!("{:.2} ms/GiB", f.mapped_drop_ms_per_gib),
+        None,
+        "",
+    );
+    row(
+        "acquire + release, resident",
+        format!("{:.0} ns", f.acquire_release_ns),
+        None,
+        "<= 1000 ns",
+    );
+    Ok(())
+}

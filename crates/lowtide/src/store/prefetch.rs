@@ -1,0 +1,125 @@
+//! Prefetch: restoring a model's tensors into RAM in the background, so that the next model
+//! arrives while the current one computes.
+//!
+//! A prefetch only uses room the governor has free: it never evicts anything, so it cannot
+//! push out the weights of the model in use. It stops early when the budget or the reserve
+//! leaves no room, and when cancelled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use super::{ModelId, Store, StoreError, TensorId};
+
+/// What a prefetch restored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrefetchOutcome {
+    /// Tensors that now have a RAM copy thanks to it.
+    pub tensors: u32,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bytes left out for lack of room (the budget or the reserve).
+    pub skipped_bytes: u64,
+    /// Whether it was cancelled before the end.
+    pub cancelled: bool,
+}
+
+/// A prefetch running in the background. Dropping it cancels what has not started yet; what
+/// was restored stays (unpinned, evictable like any RAM copy).
+#[derive(Debug)]
+pub struct Prefetch {
+    cancel: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<PrefetchOutcome, StoreError>>>,
+}
+
+impl Prefetch {
+    /// Waits for it to finish.
+    pub fn wait(mut self) -> Result<PrefetchOutcome, StoreError> {
+        let thread = self.thread.take().expect("joined only here");
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Whether it has finished.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Asks it to stop after the tensor it is restoring.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl Store {
+    /// Restores `model`'s tensors into RAM in the background, in name order, within the room
+    /// the governor has free. Tensors that already have a RAM or device copy are skipped.
+    pub fn prefetch(&self, model: ModelId) -> Result<Prefetch, StoreError> {
+        self.prefetch_tensors(self.tensors(model)?)
+    }
+
+    /// Restores the given tensors into RAM in the background (see [`Store::prefetch`]).
+    pub fn prefetch_tensors(&self, ids: Vec<TensorId>) -> Result<Prefetch, StoreError> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (store, stop) = (self.clone(), Arc::clone(&cancel));
+        let thread = std::thread::Builder::new()
+            .name("lowtide-prefetch".into())
+            .spawn(move || store.prefetch_now(&ids, &stop))
+            .map_err(|source| StoreError::Thread { source })?;
+        Ok(Prefetch {
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    fn prefetch_now(
+        &self,
+        ids: &[TensorId],
+        cancel: &AtomicBool,
+    ) -> Result<PrefetchOutcome, StoreError> {
+        let mut outcome = PrefetchOutcome::default();
+        for &id in ids {
+            if cancel.load(Ordering::Relaxed) {
+                outcome.cancelled = true;
+                break;
+            }
+            let (len, has_copy, room) = {
+                let state = self.shared.lock();
+                let entry = state.tensor(id)?;
+                let has_copy = entry.ram.is_some() || entry.device.is_some();
+                (
+                    entry.len,
+                    has_copy,
+                    self.shared.ram_allows(&state, entry.len),
+                )
+            };
+            if has_copy {
+                continue;
+            }
+            if !room {
+                outcome.skipped_bytes += len;
+                continue;
+            }
+            match self.acquire_ram(id) {
+                Ok(guard) => {
+                    drop(guard);
+                    outcome.tensors += 1;
+                    outcome.bytes += len;
+                }
+                Err(StoreError::OverBudget { .. } | StoreError::UnderReserve { .. }) => {
+                    outcome.skipped_bytes += len;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(outcome)
+    }
+}
