@@ -331,7 +331,7 @@ fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
 }
 
 /// One row: figure, value, baseline, ratio, target.
-fn row(name: &str, value: String, baseline: Option<(&str, f64, f64)>, target: &str) {
+fn row(name: &str, value: &str, baseline: Option<(&str, f64, f64)>, target: &str) {
     let (base, ratio) = baseline.map_or((String::new(), String::new()), |(b, v, base)| {
         (format!("{b} {base:.2}"), format!("{:.2}", v / base))
     });
@@ -363,74 +363,74 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let gb = |v: f64| format!("{v:.2} GB/s");
     row(
         "raw O_DIRECT read (best shape)",
-        gb(f.raw_read_gbps),
+        &gb(f.raw_read_gbps),
         None,
         &format!("{} MiB x {}", f.raw_read_chunk >> 20, f.raw_read_depth),
     );
     row(
         "cold restore into RAM",
-        gb(f.restore_cold_gbps),
+        &gb(f.restore_cold_gbps),
         Some(("raw read", f.restore_cold_gbps, f.raw_read_gbps)),
         ">= 0.90",
     );
     row(
         "raw read into fresh memory",
-        gb(f.raw_read_fresh_gbps),
+        &gb(f.raw_read_fresh_gbps),
         Some(("raw read", f.raw_read_fresh_gbps, f.raw_read_gbps)),
         "",
     );
     row(
         "cold restore by mmap fault-in",
-        gb(f.mmap_cold_gbps),
+        &gb(f.mmap_cold_gbps),
         Some(("raw read", f.mmap_cold_gbps, f.raw_read_gbps)),
         "",
     );
     row(
         "warm restore (page cache)",
-        gb(f.restore_warm_gbps),
+        &gb(f.restore_warm_gbps),
         Some(("memcpy", f.restore_warm_gbps, f.memcpy_gbps)),
         ">= 0.80",
     );
-    row("memcpy into fresh memory", gb(f.memcpy_gbps), None, "");
+    row("memcpy into fresh memory", &gb(f.memcpy_gbps), None, "");
     row(
         "memcpy into touched memory",
-        gb(f.memcpy_hot_gbps),
+        &gb(f.memcpy_hot_gbps),
         None,
         "",
     );
     row(
         "raw O_DIRECT write (best shape)",
-        gb(f.raw_write_gbps),
+        &gb(f.raw_write_gbps),
         None,
         &format!("{} MiB x {}", f.raw_write_chunk >> 20, f.raw_write_depth),
     );
     row(
         "spill write",
-        gb(f.spill_write_gbps),
+        &gb(f.spill_write_gbps),
         Some(("raw write", f.spill_write_gbps, f.raw_write_gbps)),
         ">= 0.90",
     );
     row(
         "drop clean RAM copies",
-        format!("{:.2} ms/GiB", f.clean_drop_ms_per_gib),
+        &format!("{:.2} ms/GiB", f.clean_drop_ms_per_gib),
         None,
         "<= 1 ms/GiB",
     );
     row(
         "  bytes written by the drop",
-        f.clean_drop_bytes_written.to_string(),
+        &f.clean_drop_bytes_written.to_string(),
         None,
         "0",
     );
     row(
         "drop clean mapped pages",
-        format!("{:.2} ms/GiB", f.mapped_drop_ms_per_gib),
+        &format!("{:.2} ms/GiB", f.mapped_drop_ms_per_gib),
         None,
         "",
     );
     row(
         "acquire + release, resident",
-        format!("{:.0} ns", f.acquire_release_ns),
+        &format!("{:.0} ns", f.acquire_release_ns),
         None,
         "<= 1000 ns",
     );

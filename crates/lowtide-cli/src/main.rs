@@ -30,7 +30,7 @@ enum Command {
     Run(run::Args),
     /// Generate an SDXL-like model set and compare the strategies on it under a memory cap.
     Demo(demo::Args),
-    /// Measure restores, drops and spills against raw O_DIRECT I/O and memcpy in one run.
+    /// Measure restores, drops and spills against raw direct I/O and memcpy in one run.
     Bench(bench::Args),
 }
 
