@@ -35,6 +35,12 @@ struct Figures {
     /// Raw `O_DIRECT` read at the best shape into fresh 64 MiB allocations, as a restore
     /// must: the disk and the cost of new memory together.
     raw_read_fresh_gbps: f64,
+    /// Cold restore of the whole file under a 512 MiB budget: every restore evicts an older
+    /// copy and reuses its buffer (the steady state of a workflow).
+    restore_cold_steady_gbps: f64,
+    /// Warm restore under a 512 MiB budget (buffers reused), against memcpy into touched
+    /// memory.
+    restore_warm_steady_gbps: f64,
     mmap_cold_gbps: f64,
     restore_warm_gbps: f64,
     memcpy_gbps: f64,
@@ -266,6 +272,17 @@ fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
         f.cold = false;
     }
 
+    eprintln!("cold restore under a 512 MiB budget (buffers reused)");
+    {
+        let steady = new_store(dir, 512 << 20)?;
+        let model = steady.open_model(&path)?;
+        // A first pass fills the budget and the pool; the second is measured.
+        f.cold &= make_cold(&path)?;
+        restore_all(&steady, model, total)?;
+        f.cold &= make_cold(&path)?;
+        f.restore_cold_steady_gbps = restore_all(&steady, model, total)?;
+    }
+
     eprintln!("dropping clean RAM copies");
     let (io_before, written_before) = (ProcIo::read(), store.stats().bytes_written);
     let begin = Instant::now();
@@ -296,6 +313,12 @@ fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
         .and_then(|mut file| std::io::copy(&mut file, &mut std::io::sink()))?;
     (f.memcpy_gbps, f.memcpy_hot_gbps) = memcpy(total)?;
     f.restore_warm_gbps = restore_all(&store, model, total)?;
+    {
+        let steady = new_store(dir, 512 << 20)?;
+        let model = steady.open_model(&path)?;
+        restore_all(&steady, model, total)?;
+        f.restore_warm_steady_gbps = restore_all(&steady, model, total)?;
+    }
 
     eprintln!("acquire + release of a resident tensor");
     let id = ids[0];
@@ -327,6 +350,12 @@ fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
         store.spill(id)?;
     }
     f.spill_write_gbps = gbps(spill_bytes, begin.elapsed().as_secs_f64());
+
+    // The disk's speed drifts within a run (and a virtual disk may be cached by its host):
+    // the raw read is measured again at the end, and the better figure is the baseline.
+    eprintln!("raw O_DIRECT read again");
+    let again = raw_read(&path, start, total, shape)?;
+    f.raw_read_gbps = f.raw_read_gbps.max(again);
     Ok(f)
 }
 
@@ -344,8 +373,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let f = measure(&dir, args.size.bytes())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
-        return Ok(());
+    } else {
+        print_table(&f, &dir);
     }
+    Ok(())
+}
+
+fn print_table(f: &Figures, dir: &Path) {
     println!(
         "lowtide bench: {} in {}; page cache {}",
         ByteSize(f.bytes),
@@ -374,6 +408,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         ">= 0.90",
     );
     row(
+        "cold restore, 512 MiB budget",
+        &gb(f.restore_cold_steady_gbps),
+        Some(("raw read", f.restore_cold_steady_gbps, f.raw_read_gbps)),
+        ">= 0.90",
+    );
+    row(
         "raw read into fresh memory",
         &gb(f.raw_read_fresh_gbps),
         Some(("raw read", f.raw_read_fresh_gbps, f.raw_read_gbps)),
@@ -389,6 +429,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         "warm restore (page cache)",
         &gb(f.restore_warm_gbps),
         Some(("memcpy", f.restore_warm_gbps, f.memcpy_gbps)),
+        ">= 0.80",
+    );
+    row(
+        "warm restore, 512 MiB budget",
+        &gb(f.restore_warm_steady_gbps),
+        Some(("memcpy hot", f.restore_warm_steady_gbps, f.memcpy_hot_gbps)),
         ">= 0.80",
     );
     row("memcpy into fresh memory", &gb(f.memcpy_gbps), None, "");
@@ -434,5 +480,4 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         None,
         "<= 1000 ns",
     );
-    Ok(())
 }

@@ -134,8 +134,8 @@ pub(crate) struct LowtideBackend {
     models: Vec<ModelMeta>,
     ids: Vec<ModelId>,
     stall: Duration,
-    /// Prefetches started by `prefetch` steps (cancelled when dropped).
-    prefetches: Vec<lowtide::Prefetch>,
+    /// Prefetches started by `prefetch` steps, by model (cancelled when dropped).
+    prefetches: std::collections::HashMap<usize, lowtide::Prefetch>,
 }
 
 impl LowtideBackend {
@@ -166,8 +166,19 @@ impl LowtideBackend {
             models,
             ids,
             stall: Duration::ZERO,
-            prefetches: Vec::new(),
+            prefetches: std::collections::HashMap::new(),
         })
+    }
+
+    /// Waits for a prefetch of `model` still running: it pins each tensor while it reads it,
+    /// and the next step on the model may replace or revert them. The wait counts as a stall.
+    fn settle(&mut self, model: usize) -> anyhow::Result<()> {
+        if let Some(prefetch) = self.prefetches.remove(&model) {
+            let start = Instant::now();
+            prefetch.wait()?;
+            self.stall += start.elapsed();
+        }
+        Ok(())
     }
 
     fn id(&self, model: usize, tensor: &str) -> anyhow::Result<TensorId> {
@@ -177,6 +188,7 @@ impl LowtideBackend {
 
 impl Backend for LowtideBackend {
     fn load(&mut self, model: usize, budget: Option<u64>) -> anyhow::Result<()> {
+        self.settle(model)?;
         self.store.set_priority(self.ids[model], Priority::Active)?;
         let start = Instant::now();
         self.store.load(self.ids[model], self.gpu, budget)?;
@@ -185,6 +197,7 @@ impl Backend for LowtideBackend {
     }
 
     fn compute(&mut self, model: usize) -> anyhow::Result<u64> {
+        self.settle(model)?;
         let mut digest = Digest::new();
         for id in self.store.tensors(self.ids[model])? {
             let start = Instant::now();
@@ -197,6 +210,8 @@ impl Backend for LowtideBackend {
     }
 
     fn patch(&mut self, model: usize, lora: usize, strength: f32) -> anyhow::Result<()> {
+        self.settle(model)?;
+        self.settle(lora)?;
         for pair in &self.models[lora].lora {
             let id = self.id(model, &pair.target)?;
             let meta = &self.models[model].tensors[self.models[model]
@@ -223,6 +238,7 @@ impl Backend for LowtideBackend {
     }
 
     fn unpatch(&mut self, model: usize) -> anyhow::Result<()> {
+        self.settle(model)?;
         for id in self.store.tensors(self.ids[model])? {
             self.store.revert(id)?;
         }
@@ -230,6 +246,7 @@ impl Backend for LowtideBackend {
     }
 
     fn unload(&mut self, model: usize, bytes: Option<u64>) -> anyhow::Result<()> {
+        self.settle(model)?;
         let outcome = if let Some(bytes) = bytes {
             self.store.unload(self.ids[model], bytes)?
         } else {
@@ -250,7 +267,9 @@ impl Backend for LowtideBackend {
         // Restores into RAM in the background, within the room the governor has free; the
         // steps that follow go on meanwhile.
         self.store.set_priority(self.ids[model], Priority::Queued)?;
-        self.prefetches.push(self.store.prefetch(self.ids[model])?);
+        self.settle(model)?;
+        let prefetch = self.store.prefetch(self.ids[model])?;
+        self.prefetches.insert(model, prefetch);
         Ok(())
     }
 

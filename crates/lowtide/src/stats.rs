@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Stats {
     pub(crate) bytes_read_source: AtomicU64,
     pub(crate) bytes_read_cold: AtomicU64,
+    pub(crate) pool_bytes: AtomicU64,
+    pub(crate) pool_reuses: AtomicU64,
     pub(crate) bytes_read_cached: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) anon_bytes: AtomicU64,
@@ -47,6 +49,8 @@ impl Stats {
         StatsSnapshot {
             bytes_read_source: get(&self.bytes_read_source),
             bytes_read_cold: get(&self.bytes_read_cold),
+            pool_bytes: get(&self.pool_bytes),
+            pool_reuses: get(&self.pool_reuses),
             bytes_read_cached: get(&self.bytes_read_cached),
             bytes_written: get(&self.bytes_written),
             anon_bytes: get(&self.anon_bytes),
@@ -85,6 +89,11 @@ pub struct StatsSnapshot {
     pub bytes_read_cold: u64,
     /// Of those, bytes restored into RAM copies by copying from the page cache.
     pub bytes_read_cached: u64,
+    /// Bytes of evicted copies' buffers kept for reuse by the next restores (counted against
+    /// the RAM budget; given back first when the governor needs memory).
+    pub pool_bytes: u64,
+    /// Restores that reused a pooled buffer instead of fresh memory.
+    pub pool_reuses: u64,
     /// Bytes written to disk by lowtide (spill writes).
     pub bytes_written: u64,
     /// Anonymous bytes held now: the sum of RAM copies.

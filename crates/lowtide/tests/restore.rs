@@ -104,3 +104,42 @@ fn prefetch_fills_free_room_in_the_background_and_never_evicts() {
     let outcome = prefetch.wait().unwrap();
     assert!(outcome.cancelled || outcome.tensors <= 4, "{outcome:?}");
 }
+
+#[test]
+fn evicted_buffers_are_reused_within_the_budget_and_given_back_for_the_reserve() {
+    const MIB: u64 = 1 << 20;
+    let dir = common::tempdir();
+    let specs: Vec<TensorSpec> = (0..8)
+        .map(|i| TensorSpec::new(format!("big.{i}"), Dtype::U8, &[2 * MIB + 100]))
+        .collect();
+    let path = common::write(&dir.path().join("m.safetensors"), &specs);
+    let budget = 7 * MIB;
+    let store = Store::builder()
+        .ram_budget(budget)
+        .monitor(false)
+        .build()
+        .unwrap();
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    for _ in 0..2 {
+        for &id in &ids {
+            let guard = store.acquire_ram(id).unwrap();
+            let info = store.info(id).unwrap();
+            assert_eq!(&guard[..], &common::expected(&info.name, info.len)[..]);
+            let stats = store.stats();
+            assert!(stats.anon_bytes + stats.pool_bytes <= budget, "{stats:?}");
+        }
+    }
+    let stats = store.stats();
+    assert!(stats.pool_reuses >= 10, "{stats:?}");
+    assert_eq!(stats.bytes_written, 0);
+
+    // The reserve cannot be met: pooled buffers go back before anything else is refused.
+    store.set_reserve_ram(u64::MAX / 4);
+    store.release_model(m).unwrap();
+    assert!(matches!(
+        store.acquire_ram(ids[0]),
+        Err(lowtide::StoreError::UnderReserve { .. })
+    ));
+    assert_eq!(store.stats().pool_bytes, 0);
+}

@@ -20,8 +20,8 @@ pub use model_files::{IndexError, ModelFiles, TensorLocation, parse_index_json};
 pub use writer::{TensorSpec, write_safetensors};
 
 use crate::dtype::Dtype;
-use crate::sys::Mapping;
 use crate::sys::direct::{BLOCK, DirectBuf, IoShape, read_at, with_prefault};
+use crate::sys::{AlignedBuf, Mapping};
 
 /// What identifies the bytes of a file: if any of these change, the file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,18 +298,40 @@ impl Source {
     }
 
     /// Restores `[offset, offset + len)` into a new block-aligned buffer. A range wholly in
-    /// the page cache is copied from it (`pread`); otherwise the enclosing blocks are read
+    /// the page cache is copied from it through the mapping; otherwise the enclosing blocks are read
     /// with `O_DIRECT` — several requests in flight, no second copy left in the page cache.
     /// Returns the buffer and whether the read was cold. Where the file system refuses direct
     /// I/O the read is buffered.
-    pub(crate) fn restore(&self, offset: u64, len: u64) -> Result<(DirectBuf, bool), SourceError> {
+    ///
+    /// `reuse` is a buffer to fill instead of allocating one (freed memory of an evicted copy:
+    /// already touched, so cheaper than fresh memory); it is used when large enough.
+    pub(crate) fn restore(
+        &self,
+        offset: u64,
+        len: u64,
+        reuse: Option<AlignedBuf>,
+    ) -> Result<(DirectBuf, bool), SourceError> {
         self.check_unchanged()?;
         let io = |op: &'static str| {
             let path = self.path.clone();
             move |source| SourceError::Io { path, op, source }
         };
-        let mut buf = DirectBuf::for_range(offset, len)
-            .ok_or_else(|| io("allocate a buffer for")(std::io::ErrorKind::OutOfMemory.into()))?;
+        let reused = reuse.and_then(|buf| DirectBuf::in_buf(buf, offset, len).ok());
+        // Fresh memory is faulted in ahead of the transfer; a reused buffer's pages are there.
+        let fresh = reused.is_none();
+        let prefault = |dst: &mut [u8], f: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>| {
+            if fresh {
+                with_prefault(dst, |dst| f(dst))
+            } else {
+                f(dst)
+            }
+        };
+        let mut buf = match reused {
+            Some(buf) => buf,
+            None => DirectBuf::for_range(offset, len).ok_or_else(|| {
+                io("allocate a buffer for")(std::io::ErrorKind::OutOfMemory.into())
+            })?,
+        };
         let warm = self.mapping.resident(offset as usize, len as usize);
         let direct = if warm {
             None
@@ -318,16 +340,36 @@ impl Source {
                 .get_or_init(|| crate::sys::direct::reopen_direct(&self.file, false))
                 .as_ref()
         };
+        if warm {
+            // Copy from the page cache through the mapping: populating first turns a file
+            // that shrank into an error instead of SIGBUS. Then drop this process's page-table
+            // entries for the pages the tensor owns alone (the cache keeps the pages).
+            let (at, n) = (offset as usize, len as usize);
+            if self.mapping.populate(at, n).map_err(io("fault in"))? {
+                let src = self.mapped_bytes(at, n);
+                prefault(buf.as_mut_slice(), &mut |dst| {
+                    dst.copy_from_slice(src);
+                    Ok(n)
+                })
+                .map_err(io("copy"))?;
+                let page = crate::sys::page_size() as u64;
+                if let Some((start, inner)) = crate::sys::inner_pages(offset, len, page) {
+                    let _ = self.mapping.release(start as usize, inner as usize);
+                }
+                return Ok((buf, false));
+            }
+        }
         let Some(direct) = direct else {
-            with_prefault(buf.as_mut_slice(), |dst| {
-                self.file.read_exact_at(dst, offset)
+            prefault(buf.as_mut_slice(), &mut |dst| {
+                let n = dst.len();
+                self.file.read_exact_at(dst, offset).map(|()| n)
             })
             .map_err(io("read"))?;
             return Ok((buf, !warm));
         };
         let start = offset / BLOCK * BLOCK;
-        let (n, _) = with_prefault(buf.blocks_mut(), |blocks| {
-            read_at(direct, start, blocks, IoShape::DEFAULT, None)
+        let n = prefault(buf.blocks_mut(), &mut |blocks| {
+            read_at(direct, start, blocks, IoShape::DEFAULT, None).map(|(n, _)| n)
         })
         .map_err(io("read (O_DIRECT)"))?;
         if (n as u64) < offset - start + len {

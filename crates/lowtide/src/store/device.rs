@@ -433,7 +433,7 @@ impl Store {
                     alloc: Arc::clone(&alloc),
                 });
                 Stats::add(&self.shared.stats.device_bytes, len);
-                self.shared.check(&state);
+                self.shared.check(&mut state);
                 Ok(DeviceGuard {
                     shared: Arc::clone(&self.shared),
                     id,
@@ -603,7 +603,7 @@ impl Store {
         if let Some(extent) = old_extent {
             self.shared.spill_lock().free(extent);
         }
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(())
     }
 
@@ -631,7 +631,7 @@ impl Store {
             .filter_map(|&t| state.tensor(t).ok())
             .filter(|t| t.pins > 0 && t.device.is_some())
             .count() as u32;
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(outcome)
     }
 

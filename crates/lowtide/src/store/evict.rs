@@ -57,6 +57,16 @@ impl Shared {
             })
             .collect();
         self.policy.order(&mut candidates);
+        // Evicting to make room within the budget: the freed buffers are likely to be
+        // refilled at once, so keep them. For the reserve or pressure, give memory back.
+        let budget = self.governor.ram_budget;
+        let release = |state: &mut State, id: TensorId| {
+            if reason == EvictReason::Budget {
+                state.recycle_ram(id, budget)
+            } else {
+                state.free_ram(id)
+            }
+        };
         for candidate in candidates {
             if outcome.freed_bytes >= need {
                 break;
@@ -67,7 +77,7 @@ impl Shared {
             };
             let credit = entry.credit;
             if entry.is_clean() {
-                outcome.dropped_bytes += state.free_ram(id);
+                outcome.dropped_bytes += release(state, id);
             } else if entry
                 .recipe
                 .as_ref()
@@ -77,7 +87,7 @@ impl Shared {
             {
                 // Recomputing is cheaper than a write and a read, or the spill file or a
                 // device already holds these bytes: nothing to write now.
-                outcome.recipe_bytes += state.free_ram(id);
+                outcome.recipe_bytes += release(state, id);
             } else {
                 let buf = Arc::clone(entry.ram.as_ref().expect("candidates have a RAM copy"));
                 let written = self.spill_lock().write(buf.as_slice());
@@ -86,7 +96,7 @@ impl Shared {
                         Stats::add(&self.stats.bytes_spilled, extent.len);
                         Stats::add(&self.stats.bytes_written, extent.len);
                         state.tensor_mut(id).expect("present").spilled = Some(extent);
-                        outcome.spilled_bytes += state.free_ram(id);
+                        outcome.spilled_bytes += release(state, id);
                     }
                     Err(err) => {
                         log::warn!("cannot spill tensor `{}`: {err}", entry.name);
@@ -171,8 +181,14 @@ impl Shared {
         if reserve == 0 {
             return Ok(());
         }
-        let available = self.governor.reading().available;
-        let short = crate::governor::reserve_shortfall(available, bytes, reserve);
+        let mut available = self.governor.reading().available;
+        let mut short = crate::governor::reserve_shortfall(available, bytes, reserve);
+        if short > 0 && state.flush_pool() > 0 {
+            // Pooled buffers go back first: they hold no tensor.
+            self.check(state);
+            available = self.governor.reading().available;
+            short = crate::governor::reserve_shortfall(available, bytes, reserve);
+        }
         if short == 0 {
             return Ok(());
         }
@@ -197,6 +213,10 @@ impl crate::governor::Relieve for Shared {
         let reserve = self.governor.reserve_ram();
         let short = reserve.saturating_sub(reading.available);
         let mut state = self.lock();
+        if pressure || short > 0 {
+            // Pooled buffers hold no tensor: they go back first.
+            state.flush_pool();
+        }
         if pressure {
             // Under pressure give back at least an eighth of what is held, and release the
             // mapped pages of idle models so the kernel can reclaim them first.
@@ -207,6 +227,6 @@ impl crate::governor::Relieve for Shared {
         } else if short > 0 {
             self.free(&mut state, short, EvictReason::Reserve, None);
         }
-        self.check(&state);
+        self.check(&mut state);
     }
 }

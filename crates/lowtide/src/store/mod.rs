@@ -32,6 +32,7 @@ use crate::source::ModelFiles;
 use crate::spill::{SpillError, SpillFile};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::sys::AlignedBuf;
+use crate::sys::direct::DirectBuf;
 use guard::View;
 use state::{ModelEntry, Origin, RamBuf, State, TensorEntry};
 
@@ -145,11 +146,17 @@ impl Shared {
         }
     }
 
-    fn check(&self, state: &State) {
+    /// After every change: trims the pool to the budget, checks the invariants in strict
+    /// mode, and publishes the figures.
+    fn check(&self, state: &mut State) {
+        state.trim_pool(self.governor.ram_budget);
         if cfg!(feature = "strict") {
             state.assert_invariants(self.governor.ram_budget);
         }
         self.stats.set_anon(state.anon);
+        self.stats
+            .pool_bytes
+            .store(state.pool_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn guard(self: &Arc<Self>, id: TensorId, view: View) -> TensorGuard {
@@ -188,6 +195,8 @@ enum Restore {
         name: String,
         len: u64,
         from: CopyFrom,
+        /// A pooled buffer to restore into.
+        reuse: Option<AlignedBuf>,
     },
 }
 
@@ -423,15 +432,34 @@ impl Store {
                 self.shared.keep_reserve(&mut state, id, &name, len)?;
                 state.reserved += len;
                 state.tensor_mut(id)?.pins += 1;
-                self.shared.check(&state);
-                Restore::Read { name, len, from }
+                let reuse = match &from {
+                    CopyFrom::Source { offset, .. } => {
+                        state.take_pooled(DirectBuf::padded_len(*offset, len))
+                    }
+                    _ => None,
+                };
+                if reuse.is_some() {
+                    Stats::add(&self.shared.stats.pool_reuses, 1);
+                }
+                self.shared.check(&mut state);
+                Restore::Read {
+                    name,
+                    len,
+                    from,
+                    reuse,
+                }
             }
         };
-        let (name, len, from) = match restore {
+        let (name, len, from, reuse) = match restore {
             Restore::Ready(buf) => return Ok(self.shared.guard(id, View::Ram(buf))),
-            Restore::Read { name, len, from } => (name, len, from),
+            Restore::Read {
+                name,
+                len,
+                from,
+                reuse,
+            } => (name, len, from, reuse),
         };
-        match self.read_copy(&name, len, &from) {
+        match self.read_copy(&name, len, &from, reuse) {
             Ok(buf) => Ok(self.install(id, len, buf, &from)),
             Err(err) => {
                 let mut state = self.shared.lock();
@@ -439,14 +467,20 @@ impl Store {
                 if let Ok(entry) = state.tensor_mut(id) {
                     entry.pins -= 1;
                 }
-                self.shared.check(&state);
+                self.shared.check(&mut state);
                 Err(err)
             }
         }
     }
 
     /// Reads a copy's bytes outside the lock.
-    fn read_copy(&self, name: &str, len: u64, from: &CopyFrom) -> Result<RamBuf, StoreError> {
+    fn read_copy(
+        &self,
+        name: &str,
+        len: u64,
+        from: &CopyFrom,
+        reuse: Option<AlignedBuf>,
+    ) -> Result<RamBuf, StoreError> {
         let alloc = || {
             AlignedBuf::zeroed(len as usize).ok_or_else(|| StoreError::Alloc {
                 name: name.to_owned(),
@@ -468,7 +502,7 @@ impl Store {
         };
         match from {
             CopyFrom::Source { source, offset } => {
-                let (buf, cold) = source.restore(*offset, len)?;
+                let (buf, cold) = source.restore(*offset, len, reuse)?;
                 Stats::add(&stats.bytes_read_source, len);
                 let kind = if cold {
                     &stats.bytes_read_cold
@@ -528,7 +562,7 @@ impl Store {
             }
             buf
         };
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         drop(state);
         self.shared.guard(id, View::Ram(buf))
     }
@@ -608,7 +642,7 @@ impl Store {
             .expect("checked above");
         model_entry.tensors.push(id);
         model_entry.by_name.insert(name.to_owned(), id);
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(id)
     }
 
@@ -648,7 +682,7 @@ impl Store {
         if let Some(extent) = old_extent {
             self.shared.spill_lock().free(extent);
         }
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(())
     }
 
@@ -684,7 +718,7 @@ impl Store {
         if let Some(extent) = entry.spilled.take() {
             self.shared.spill_lock().free(extent);
         }
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(freed)
     }
 
@@ -701,7 +735,7 @@ impl Store {
         }
         let outcome = state.drop_clean(id);
         self.record_drop(outcome);
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(outcome)
     }
 
@@ -714,7 +748,7 @@ impl Store {
             total += state.drop_clean(id);
         }
         self.record_drop(total);
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(total)
     }
 
@@ -725,7 +759,7 @@ impl Store {
         let outcome = self
             .shared
             .free(&mut state, bytes, EvictReason::Request, None);
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         outcome
     }
 
@@ -766,7 +800,7 @@ impl Store {
         let freed = state.free_ram(id);
         Stats::add(&self.shared.stats.evictions, 1);
         Stats::add(&self.shared.stats.evictions_request, 1);
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(freed)
     }
 
@@ -802,7 +836,7 @@ impl Store {
             state.tensors[id.0 as usize] = None;
         }
         state.models[model.0 as usize] = None;
-        self.shared.check(&state);
+        self.shared.check(&mut state);
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //!
 //! A prefetch only uses room the governor has free: it never evicts anything, so it cannot
 //! push out the weights of the model in use. It stops early when the budget or the reserve
-//! leaves no room, and when cancelled.
+//! leaves no room, and when cancelled. While it reads a tensor it pins it, like any guard:
+//! wait for a prefetch (or cancel it) before replacing or reverting that model's tensors.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -151,7 +151,19 @@ pub(super) struct State {
     pub(super) inflation: f64,
     /// Devices added with `Store::add_device`, indexed by `DeviceId`.
     pub(super) devices: Vec<Arc<dyn crate::device::Device>>,
+    /// Buffers of RAM copies evicted to make room within the budget, kept for the restores
+    /// that follow: their pages are already touched, so reusing them avoids the cost of fresh
+    /// memory. Counted against the budget (`anon + reserved + pool_bytes <= budget`); flushed
+    /// when the governor needs memory back.
+    /// Each with the length of the copy it held, which is what it counts as (like `anon`,
+    /// which counts copies' lengths, not their block padding).
+    pub(super) pool: Vec<(AlignedBuf, u64)>,
+    /// Sum of the pooled buffers' counted lengths.
+    pub(super) pool_bytes: u64,
 }
+
+/// RAM copies smaller than this are not pooled (the allocator reuses small blocks itself).
+const POOL_MIN: u64 = 1 << 20;
 
 impl State {
     pub(super) fn tensor(&self, id: TensorId) -> Result<&TensorEntry, StoreError> {
@@ -191,6 +203,69 @@ impl State {
         let len = buf.len();
         self.anon -= len;
         len
+    }
+
+    /// Like [`State::free_ram`], but keeps the copy's buffer in the pool when it is large and
+    /// no guard still shares it, and the budget has room for it.
+    pub(super) fn recycle_ram(&mut self, id: TensorId, budget: u64) -> u64 {
+        let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
+            return 0;
+        };
+        let Some(buf) = entry.ram.take() else {
+            return 0;
+        };
+        let len = buf.len();
+        self.anon -= len;
+        if len >= POOL_MIN
+            && let Ok(buf) = Arc::try_unwrap(buf)
+        {
+            let buf = match buf {
+                RamBuf::Aligned(buf) => Some(buf),
+                RamBuf::Direct(buf) => Some(buf.into_inner()),
+                RamBuf::Owned(_) => None,
+            };
+            if let Some(buf) = buf {
+                self.pool_bytes += len;
+                self.pool.push((buf, len));
+            }
+        }
+        self.trim_pool(budget);
+        len
+    }
+
+    /// Takes a pooled buffer of at least `len` bytes and at most 1/16 more, if there is one.
+    pub(super) fn take_pooled(&mut self, len: u64) -> Option<AlignedBuf> {
+        let fits = |b: &AlignedBuf| {
+            let cap = b.as_slice().len() as u64;
+            cap >= len && cap <= len + len / 16
+        };
+        let best = self
+            .pool
+            .iter()
+            .enumerate()
+            .filter(|(_, (b, _))| fits(b))
+            .min_by_key(|(_, (b, _))| b.as_slice().len())
+            .map(|(i, _)| i)?;
+        let (buf, counted) = self.pool.swap_remove(best);
+        self.pool_bytes -= counted;
+        Some(buf)
+    }
+
+    /// Frees pooled buffers (oldest first) until copies, reservations and the pool fit the
+    /// budget.
+    pub(super) fn trim_pool(&mut self, budget: u64) {
+        while self.anon + self.reserved + self.pool_bytes > budget && !self.pool.is_empty() {
+            let (_, counted) = self.pool.remove(0);
+            self.pool_bytes -= counted;
+        }
+    }
+
+    /// Frees every pooled buffer; returns the bytes given back.
+    pub(super) fn flush_pool(&mut self) -> u64 {
+        let bytes = self.pool_bytes;
+        self.pool.clear();
+        self.pool_bytes = 0;
+        bytes
     }
 
     /// Drops the clean copies of an unpinned tensor: frees its RAM copy and releases its mapped
@@ -267,10 +342,16 @@ impl State {
             "accounted anonymous bytes != sum of RAM copies"
         );
         assert!(
-            self.anon + self.reserved <= budget,
-            "anonymous bytes {} (+{} reserved) over the budget {budget}",
+            self.anon + self.reserved + self.pool_bytes <= budget,
+            "anonymous bytes {} (+{} reserved, +{} pooled) over the budget {budget}",
             self.anon,
-            self.reserved
+            self.reserved,
+            self.pool_bytes
+        );
+        assert_eq!(
+            self.pool_bytes,
+            self.pool.iter().map(|(_, counted)| counted).sum::<u64>(),
+            "pooled bytes != sum of pooled buffers"
         );
         for t in self.tensors.iter().flatten() {
             if let Some(buf) = &t.ram {

@@ -92,18 +92,45 @@ pub(crate) struct DirectBuf {
     buf: AlignedBuf,
     start: usize,
     len: usize,
+    /// Bytes of `buf` the blocks cover (`buf` may be a larger reused buffer).
+    padded: usize,
 }
 
 impl DirectBuf {
+    /// Bytes of buffer a direct read of `[offset, offset + len)` needs: whole blocks.
+    pub(crate) fn padded_len(offset: u64, len: u64) -> u64 {
+        ((offset % BLOCK) + len).div_ceil(BLOCK) * BLOCK
+    }
+
     /// A zeroed buffer for `[offset, offset + len)`, or `None` when the allocator refuses.
     pub(crate) fn for_range(offset: u64, len: u64) -> Option<Self> {
-        let start = (offset % BLOCK) as usize;
-        let padded = (start as u64 + len).div_ceil(BLOCK) * BLOCK;
-        Some(Self {
-            buf: AlignedBuf::zeroed(usize::try_from(padded).ok()?)?,
-            start,
-            len: usize::try_from(len).ok()?,
-        })
+        let padded = Self::padded_len(offset, len);
+        Self::in_buf(
+            AlignedBuf::zeroed(usize::try_from(padded).ok()?)?,
+            offset,
+            len,
+        )
+        .ok()
+    }
+
+    /// Lays `[offset, offset + len)` out in `buf` (a reused buffer: its other bytes are stale),
+    /// or gives `buf` back when it is too small.
+    pub(crate) fn in_buf(buf: AlignedBuf, offset: u64, len: u64) -> Result<Self, AlignedBuf> {
+        let padded = Self::padded_len(offset, len);
+        match (usize::try_from(padded), usize::try_from(len)) {
+            (Ok(padded), Ok(len)) if buf.as_slice().len() >= padded => Ok(Self {
+                buf,
+                start: (offset % BLOCK) as usize,
+                len,
+                padded,
+            }),
+            _ => Err(buf),
+        }
+    }
+
+    /// The buffer, for reuse.
+    pub(crate) fn into_inner(self) -> AlignedBuf {
+        self.buf
     }
 
     /// The wanted bytes.
@@ -118,7 +145,7 @@ impl DirectBuf {
 
     /// The whole block-aligned buffer, as direct I/O needs it.
     pub(crate) fn blocks_mut(&mut self) -> &mut [u8] {
-        self.buf.as_mut_slice()
+        &mut self.buf.as_mut_slice()[..self.padded]
     }
 }
 
