@@ -194,28 +194,23 @@ impl State {
 
     /// Frees a tensor's RAM copy and un-accounts it. Returns the bytes freed.
     pub(super) fn free_ram(&mut self, id: TensorId) -> u64 {
-        let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
-            return 0;
-        };
-        let Some(buf) = entry.ram.take() else {
-            return 0;
-        };
-        let len = buf.len();
-        self.anon -= len;
-        len
+        self.take_ram(id).map_or(0, |buf| buf.len())
+    }
+
+    /// Takes a tensor's RAM copy out of the entry and the accounting.
+    fn take_ram(&mut self, id: TensorId) -> Option<Arc<RamBuf>> {
+        let buf = self.tensors.get_mut(id.0 as usize)?.as_mut()?.ram.take()?;
+        self.anon -= buf.len();
+        Some(buf)
     }
 
     /// Like [`State::free_ram`], but keeps the copy's buffer in the pool when it is large and
     /// no guard still shares it, and the budget has room for it.
     pub(super) fn recycle_ram(&mut self, id: TensorId, budget: u64) -> u64 {
-        let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
-            return 0;
-        };
-        let Some(buf) = entry.ram.take() else {
+        let Some(buf) = self.take_ram(id) else {
             return 0;
         };
         let len = buf.len();
-        self.anon -= len;
         if len >= POOL_MIN
             && let Ok(buf) = Arc::try_unwrap(buf)
         {
