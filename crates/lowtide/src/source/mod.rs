@@ -298,7 +298,9 @@ impl Source {
     }
 
     /// Restores `[offset, offset + len)` into a new block-aligned buffer. A range wholly in
-    /// the page cache is copied from it through the mapping; otherwise the enclosing blocks are read
+    /// the page cache is copied from it with `pread` (not through the mapping: a file
+    /// truncated during the copy then gives a short read, an error, where a copy from the
+    /// mapping would raise SIGBUS); otherwise the enclosing blocks are read
     /// with `O_DIRECT` — several requests in flight, no second copy left in the page cache.
     /// Returns the buffer and whether the read was cold. Where the file system refuses direct
     /// I/O the read is buffered.
@@ -340,31 +342,16 @@ impl Source {
                 .get_or_init(|| crate::sys::direct::reopen_direct(&self.file, false))
                 .as_ref()
         };
-        if warm {
-            // Copy from the page cache through the mapping: populating first turns a file
-            // that shrank into an error instead of SIGBUS. Then drop this process's page-table
-            // entries for the pages the tensor owns alone (the cache keeps the pages).
-            let (at, n) = (offset as usize, len as usize);
-            if self.mapping.populate(at, n).map_err(io("fault in"))? {
-                let src = self.mapped_bytes(at, n);
-                prefault(buf.as_mut_slice(), &mut |dst| {
-                    dst.copy_from_slice(src);
-                    Ok(n)
-                })
-                .map_err(io("copy"))?;
-                let page = crate::sys::page_size() as u64;
-                if let Some((start, inner)) = crate::sys::inner_pages(offset, len, page) {
-                    let _ = self.mapping.release(start as usize, inner as usize);
-                }
-                return Ok((buf, false));
-            }
-        }
         let Some(direct) = direct else {
-            prefault(buf.as_mut_slice(), &mut |dst| {
+            let read = prefault(buf.as_mut_slice(), &mut |dst| {
                 let n = dst.len();
                 self.file.read_exact_at(dst, offset).map(|()| n)
-            })
-            .map_err(io("read"))?;
+            });
+            if let Err(err) = read {
+                // A file that shrank meanwhile is reported as the change it is.
+                self.check_unchanged()?;
+                return Err(io("read")(err));
+            }
             return Ok((buf, !warm));
         };
         let start = offset / BLOCK * BLOCK;
