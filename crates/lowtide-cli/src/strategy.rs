@@ -55,7 +55,7 @@ pub(crate) struct Figures {
     pub(crate) bytes_written: u64,
     /// Bytes read back from spill or offload files.
     pub(crate) bytes_restored: u64,
-    /// Copies evicted or offloaded to make room.
+    /// Copies evicted or offloaded to make room (RAM evictions and device unloads).
     pub(crate) evictions: u64,
     /// Peak of the host bytes the strategy itself holds (the store's accounted peak).
     pub(crate) held_peak: u64,
@@ -279,7 +279,9 @@ impl Backend for LowtideBackend {
             bytes_read: stats.bytes_read_source,
             bytes_written: stats.bytes_written,
             bytes_restored: stats.bytes_restored_spill,
-            evictions: stats.evictions,
+            // Evictions from RAM and unloads from the device, as the classic strategies count
+            // their offloads.
+            evictions: stats.evictions + stats.device_unloads,
             held_peak: stats.anon_peak_bytes,
             stall: self.stall,
         }

@@ -31,6 +31,7 @@ pub(crate) struct Stats {
     pub(crate) bytes_downloaded: AtomicU64,
     pub(crate) device_bytes: AtomicU64,
     pub(crate) unloaded_clean_bytes: AtomicU64,
+    pub(crate) device_unloads: AtomicU64,
 }
 
 impl Stats {
@@ -73,6 +74,7 @@ impl Stats {
             bytes_downloaded: get(&self.bytes_downloaded),
             device_bytes: get(&self.device_bytes),
             unloaded_clean_bytes: get(&self.unloaded_clean_bytes),
+            device_unloads: get(&self.device_unloads),
         }
     }
 }
@@ -136,4 +138,6 @@ pub struct StatsSnapshot {
     pub device_bytes: u64,
     /// Bytes of device copies freed without writing anything (their bytes exist elsewhere).
     pub unloaded_clean_bytes: u64,
+    /// Device copies unloaded (clean ones freed, dirty ones moved to RAM or the spill file).
+    pub device_unloads: u64,
 }

@@ -229,6 +229,7 @@ impl Shared {
         if entry.recoverable_without_device() || cheap_recipe {
             self.release_device_copy(state, id);
             Stats::add(&self.stats.unloaded_clean_bytes, len);
+            Stats::add(&self.stats.device_unloads, 1);
             outcome.clean_bytes += len;
             outcome.freed_bytes += len;
             return;
@@ -249,6 +250,7 @@ impl Shared {
                         Some(Arc::new(RamBuf::Aligned(buf)));
                     state.anon += len;
                     self.release_device_copy(state, id);
+                    Stats::add(&self.stats.device_unloads, 1);
                     outcome.to_ram_bytes += len;
                     outcome.freed_bytes += len;
                     return;
@@ -271,6 +273,7 @@ impl Shared {
                 Stats::add(&self.stats.bytes_written, len);
                 state.tensor_mut(id).expect("present").spilled = Some(extent);
                 self.release_device_copy(state, id);
+                Stats::add(&self.stats.device_unloads, 1);
                 outcome.to_spill_bytes += len;
                 outcome.freed_bytes += len;
             }
