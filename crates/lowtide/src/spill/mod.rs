@@ -343,23 +343,15 @@ impl SpillFile {
         let mut slot =
             reuse(&self.bounce, size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         let bounce = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
-        let mut done = 0;
-        while done < rest.len() {
-            let n = (rest.len() - done).min(bounce.len());
-            let padded = (n as u64).div_ceil(BLOCK) * BLOCK;
-            let buf = &mut bounce[..padded as usize];
-            buf[..n].copy_from_slice(&rest[done..done + n]);
-            buf[n..].fill(0);
-            write_at(
-                direct,
-                offset + (body + done) as u64,
-                buf,
-                IoShape::DEFAULT,
-                None,
-            )?;
-            done += n;
+        let at = offset + body as u64;
+        if rest.len() < OVERLAP_MIN {
+            // One piece: `size` covers all of it.
+            let padded = rest.len().div_ceil(BLOCK as usize) * BLOCK as usize;
+            let buf = &mut bounce[..padded];
+            fill_padded(buf, rest);
+            return write_at(direct, at, buf, IoShape::DEFAULT, None).map(drop);
         }
-        Ok(())
+        overlapped_write(direct, at, rest, bounce)
     }
 
     /// Reads `dst.len()` bytes at the block-aligned `offset` of an extent: the mirror of
@@ -416,6 +408,69 @@ impl SpillFile {
         self.used -= reserved;
     }
 }
+
+/// Copies `bytes` to the start of `buf` and zeroes the rest (the padding of the last block).
+fn fill_padded(buf: &mut [u8], bytes: &[u8]) {
+    buf[..bytes.len()].copy_from_slice(bytes);
+    buf[bytes.len()..].fill(0);
+}
+
+/// Writes `bytes` (any alignment) at the block-aligned `offset` of a direct file through the
+/// two halves of `bounce`: while a writer thread writes one half, this thread copies the next
+/// piece into the other, so the copy hides behind the write.
+fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8]) -> io::Result<()> {
+    let half = bounce.len() / 2 / BLOCK as usize * BLOCK as usize;
+    assert!(half > 0, "the bounce buffer holds two blocks at least");
+    let (first, second) = bounce.split_at_mut(half);
+    let (to_writer, jobs) = std::sync::mpsc::sync_channel::<(&mut [u8], u64, usize)>(1);
+    let (to_copier, done) = std::sync::mpsc::channel::<(&mut [u8], io::Result<()>)>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for (buf, at, padded) in jobs {
+                let result = write_at(direct, at, &buf[..padded], IoShape::DEFAULT, None).map(drop);
+                if to_copier.send((buf, result)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut free = vec![&mut first[..half], &mut second[..half]];
+        let mut in_flight = 0;
+        let mut error = None;
+        let mut at = 0;
+        while at < bytes.len() && error.is_none() {
+            let buf = if let Some(buf) = free.pop() {
+                buf
+            } else {
+                let (buf, result) = done.recv().expect("the writer answers every job");
+                in_flight -= 1;
+                if let Err(err) = result {
+                    error = Some(err);
+                    break;
+                }
+                buf
+            };
+            let n = (bytes.len() - at).min(half);
+            let padded = n.div_ceil(BLOCK as usize) * BLOCK as usize;
+            fill_padded(&mut buf[..padded], &bytes[at..at + n]);
+            to_writer
+                .send((buf, offset + at as u64, padded))
+                .expect("the writer runs until the channel closes");
+            in_flight += 1;
+            at += n;
+        }
+        drop(to_writer);
+        for _ in 0..in_flight {
+            let (_, result) = done.recv().expect("the writer answers every job");
+            if let Err(err) = result {
+                error.get_or_insert(err);
+            }
+        }
+        error.map_or(Ok(()), Err)
+    })
+}
+
+/// Unaligned bytes from this size on are copied and written in overlapping halves.
+const OVERLAP_MIN: usize = 8 << 20;
 
 /// The bounce buffer for unaligned buffers: 8 requests of the default size.
 const BOUNCE: usize = 32 << 20;
