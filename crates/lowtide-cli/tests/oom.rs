@@ -3,9 +3,9 @@
 //! classic `ram` strategy, the control, is OOM-killed. Needs root and a memory cgroup
 //! controller (v1 or v2); elsewhere the test says why it is skipped.
 
-use std::process::{Command, Output};
+mod common;
 
-use serde_json::Value;
+use common::{json_of as json, lowtide};
 
 const WORKFLOW: &str = r#"cache_dir = "models"
 [device]
@@ -64,23 +64,6 @@ budget = "32MiB"
 op = "compute"
 model = "unet"
 "#;
-
-fn lowtide(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowtide"))
-        .args(args)
-        .output()
-        .expect("run lowtide")
-}
-
-fn json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "lowtide failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
 
 #[test]
 fn under_a_cap_of_half_the_models_lowtide_finishes_and_ram_is_oom_killed() {

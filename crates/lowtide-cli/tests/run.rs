@@ -2,22 +2,13 @@
 //! strategies giving the same digest, `--json` has the documented shape, and bad workflow
 //! files are reported with the file, line and field.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
 
+use common::{json_of, lowtide, text};
 use serde_json::Value;
-
-fn lowtide(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowtide"))
-        .args(args)
-        .output()
-        .expect("run lowtide")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// A small session: text encoder, UNet patched with two LoRAs in turn, VAE; about 3 MB.
 /// The cap is generous: every strategy must finish.
@@ -122,17 +113,6 @@ fn write_workflow(dir: &Path, text: &str) -> String {
     let path = dir.join("w.toml");
     fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_owned()
-}
-
-fn json_of(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "lowtide failed ({}): {}",
-        out.status,
-        text(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|err| panic!("not JSON ({err}): {}", text(&out.stdout)))
 }
 
 /// Checks the documented shape of one run and returns its digest.
