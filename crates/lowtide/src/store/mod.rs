@@ -504,12 +504,8 @@ impl Store {
             CopyFrom::Source { source, offset } => {
                 let (buf, cold) = source.restore(*offset, len, reuse)?;
                 Stats::add(&stats.bytes_read_source, len);
-                let kind = if cold {
-                    &stats.bytes_read_cold
-                } else {
-                    &stats.bytes_read_cached
-                };
-                Stats::add(kind, len);
+                Stats::add(&stats.bytes_read_cold, cold);
+                Stats::add(&stats.bytes_read_cached, len - cold);
                 Ok(RamBuf::Direct(buf))
             }
             CopyFrom::Spill { extent, recipe } => {

@@ -138,11 +138,6 @@ impl DirectBuf {
         &self.buf.as_slice()[self.start..self.start + self.len]
     }
 
-    /// The wanted bytes, writable.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.buf.as_mut_slice()[self.start..self.start + self.len]
-    }
-
     /// The whole block-aligned buffer, as direct I/O needs it.
     pub(crate) fn blocks_mut(&mut self) -> &mut [u8] {
         &mut self.buf.as_mut_slice()[..self.padded]
@@ -618,7 +613,7 @@ mod tests {
             12288,
             "blocks 1-3 of the file, 904 + 10000 bytes"
         );
-        d.as_mut_slice()[0] = 7;
-        assert_eq!(d.blocks_mut()[5000 - 4096], 7);
+        d.blocks_mut()[5000 - 4096] = 7;
+        assert_eq!(d.as_slice()[0], 7);
     }
 }

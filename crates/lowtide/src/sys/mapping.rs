@@ -55,27 +55,53 @@ impl Mapping {
         }
     }
 
-    /// Whether every page of `[offset, offset + len)` is in the page cache now (`mincore`).
-    /// `false` where the kernel will not say (it reports page-cache state only for files the
-    /// caller owns or may write), which makes callers take the cold path: correct, only
-    /// slower for warm ranges.
-    pub(crate) fn resident(&self, offset: usize, len: usize) -> bool {
-        let Some(map) = &self.map else { return true };
+    /// Which parts of `[offset, offset + len)` of `file` (the file mapped) are in the page
+    /// cache now (`cachestat`, then `mincore` for a range only partly cached): runs
+    /// in file order that cover the range exactly. Boundaries between runs fall on page
+    /// boundaries. Uncached runs separated by fewer than `merge` cached bytes become one
+    /// uncached run (re-reading a little from disk costs less than another request).
+    ///
+    /// Where the kernel will not say (it reports page-cache state only for files the caller
+    /// owns or may write) the whole range is one uncached run: callers then take the cold
+    /// path, which is correct, only slower for cached bytes.
+    pub(crate) fn cache_runs(
+        &self,
+        file: &File,
+        offset: usize,
+        len: usize,
+        merge: usize,
+    ) -> Vec<CacheRun> {
+        let whole = |cached| {
+            vec![CacheRun {
+                offset,
+                len,
+                cached,
+            }]
+        };
+        let Some(map) = &self.map else {
+            return whole(true);
+        };
         if len == 0 {
-            return true;
+            return Vec::new();
         }
         let page = super::page_size();
         let first = offset / page * page;
-        let end = (offset + len).min(map.len());
-        if end <= first {
-            return true;
+        let end = offset + len;
+        if end > map.len() {
+            return whole(false);
         }
-        let pages = (end - first).div_ceil(page);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `[first, end)` lies inside the mapping (clamped to its length above) and
-        // `first` is page-aligned because the mapping starts on a page boundary; `vec` holds
-        // one byte per page of that range, as mincore requires. mincore only reads page
-        // tables and writes `vec`.
+        // The common answers, all cached or none, in one cheap call where the kernel has it.
+        let pages = (end - first).div_ceil(page) as u64;
+        match cached_pages(file, first, end - first) {
+            Some(n) if n >= pages => return whole(true),
+            Some(0) => return whole(false),
+            _ => {}
+        }
+        let mut vec = vec![0u8; (end - first).div_ceil(page)];
+        // SAFETY: `[first, end)` lies inside the mapping (checked above) and `first` is
+        // page-aligned because the mapping starts on a page boundary; `vec` holds one byte per
+        // page of that range, as mincore requires. mincore only reads page tables and the
+        // page cache, and writes `vec`.
         let rc = unsafe {
             libc::mincore(
                 map.as_ptr().add(first).cast_mut().cast(),
@@ -83,7 +109,10 @@ impl Mapping {
                 vec.as_mut_ptr(),
             )
         };
-        rc == 0 && vec.iter().all(|&b| b & 1 == 1)
+        if rc != 0 {
+            return whole(false);
+        }
+        cache_runs(&vec, first, offset, len, page, merge)
     }
 
     /// Drops this process's pages of `[offset, offset + len)` (`MADV_DONTNEED`).
@@ -100,5 +129,151 @@ impl Mapping {
         // page-table entries, and later accesses fault the same bytes back in from the file.
         // No Rust reference observes different bytes afterwards.
         unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) }
+    }
+}
+
+/// `cachestat(2)`'s number (Linux 6.5), the same on every architecture Rust targets.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// How many pages of `[offset, offset + len)` of `file` are in the page cache (`cachestat`,
+/// which walks the cache once per folio, where `mincore` looks up every page). `None` where
+/// the kernel lacks it (before Linux 6.5) or will not say.
+fn cached_pages(file: &File, offset: usize, len: usize) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    #[allow(clippy::struct_field_names)] // The kernel's names.
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range {
+        off: offset as u64,
+        len: len as u64,
+    };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat(fd, &range, &stat, flags) reads `range` and writes `stat`, both live,
+    // correctly laid out (`repr(C)` as in the kernel's uapi) and exclusively borrowed here.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &raw const range,
+            &raw mut stat,
+            0u32,
+        )
+    };
+    (rc == 0).then_some(stat.nr_cache)
+}
+
+/// A part of a file range that is wholly in the page cache, or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CacheRun {
+    /// Offset in the file.
+    pub(crate) offset: usize,
+    /// Length in bytes.
+    pub(crate) len: usize,
+    /// Whether every page of it is cached.
+    pub(crate) cached: bool,
+}
+
+/// Turns `mincore`'s answer for the pages from `first` into runs covering
+/// `[offset, offset + len)`, merging uncached runs closer than `merge` bytes.
+fn cache_runs(
+    pages: &[u8],
+    first: usize,
+    offset: usize,
+    len: usize,
+    page: usize,
+    merge: usize,
+) -> Vec<CacheRun> {
+    let end = offset + len;
+    let mut runs: Vec<CacheRun> = Vec::new();
+    for (i, &state) in pages.iter().enumerate() {
+        let cached = state & 1 == 1;
+        let lo = (first + i * page).max(offset);
+        let hi = (first + (i + 1) * page).min(end);
+        match runs.last_mut() {
+            Some(run) if run.cached == cached => run.len = hi - run.offset,
+            _ => runs.push(CacheRun {
+                offset: lo,
+                len: hi - lo,
+                cached,
+            }),
+        }
+    }
+    // A short cached run between two uncached ones joins them.
+    let mut merged: Vec<CacheRun> = Vec::with_capacity(runs.len());
+    for run in runs {
+        let joins = !run.cached
+            && merged.len() >= 2
+            && merged[merged.len() - 1].len < merge
+            && !merged[merged.len() - 2].cached;
+        if joins {
+            merged.pop();
+            let last = merged.last_mut().expect("two runs were there");
+            last.len = run.offset + run.len - last.offset;
+        } else {
+            merged.push(run);
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CacheRun, cache_runs};
+
+    fn run(offset: usize, len: usize, cached: bool) -> CacheRun {
+        CacheRun {
+            offset,
+            len,
+            cached,
+        }
+    }
+
+    #[test]
+    fn runs_cover_the_range_exactly() {
+        // Pages 0..4 of 100 bytes: cached, cached, not, cached; the range starts and ends
+        // inside pages.
+        let runs = cache_runs(&[1, 1, 0, 1], 0, 50, 300, 100, 0);
+        assert_eq!(
+            runs,
+            [run(50, 150, true), run(200, 100, false), run(300, 50, true)]
+        );
+        assert_eq!(
+            cache_runs(&[0], 100, 130, 10, 100, 0),
+            [run(130, 10, false)]
+        );
+        assert_eq!(cache_runs(&[1, 1], 0, 0, 200, 100, 0), [run(0, 200, true)]);
+    }
+
+    #[test]
+    fn short_cached_gaps_between_misses_are_merged() {
+        let pages = [0, 1, 0, 1, 1, 0, 1];
+        let runs = cache_runs(&pages, 0, 0, 700, 100, 150);
+        assert_eq!(
+            runs,
+            [
+                run(0, 300, false),
+                run(300, 200, true),
+                run(500, 100, false),
+                run(600, 100, true)
+            ]
+        );
+        // A cached run at the edge is never merged away.
+        let runs = cache_runs(&[1, 0, 1], 0, 0, 300, 100, 1000);
+        assert_eq!(
+            runs,
+            [run(0, 100, true), run(100, 100, false), run(200, 100, true)]
+        );
     }
 }

@@ -9,7 +9,7 @@ mod mapping;
 pub(crate) mod procfs;
 
 pub(crate) use buf::AlignedBuf;
-pub(crate) use mapping::Mapping;
+pub(crate) use mapping::{CacheRun, Mapping};
 
 /// The kernel's page size, read once.
 pub(crate) fn page_size() -> usize {
