@@ -51,6 +51,7 @@ impl Stats {
             bytes_read_source: get(&self.bytes_read_source),
             bytes_read_cold: get(&self.bytes_read_cold),
             pool_bytes: get(&self.pool_bytes),
+            release_pending_bytes: 0,
             pool_reuses: get(&self.pool_reuses),
             bytes_read_cached: get(&self.bytes_read_cached),
             bytes_written: get(&self.bytes_written),
@@ -96,6 +97,10 @@ pub struct StatsSnapshot {
     pub pool_bytes: u64,
     /// Restores that reused a pooled buffer instead of fresh memory.
     pub pool_reuses: u64,
+    /// Bytes of copies dropped on purpose (model releases, spills) that the background
+    /// releaser has not given back to the system yet (counted against the RAM budget until
+    /// then; [`Store::wait_released`](crate::Store::wait_released) waits for them).
+    pub release_pending_bytes: u64,
     /// Bytes written to disk by lowtide (spill writes).
     pub bytes_written: u64,
     /// Anonymous bytes held now: the sum of RAM copies.

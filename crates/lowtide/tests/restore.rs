@@ -85,7 +85,11 @@ fn a_partly_cached_tensor_copies_its_cached_part_and_reads_the_rest_from_disk() 
         .unwrap();
     let m = store.open_model(&path).unwrap();
     let big = store.tensor(m, "big").unwrap();
-    let info = lowtide::Source::open(&path).unwrap().tensor("big").unwrap().clone();
+    let info = lowtide::Source::open(&path)
+        .unwrap()
+        .tensor("big")
+        .unwrap()
+        .clone();
     // Cache 6 MiB in the middle of the tensor (readahead off, so exactly what is read).
     rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Random).unwrap();
     let middle = (info.offset + (8 << 20)) / 4096 * 4096;
@@ -113,7 +117,10 @@ fn a_partly_cached_tensor_copies_its_cached_part_and_reads_the_rest_from_disk() 
     store.release_model(m).unwrap();
     let guard = store.acquire_ram(big).unwrap();
     assert_eq!(&guard[..], &common::expected("big", info.len)[..]);
-    assert_eq!(store.stats().bytes_read_cached - stats.bytes_read_cached, info.len);
+    assert_eq!(
+        store.stats().bytes_read_cached - stats.bytes_read_cached,
+        info.len
+    );
 }
 
 #[test]

@@ -205,7 +205,20 @@ impl SpillFile {
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
         let len = bytes.len() as u64;
         let (offset, reserved) = self.reserve(len)?;
-        if let Err(source) = self.put(offset, bytes) {
+        // Large tensors are checksummed on a second thread while they are written.
+        let (written, checksum) = if bytes.len() >= HASH_ALONGSIDE_MIN {
+            std::thread::scope(|scope| {
+                let hash = scope.spawn(|| checksum(bytes));
+                let written = self.put(offset, bytes);
+                let checksum = hash
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (written, checksum)
+            })
+        } else {
+            (self.put(offset, bytes), checksum(bytes))
+        };
+        if let Err(source) = written {
             let err = self.write_error(len, source);
             self.abort(offset, reserved);
             return Err(err);
@@ -214,7 +227,7 @@ impl SpillFile {
         Ok(Extent {
             offset,
             len,
-            checksum: checksum(bytes),
+            checksum,
         })
     }
 
@@ -415,25 +428,39 @@ fn fill_padded(buf: &mut [u8], bytes: &[u8]) {
     buf[bytes.len()..].fill(0);
 }
 
-/// Writes `bytes` (any alignment) at the block-aligned `offset` of a direct file through the
-/// two halves of `bounce`: while a writer thread writes one half, this thread copies the next
-/// piece into the other, so the copy hides behind the write.
+/// Writes `bytes` (any alignment) at the block-aligned `offset` of a direct file through
+/// `SLOTS` slots of `bounce`: this thread copies the next piece into a free slot while
+/// `WRITERS` writer threads each write a filled one, so the copy hides behind the writes and
+/// the device always has a request queued (one writer alone lets the queue run dry between
+/// slots).
 fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8]) -> io::Result<()> {
-    let half = bounce.len() / 2 / BLOCK as usize * BLOCK as usize;
-    assert!(half > 0, "the bounce buffer holds two blocks at least");
-    let (first, second) = bounce.split_at_mut(half);
-    let (to_writer, jobs) = std::sync::mpsc::sync_channel::<(&mut [u8], u64, usize)>(1);
+    const SLOTS: usize = 4;
+    const WRITERS: usize = 2;
+    let slot = bounce.len() / SLOTS / BLOCK as usize * BLOCK as usize;
+    assert!(
+        slot > 0,
+        "the bounce buffer holds a block per slot at least"
+    );
+    let (to_writers, jobs) = std::sync::mpsc::sync_channel::<(&mut [u8], u64, usize)>(SLOTS);
+    let jobs = Mutex::new(jobs);
     let (to_copier, done) = std::sync::mpsc::channel::<(&mut [u8], io::Result<()>)>();
     std::thread::scope(|scope| {
-        scope.spawn(move || {
-            for (buf, at, padded) in jobs {
-                let result = write_at(direct, at, &buf[..padded], IoShape::DEFAULT, None).map(drop);
-                if to_copier.send((buf, result)).is_err() {
-                    return;
+        for _ in 0..WRITERS {
+            let (jobs, to_copier) = (&jobs, to_copier.clone());
+            scope.spawn(move || {
+                loop {
+                    let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok((buf, at, padded)) = job else { return };
+                    let result =
+                        write_at(direct, at, &buf[..padded], IoShape::DEFAULT, None).map(drop);
+                    if to_copier.send((buf, result)).is_err() {
+                        return;
+                    }
                 }
-            }
-        });
-        let mut free = vec![&mut first[..half], &mut second[..half]];
+            });
+        }
+        drop(to_copier);
+        let mut free: Vec<&mut [u8]> = bounce.chunks_exact_mut(slot).take(SLOTS).collect();
         let mut in_flight = 0;
         let mut error = None;
         let mut at = 0;
@@ -441,7 +468,7 @@ fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8])
             let buf = if let Some(buf) = free.pop() {
                 buf
             } else {
-                let (buf, result) = done.recv().expect("the writer answers every job");
+                let (buf, result) = done.recv().expect("the writers answer every job");
                 in_flight -= 1;
                 if let Err(err) = result {
                     error = Some(err);
@@ -449,18 +476,18 @@ fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8])
                 }
                 buf
             };
-            let n = (bytes.len() - at).min(half);
+            let n = (bytes.len() - at).min(slot);
             let padded = n.div_ceil(BLOCK as usize) * BLOCK as usize;
             fill_padded(&mut buf[..padded], &bytes[at..at + n]);
-            to_writer
+            to_writers
                 .send((buf, offset + at as u64, padded))
-                .expect("the writer runs until the channel closes");
+                .expect("the writers run until the channel closes");
             in_flight += 1;
             at += n;
         }
-        drop(to_writer);
+        drop(to_writers);
         for _ in 0..in_flight {
-            let (_, result) = done.recv().expect("the writer answers every job");
+            let (_, result) = done.recv().expect("the writers answer every job");
             if let Err(err) = result {
                 error.get_or_insert(err);
             }
@@ -469,7 +496,7 @@ fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8])
     })
 }
 
-/// Unaligned bytes from this size on are copied and written in overlapping halves.
+/// Unaligned bytes from this size on are copied and written in overlapping slots.
 const OVERLAP_MIN: usize = 8 << 20;
 
 /// The bounce buffer for unaligned buffers: 8 requests of the default size.
@@ -498,6 +525,9 @@ fn reuse(
     }
     Ok(guard)
 }
+
+/// Tensors at least this large are checksummed alongside their write.
+const HASH_ALONGSIDE_MIN: usize = 8 << 20;
 
 fn checksum(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)

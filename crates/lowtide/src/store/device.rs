@@ -594,7 +594,7 @@ impl Store {
         Stats::add(&self.shared.stats.bytes_uploaded, bytes.len() as u64);
         drop(guard);
         let mut state = self.shared.lock();
-        let released = state.drop_clean(id);
+        let released = state.drop_clean(id, false);
         self.record_drop(released);
         state.free_ram(id);
         let (now, inflation) = (state.tick(), state.inflation);

@@ -135,6 +135,10 @@ impl Shared {
         bytes: u64,
     ) -> Result<(), super::StoreError> {
         let budget = self.governor.ram_budget;
+        if state.anon + state.reserved + state.releaser.pending() + bytes > budget {
+            // Copies dropped on purpose and still being freed: let them go first.
+            state.releaser.wait();
+        }
         let held = state.anon + state.reserved;
         if held + bytes <= budget {
             return Ok(());
@@ -181,6 +185,8 @@ impl Shared {
         if reserve == 0 {
             return Ok(());
         }
+        // What is still being freed is not available yet; it will be in a moment.
+        state.releaser.wait();
         let mut available = self.governor.reading().available;
         let mut short = crate::governor::reserve_shortfall(available, bytes, reserve);
         if short > 0 && state.flush_pool() > 0 {
@@ -209,6 +215,7 @@ impl Shared {
 
 impl crate::governor::Relieve for Shared {
     fn tick(&self, pressure: bool) {
+        self.lock().releaser.wait();
         let reading: MemoryReading = self.governor.reading();
         let reserve = self.governor.reserve_ram();
         let short = reserve.saturating_sub(reading.available);

@@ -11,6 +11,7 @@ mod error;
 mod evict;
 mod guard;
 mod prefetch;
+mod release;
 mod state;
 
 use std::collections::HashMap;
@@ -663,7 +664,7 @@ impl Store {
         self.shared
             .keep_reserve(&mut state, id, &name, len.saturating_sub(held))?;
         // The file's pages and any device copy no longer hold this tensor's bytes.
-        let released = state.drop_clean(id);
+        let released = state.drop_clean(id, false);
         self.record_drop(released);
         state.free_ram(id);
         self.shared.release_device_copy(&mut state, id);
@@ -729,7 +730,7 @@ impl Store {
                 pins: entry.pins,
             });
         }
-        let outcome = state.drop_clean(id);
+        let outcome = state.drop_clean(id, true);
         self.record_drop(outcome);
         self.shared.check(&mut state);
         Ok(outcome)
@@ -741,7 +742,7 @@ impl Store {
         let ids = state.model(model)?.tensors.clone();
         let mut total = DropOutcome::default();
         for id in ids {
-            total += state.drop_clean(id);
+            total += state.drop_clean(id, true);
         }
         self.record_drop(total);
         self.shared.check(&mut state);
@@ -793,7 +794,7 @@ impl Store {
         Stats::add(&self.shared.stats.bytes_spilled, extent.len);
         Stats::add(&self.shared.stats.bytes_written, extent.len);
         state.tensor_mut(id)?.spilled = Some(extent);
-        let freed = state.free_ram(id);
+        let freed = state.release_ram(id);
         Stats::add(&self.shared.stats.evictions, 1);
         Stats::add(&self.shared.stats.evictions_request, 1);
         self.shared.check(&mut state);
@@ -820,9 +821,9 @@ impl Store {
             }
         }
         for id in ids {
-            let outcome = state.drop_clean(id);
+            let outcome = state.drop_clean(id, true);
             self.record_drop(outcome);
-            state.free_ram(id);
+            state.release_ram(id);
             if let Some(Some(entry)) = state.tensors.get_mut(id.0 as usize)
                 && let Some(extent) = entry.spilled.take()
             {
@@ -838,7 +839,22 @@ impl Store {
 
     /// The store's counters now.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        let mut stats = self.shared.stats.snapshot();
+        stats.release_pending_bytes = self.shared.lock().releaser.pending();
+        stats
+    }
+
+    /// Waits until the copies dropped so far have been given back to the system.
+    ///
+    /// Dropping copies on purpose ([`Store::release_model`], [`Store::drop_clean`],
+    /// [`Store::spill`], [`Store::close_model`]) returns at once: large buffers are unmapped by
+    /// a background thread, and count against the RAM budget until they are. The store waits
+    /// for them itself whenever it needs the room (the budget, the reserve, pressure); call
+    /// this where something outside the store needs the memory now, for example before
+    /// starting another process.
+    pub fn wait_released(&self) {
+        let releaser = Arc::clone(&self.shared.lock().releaser);
+        releaser.wait();
     }
 
     fn record_drop(&self, outcome: DropOutcome) {

@@ -1,12 +1,14 @@
 //! The registry behind the store's lock: models, tensors, their copies and the accounting.
 //!
 //! Invariant (checked after every operation in `strict` builds): `anon` equals the sum of the
-//! lengths of all RAM copies, and `anon + reserved` never exceeds the budget.
+//! lengths of all RAM copies, and `anon + reserved + pooled + being freed` never exceeds the
+//! budget.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::release::Releaser;
 use super::{ModelId, Recipe, StoreError, TensorId};
 use crate::dtype::Dtype;
 use crate::policy::{Priority, restore_cost};
@@ -160,6 +162,9 @@ pub(super) struct State {
     pub(super) pool: Vec<(AlignedBuf, u64)>,
     /// Sum of the pooled buffers' counted lengths.
     pub(super) pool_bytes: u64,
+    /// Frees copies dropped on purpose in the background; what it holds counts against the
+    /// budget until it is freed (`anon + reserved + pool_bytes + pending <= budget`).
+    pub(super) releaser: Arc<Releaser>,
 }
 
 /// RAM copies smaller than this are not pooled (the allocator reuses small blocks itself).
@@ -195,6 +200,16 @@ impl State {
     /// Frees a tensor's RAM copy and un-accounts it. Returns the bytes freed.
     pub(super) fn free_ram(&mut self, id: TensorId) -> u64 {
         self.take_ram(id).map_or(0, |buf| buf.len())
+    }
+
+    /// Hands a tensor's RAM copy to the releaser (freed in the background, counted as
+    /// pending until then). Returns its length.
+    pub(super) fn release_ram(&mut self, id: TensorId) -> u64 {
+        self.take_ram(id).map_or(0, |buf| {
+            let len = buf.len();
+            self.releaser.release(buf);
+            len
+        })
     }
 
     /// Takes a tensor's RAM copy out of the entry and the accounting.
@@ -249,7 +264,10 @@ impl State {
     /// Frees pooled buffers (oldest first) until copies, reservations and the pool fit the
     /// budget.
     pub(super) fn trim_pool(&mut self, budget: u64) {
-        while self.anon + self.reserved + self.pool_bytes > budget && !self.pool.is_empty() {
+        let pending = self.releaser.pending();
+        while self.anon + self.reserved + self.pool_bytes + pending > budget
+            && !self.pool.is_empty()
+        {
             let (_, counted) = self.pool.remove(0);
             self.pool_bytes -= counted;
         }
@@ -263,9 +281,11 @@ impl State {
         bytes
     }
 
-    /// Drops the clean copies of an unpinned tensor: frees its RAM copy and releases its mapped
-    /// pages. Dirty tensors and pinned ones are left alone. Nothing is written.
-    pub(super) fn drop_clean(&mut self, id: TensorId) -> DropOutcome {
+    /// Drops the clean copies of an unpinned tensor: frees its RAM copy (in the background
+    /// with `background`: only where nothing is allocated in the same operation, which
+    /// counts on the room) and releases its mapped pages. Dirty tensors and pinned ones are
+    /// left alone. Nothing is written.
+    pub(super) fn drop_clean(&mut self, id: TensorId, background: bool) -> DropOutcome {
         let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
             return DropOutcome::default();
         };
@@ -287,7 +307,11 @@ impl State {
         } else {
             0
         };
-        let ram_bytes = self.free_ram(id);
+        let ram_bytes = if background {
+            self.release_ram(id)
+        } else {
+            self.free_ram(id)
+        };
         DropOutcome {
             ram_bytes,
             mapped_bytes,
@@ -336,9 +360,11 @@ impl State {
             self.anon, sum,
             "accounted anonymous bytes != sum of RAM copies"
         );
+        let pending = self.releaser.pending();
         assert!(
-            self.anon + self.reserved + self.pool_bytes <= budget,
-            "anonymous bytes {} (+{} reserved, +{} pooled) over the budget {budget}",
+            self.anon + self.reserved + self.pool_bytes + pending <= budget,
+            "anonymous bytes {} (+{} reserved, +{} pooled, +{pending} being freed) over the \
+             budget {budget}",
             self.anon,
             self.reserved,
             self.pool_bytes
