@@ -18,9 +18,14 @@ use std::path::Path;
 
 pub use crate::sys::direct::{BLOCK, IoEngine, IoShape};
 
-/// A zero-initialised, page-aligned byte buffer, as direct I/O needs.
+/// A zero-initialised, page-aligned byte buffer, as direct I/O needs. Large ones are their
+/// own mappings with transparent huge pages asked for.
+///
+/// Also the best container for a derived tensor's bytes ([`Store::derive`](crate::Store::derive)
+/// takes it): it spills with direct writes straight from its pages, where a `Vec<u8>` goes
+/// through a bounce buffer, and it is freed quickly.
 #[derive(Debug)]
-pub struct AlignedBytes(crate::sys::AlignedBuf);
+pub struct AlignedBytes(pub(crate) crate::sys::AlignedBuf);
 
 impl AlignedBytes {
     /// `len` zeroed bytes aligned to 4096, or `None` when the allocator refuses.

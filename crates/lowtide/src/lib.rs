@@ -52,8 +52,8 @@ pub use spill::SpillError;
 pub use stats::StatsSnapshot;
 pub use store::{
     ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Prefetch,
-    PrefetchOutcome, Recipe, Store, StoreBuilder, StoreError, TensorGuard, TensorId, TensorInfo,
-    Tier, UnloadOutcome,
+    PrefetchOutcome, Recipe, Store, StoreBuilder, StoreError, TensorBytes, TensorGuard, TensorId,
+    TensorInfo, Tier, UnloadOutcome,
 };
 pub use sys::procfs::{ProcIo, ProcMemory};
 

@@ -212,7 +212,8 @@ fn evicted_buffers_are_reused_within_the_budget_and_given_back_for_the_reserve()
 #[test]
 fn large_derived_tensors_spill_and_restore_byte_identical() {
     // Derived bytes live in caller memory of any alignment: large ones are copied and written
-    // in overlapping halves of the bounce buffer, odd sizes end in a padded block.
+    // in overlapping slots of the bounce buffer, odd sizes end in a padded block. Bytes in
+    // `AlignedBytes` are written from their own pages.
     let dir = common::tempdir();
     let path = common::write(
         &dir.path().join("m.safetensors"),
@@ -241,6 +242,23 @@ fn large_derived_tensors_spill_and_restore_byte_identical() {
         assert!(
             guard[..] == bytes[..],
             "tensor of {len} bytes differs after the round trip"
+        );
+        drop(guard);
+
+        let mut aligned = lowtide::direct::AlignedBytes::zeroed(len as usize).unwrap();
+        aligned.as_mut_slice().copy_from_slice(&bytes);
+        aligned.as_mut_slice()[0] ^= 0xff;
+        let id = store
+            .derive(m, &format!("a{i}"), Dtype::U8, &[len], aligned)
+            .unwrap();
+        let written = store.stats().bytes_spilled;
+        assert_eq!(store.spill(id).unwrap(), len);
+        assert_eq!(store.stats().bytes_spilled - written, len);
+        let guard = store.acquire(id).unwrap();
+        assert_eq!(guard[0], bytes[0] ^ 0xff);
+        assert!(
+            guard[1..] == bytes[1..],
+            "aligned tensor of {len} bytes differs"
         );
     }
     assert_eq!(store.stats().checksum_failures, 0);

@@ -23,6 +23,11 @@ pub(crate) fn blocks(len: u64) -> u64 {
 }
 
 impl Allocator {
+    /// One past the last byte handed out (the used tail of the file).
+    pub(crate) fn end(&self) -> u64 {
+        self.end
+    }
+
     /// Allocates `len` bytes (a multiple of `BLOCK`); returns the offset.
     pub(crate) fn allocate(&mut self, len: u64) -> u64 {
         debug_assert_eq!(len % BLOCK, 0);
@@ -61,12 +66,6 @@ impl Allocator {
         } else {
             self.free.insert(offset, len);
         }
-    }
-
-    /// One past the highest allocated byte.
-    #[cfg(test)]
-    fn end(&self) -> u64 {
-        self.end
     }
 
     #[cfg(test)]

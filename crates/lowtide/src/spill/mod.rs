@@ -108,7 +108,14 @@ pub(crate) struct SpillFile {
     alloc: Allocator,
     /// Bytes reserved by live extents (whole blocks).
     used: u64,
+    /// Space is reserved (`fallocate`d) from the allocator's end up to here: extents that
+    /// grow the file reserve [`AHEAD`] more at once, so that a run of spills costs one
+    /// `fallocate` per step instead of one each. Lowered whenever a range is punched.
+    tail_reserved: u64,
 }
+
+/// How far past a growing extent space is reserved ahead (less where `spill_max` is near).
+const AHEAD: u64 = 256 << 20;
 
 impl SpillFile {
     pub(crate) fn new(dir: PathBuf, max: Option<u64>) -> Self {
@@ -121,6 +128,7 @@ impl SpillFile {
             stream: Mutex::default(),
             alloc: Allocator::default(),
             used: 0,
+            tail_reserved: 0,
         }
     }
 
@@ -157,9 +165,38 @@ impl SpillFile {
             });
         }
         self.file()?;
+        let tail = self.alloc.end();
         let offset = self.alloc.allocate(reserved);
+        let end = offset + reserved;
         let file = self.file.as_ref().expect("created above");
-        if let Err(errno) = rustix::fs::fallocate(file, FallocateFlags::empty(), offset, reserved) {
+        let fallocate = |from: u64, to: u64| {
+            rustix::fs::fallocate(file, FallocateFlags::empty(), from, to - from)
+        };
+        let result = if offset < tail {
+            // A range freed earlier: it was punched then.
+            fallocate(offset, end)
+        } else if end <= self.tail_reserved {
+            // Inside the space reserved ahead by an earlier extent.
+            Ok(())
+        } else {
+            let from = offset.max(self.tail_reserved);
+            let room = self
+                .max
+                .map_or(AHEAD, |max| max.saturating_sub(self.used + reserved));
+            let ahead = AHEAD.min(room) / BLOCK * BLOCK;
+            // Ahead if the disk has room for it, else exactly what this extent needs.
+            let reached = if ahead > 0 && fallocate(from, end + ahead).is_ok() {
+                Ok(end + ahead)
+            } else {
+                if ahead > 0 {
+                    // A failed fallocate may leave part of the range allocated.
+                    punch(file, end, ahead);
+                }
+                fallocate(from, end).map(|()| end)
+            };
+            reached.map(|reached| self.tail_reserved = reached)
+        };
+        if let Err(errno) = result {
             self.abort(offset, reserved);
             return Err(match errno {
                 rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => SpillError::NoSpace {
@@ -182,7 +219,18 @@ impl SpillFile {
         if let Some(file) = &self.file {
             punch(file, offset, reserved);
         }
+        self.give_back(offset, reserved);
+    }
+
+    /// Returns a punched range to the allocator. When that shrinks the file's used tail, the
+    /// tail is no longer all reserved: forget the space reserved ahead (reserving it again
+    /// later is harmless).
+    fn give_back(&mut self, offset: u64, reserved: u64) {
+        let tail = self.alloc.end();
         self.alloc.free(offset, reserved);
+        if self.alloc.end() < tail {
+            self.tail_reserved = self.alloc.end();
+        }
     }
 
     fn write_error(&self, len: u64, source: io::Error) -> SpillError {
@@ -417,7 +465,7 @@ impl SpillFile {
         if let Some(file) = &self.file {
             punch(file, extent.offset, reserved);
         }
-        self.alloc.free(extent.offset, reserved);
+        self.give_back(extent.offset, reserved);
         self.used -= reserved;
     }
 }
@@ -626,6 +674,39 @@ mod tests {
         let err = spill.write(&vec![0; 60 << 10]).unwrap_err();
         assert!(matches!(err, SpillError::Limit { .. }), "{err}");
         assert_eq!(spill.used(), 12_288, "a refused write reserves nothing");
+    }
+
+    /// Space is reserved ahead of a growing file, never beyond `spill_max`, and every live
+    /// extent's blocks stay allocated through frees at the tail and in the middle.
+    #[test]
+    fn space_is_reserved_ahead_and_kept_for_live_extents() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = SpillFile::new(dir.path().to_path_buf(), Some(8 << 20));
+        let allocated = |spill: &SpillFile| {
+            let file = spill.file.as_ref().unwrap();
+            file.metadata().unwrap().blocks() * 512
+        };
+        let piece = |i: u8| vec![i; 1 << 20];
+        let mut extents: Vec<_> = (0..4).map(|i| spill.write(&piece(i)).unwrap()).collect();
+        // The first extent reserved ahead up to the limit; the others fit inside.
+        assert_eq!(spill.tail_reserved, 8 << 20);
+        assert!(allocated(&spill) >= 8 << 20);
+        // Free the tail and one in the middle: punched, the ahead space forgotten.
+        let tail = extents.pop().unwrap();
+        spill.free(tail);
+        let middle = extents.remove(1);
+        spill.free(middle);
+        assert_eq!(spill.tail_reserved, spill.alloc.end());
+        assert!(allocated(&spill) >= spill.used());
+        // New extents reuse the punched ranges and reserve them again.
+        let refill: Vec<_> = (10..13).map(|i| spill.write(&piece(i)).unwrap()).collect();
+        assert!(allocated(&spill) >= spill.used());
+        for (extent, i) in extents.iter().zip([0u8, 2]).chain(refill.iter().zip(10..)) {
+            let mut back = vec![0; 1 << 20];
+            spill.read(extent, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == i), "extent of {i}");
+        }
     }
 
     #[test]

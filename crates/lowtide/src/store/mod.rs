@@ -35,6 +35,7 @@ use crate::stats::{Stats, StatsSnapshot};
 use crate::sys::AlignedBuf;
 use crate::sys::direct::DirectBuf;
 use guard::View;
+pub use state::TensorBytes;
 use state::{ModelEntry, Origin, RamBuf, State, TensorEntry};
 
 /// A model opened in a store.
@@ -572,9 +573,9 @@ impl Store {
         name: &str,
         dtype: Dtype,
         shape: &[u64],
-        bytes: Vec<u8>,
+        bytes: impl Into<TensorBytes>,
     ) -> Result<TensorId, StoreError> {
-        self.derive_inner(model, name, dtype, shape, bytes, None)
+        self.derive_inner(model, name, dtype, shape, bytes.into(), None)
     }
 
     /// Like [`Store::derive`], with a recipe that recomputes the bytes: the policy may then
@@ -585,10 +586,10 @@ impl Store {
         name: &str,
         dtype: Dtype,
         shape: &[u64],
-        bytes: Vec<u8>,
+        bytes: impl Into<TensorBytes>,
         recipe: Recipe,
     ) -> Result<TensorId, StoreError> {
-        self.derive_inner(model, name, dtype, shape, bytes, Some(recipe))
+        self.derive_inner(model, name, dtype, shape, bytes.into(), Some(recipe))
     }
 
     fn derive_inner(
@@ -597,10 +598,10 @@ impl Store {
         name: &str,
         dtype: Dtype,
         shape: &[u64],
-        bytes: Vec<u8>,
+        bytes: TensorBytes,
         recipe: Option<Recipe>,
     ) -> Result<TensorId, StoreError> {
-        check_len(name, dtype, shape, bytes.len() as u64)?;
+        check_len(name, dtype, shape, bytes.len())?;
         let mut state = self.shared.lock();
         let entry = state.model(model)?;
         if entry.by_name.contains_key(name) {
@@ -610,7 +611,7 @@ impl Store {
             });
         }
         let id = TensorId(state.tensors.len() as u32);
-        let len = bytes.len() as u64;
+        let len = bytes.len();
         self.shared.make_room(&mut state, id, name, len)?;
         self.shared.keep_reserve(&mut state, id, name, len)?;
         let (now, inflation) = (state.tick(), state.inflation);
@@ -621,7 +622,7 @@ impl Store {
             shape: shape.to_vec(),
             len,
             origin: Origin::Derived,
-            ram: Some(Arc::new(RamBuf::Owned(bytes.into_boxed_slice()))),
+            ram: Some(Arc::new(bytes.into_ram())),
             mapped: false,
             spilled: None,
             recipe,
@@ -646,11 +647,12 @@ impl Store {
     /// Replaces a tensor's bytes (after patching it): the tensor becomes dirty and its new
     /// bytes are its only copy (any recipe is forgotten). Fails while a guard pins it; on any
     /// error the tensor is unchanged.
-    pub fn replace(&self, id: TensorId, bytes: Vec<u8>) -> Result<(), StoreError> {
+    pub fn replace(&self, id: TensorId, bytes: impl Into<TensorBytes>) -> Result<(), StoreError> {
+        let bytes = bytes.into();
         let mut state = self.shared.lock();
         let entry = state.tensor(id)?;
         let name = entry.name.clone();
-        check_len(&name, entry.dtype, &entry.shape, bytes.len() as u64)?;
+        check_len(&name, entry.dtype, &entry.shape, bytes.len())?;
         if entry.pins > 0 {
             return Err(StoreError::Pinned {
                 name,
@@ -658,7 +660,7 @@ impl Store {
             });
         }
         let held = entry.ram.as_ref().map_or(0, |b| b.len());
-        let len = bytes.len() as u64;
+        let len = bytes.len();
         self.shared
             .make_room(&mut state, id, &name, len.saturating_sub(held))?;
         self.shared
@@ -673,7 +675,7 @@ impl Store {
         entry.origin = Origin::Derived;
         entry.recipe = None;
         let old_extent = entry.spilled.take();
-        entry.ram = Some(Arc::new(RamBuf::Owned(bytes.into_boxed_slice())));
+        entry.ram = Some(Arc::new(bytes.into_ram()));
         entry.touch(now, inflation);
         state.anon += len;
         if let Some(extent) = old_extent {
