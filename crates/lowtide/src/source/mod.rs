@@ -362,10 +362,25 @@ impl Source {
             .sum();
         let read = |blocks: &mut [u8]| -> std::io::Result<()> {
             let base = start / BLOCK as usize * BLOCK as usize;
-            if let Some(direct) = direct {
-                read_uncached(direct, base, &runs, blocks)?;
+            let (uncached, cached) = carve(base, &runs, blocks);
+            match direct {
+                Some(direct) if !uncached.is_empty() && !cached.is_empty() => {
+                    // Holes in a cached range: read them from the disk while the cached
+                    // part is copied, so that their latency hides behind the copy.
+                    std::thread::scope(|scope| {
+                        let holes = scope.spawn(|| read_uncached(direct, uncached));
+                        let copied = read_cached(&self.file, cached);
+                        let holes = holes
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        holes.and(copied)
+                    })
+                }
+                Some(direct) => {
+                    read_uncached(direct, uncached).and(read_cached(&self.file, cached))
+                }
+                None => read_cached(&self.file, cached),
             }
-            read_cached(&self.file, base, &runs, blocks)
         };
         let result = if fresh {
             with_prefault(buf.blocks_mut(), read)
@@ -422,28 +437,48 @@ const MERGE_GAP: usize = 1 << 20;
 /// Cached ranges at least this large are copied by several threads.
 const PARALLEL_MIN: usize = 16 << 20;
 
-/// Reads the uncached runs of `runs` with `O_DIRECT` into `blocks`, the block-aligned buffer
-/// whose first byte is file offset `base`. Each run is widened to whole blocks; boundaries
-/// between runs are page boundaries, so a widened run only reaches outside the range (into
-/// the buffer's padding), never into a neighbouring run.
-fn read_uncached(
-    direct: &File,
+/// A piece of a restore: the file offset of its first byte and the buffer bytes it fills.
+type Piece<'a> = (u64, &'a mut [u8]);
+
+/// Cuts `blocks` (the block-aligned buffer whose first byte is file offset `base`) into the
+/// pieces the runs fill: uncached runs widened to whole blocks, as direct I/O needs, with the
+/// bytes each must get; cached runs exactly. Boundaries between runs are page boundaries, so
+/// a widened run only reaches outside the range (into the buffer's padding), never into a
+/// neighbouring run: the pieces are disjoint.
+fn carve<'a>(
     base: usize,
     runs: &[CacheRun],
-    blocks: &mut [u8],
-) -> std::io::Result<()> {
+    blocks: &'a mut [u8],
+) -> (Vec<(Piece<'a>, usize)>, Vec<Piece<'a>>) {
     let block = BLOCK as usize;
-    for run in runs.iter().filter(|run| !run.cached) {
-        let lo = run.offset / block * block;
-        let hi = (run.offset + run.len).div_ceil(block) * block;
-        let (n, _) = read_at(
-            direct,
-            lo as u64,
-            &mut blocks[lo - base..hi - base],
-            IoShape::DEFAULT,
-            None,
-        )?;
-        if n < run.offset + run.len - lo {
+    let (mut uncached, mut cached) = (Vec::new(), Vec::new());
+    let (mut rest, mut at) = (blocks, base);
+    for run in runs {
+        let (lo, hi) = if run.cached {
+            (run.offset, run.offset + run.len)
+        } else {
+            (
+                run.offset / block * block,
+                (run.offset + run.len).div_ceil(block) * block,
+            )
+        };
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(lo - at);
+        let (piece, tail) = tail.split_at_mut(hi - lo);
+        (rest, at) = (tail, hi);
+        if run.cached {
+            cached.push((lo as u64, piece));
+        } else {
+            uncached.push(((lo as u64, piece), run.offset + run.len - lo));
+        }
+    }
+    (uncached, cached)
+}
+
+/// Reads uncached pieces with `O_DIRECT`; each must get at least its wanted bytes.
+fn read_uncached(direct: &File, pieces: Vec<(Piece<'_>, usize)>) -> std::io::Result<()> {
+    for ((offset, piece), wanted) in pieces {
+        let (n, _) = read_at(direct, offset, piece, IoShape::DEFAULT, None)?;
+        if n < wanted {
             // The file ended early: it changed since it was checked.
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -451,44 +486,32 @@ fn read_uncached(
     Ok(())
 }
 
-/// Copies the cached runs of `runs` from the page cache into `blocks` (file offset `base` at
-/// its first byte) with `pread`, split over up to four threads when they are large: one
-/// thread's copy from the page cache reaches about two thirds of memcpy's speed.
-fn read_cached(
-    file: &File,
-    base: usize,
-    runs: &[CacheRun],
-    blocks: &mut [u8],
-) -> std::io::Result<()> {
-    let total: usize = runs
-        .iter()
-        .filter(|run| run.cached)
-        .map(|run| run.len)
-        .sum();
+/// Copies cached pieces from the page cache with `pread`, split over up to four threads when
+/// they are large: one thread's copy from the page cache reaches about two thirds of
+/// memcpy's speed.
+fn read_cached(file: &File, pieces: Vec<Piece<'_>>) -> std::io::Result<()> {
+    let total: usize = pieces.iter().map(|(_, piece)| piece.len()).sum();
     let threads = if total >= PARALLEL_MIN {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
     } else {
         1
     };
-    let share = total.div_ceil(threads);
-    // Cut the cached runs into `threads` lists of pieces of about `share` bytes each.
-    let mut lists: Vec<Vec<(u64, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
-    let (mut rest, mut at, mut filled, mut list) = (blocks, base, 0, 0);
-    for run in runs.iter().filter(|run| run.cached) {
-        let (mut offset, mut left) = (run.offset, run.len);
-        while left > 0 {
-            let n = left.min(share - filled);
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(offset - at);
-            let (piece, tail) = tail.split_at_mut(n);
-            lists[list].push((offset as u64, piece));
-            (rest, at) = (tail, offset + n);
-            (offset, left, filled) = (offset + n, left - n, filled + n);
+    let share = total.div_ceil(threads.max(1)).max(1);
+    // Deal the pieces into `threads` lists of about `share` bytes each, cutting where needed.
+    let mut lists: Vec<Vec<Piece<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+    let (mut filled, mut list) = (0, 0);
+    for (mut offset, mut piece) in pieces {
+        while !piece.is_empty() {
+            let n = piece.len().min(share - filled);
+            let (head, tail) = std::mem::take(&mut piece).split_at_mut(n);
+            lists[list.min(threads - 1)].push((offset, head));
+            (piece, offset, filled) = (tail, offset + n as u64, filled + n);
             if filled == share {
                 (list, filled) = (list + 1, 0);
             }
         }
     }
-    let copy = |pieces: Vec<(u64, &mut [u8])>| -> std::io::Result<()> {
+    let copy = |pieces: Vec<Piece<'_>>| -> std::io::Result<()> {
         pieces
             .into_iter()
             .try_for_each(|(offset, piece)| file.read_exact_at(piece, offset))
