@@ -6,6 +6,29 @@ mod common;
 use lowtide::direct::{cached_bytes, drop_cached};
 use lowtide::{Dtype, Store, TensorSpec};
 
+/// Opens `path` and empties its page cache: the file, its length and the bytes still cached,
+/// or `None` (with a message saying why the test is skipped) where the kernel kept them.
+fn cold(path: &std::path::Path) -> Option<(std::fs::File, u64, u64)> {
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    drop_cached(&file).unwrap();
+    let cached = cached_bytes(&file, 0, len).unwrap();
+    if cached > len / 4 {
+        println!("skipped: the page cache kept {cached} of {len} bytes after POSIX_FADV_DONTNEED");
+        return None;
+    }
+    Some((file, len, cached))
+}
+
+/// A store with room for every test file here, without the monitor thread.
+fn store() -> Store {
+    Store::builder()
+        .ram_budget(256 << 20)
+        .monitor(false)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn cold_restores_bypass_the_page_cache_and_warm_ones_copy_from_it() {
     let dir = common::tempdir();
@@ -14,20 +37,10 @@ fn cold_restores_bypass_the_page_cache_and_warm_ones_copy_from_it() {
         .map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::BF16, &[257 + i, 1531]))
         .collect();
     let path = common::write(&dir.path().join("m.safetensors"), &specs);
-    let file = std::fs::File::open(&path).unwrap();
-    let len = file.metadata().unwrap().len();
-    drop_cached(&file).unwrap();
-    let before = cached_bytes(&file, 0, len).unwrap();
-    if before > len / 4 {
-        println!("skipped: the page cache kept {before} of {len} bytes after POSIX_FADV_DONTNEED");
+    let Some((file, len, before)) = cold(&path) else {
         return;
-    }
-
-    let store = Store::builder()
-        .ram_budget(256 << 20)
-        .monitor(false)
-        .build()
-        .unwrap();
+    };
+    let store = store();
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     let total: u64 = ids.iter().map(|&id| store.info(id).unwrap().len).sum();
@@ -71,18 +84,10 @@ fn a_partly_cached_tensor_copies_its_cached_part_and_reads_the_rest_from_disk() 
         TensorSpec::new("big", Dtype::BF16, &[3 << 20, 4]),
     ];
     let path = common::write(&dir.path().join("m.safetensors"), &specs);
-    let file = std::fs::File::open(&path).unwrap();
-    let len = file.metadata().unwrap().len();
-    drop_cached(&file).unwrap();
-    if cached_bytes(&file, 0, len).unwrap() > len / 4 {
-        println!("skipped: the page cache kept the file after POSIX_FADV_DONTNEED");
+    let Some((file, len, _)) = cold(&path) else {
         return;
-    }
-    let store = Store::builder()
-        .ram_budget(256 << 20)
-        .monitor(false)
-        .build()
-        .unwrap();
+    };
+    let store = store();
     let m = store.open_model(&path).unwrap();
     let big = store.tensor(m, "big").unwrap();
     let info = lowtide::Source::open(&path)

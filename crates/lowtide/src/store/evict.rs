@@ -215,7 +215,9 @@ impl Shared {
 
 impl crate::governor::Relieve for Shared {
     fn tick(&self, pressure: bool) {
-        self.lock().releaser.wait();
+        // Without holding the store's lock meanwhile.
+        let releaser = Arc::clone(&self.lock().releaser);
+        releaser.wait();
         let reading: MemoryReading = self.governor.reading();
         let reserve = self.governor.reserve_ram();
         let short = reserve.saturating_sub(reading.available);

@@ -91,13 +91,13 @@ impl Mapping {
             return whole(false);
         }
         // The common answers, all cached or none, in one cheap call where the kernel has it.
-        let pages = (end - first).div_ceil(page) as u64;
+        let pages = (end - first).div_ceil(page);
         match cached_pages(file, first, end - first) {
-            Some(n) if n >= pages => return whole(true),
+            Some(n) if n >= pages as u64 => return whole(true),
             Some(0) => return whole(false),
             _ => {}
         }
-        let mut vec = vec![0u8; (end - first).div_ceil(page)];
+        let mut vec = vec![0u8; pages];
         // SAFETY: `[first, end)` lies inside the mapping (checked above) and `first` is
         // page-aligned because the mapping starts on a page boundary; `vec` holds one byte per
         // page of that range, as mincore requires. mincore only reads page tables and the
