@@ -268,3 +268,41 @@ fn large_derived_tensors_spill_and_restore_byte_identical() {
     }
     assert_eq!(store.stats().checksum_failures, 0);
 }
+
+#[test]
+fn device_uploads_restore_like_ram_copies_and_leave_no_page_cache_copy() {
+    let dir = common::tempdir();
+    // One tensor larger than the upload window, odd sizes around it.
+    let specs = [
+        TensorSpec::new("a", Dtype::U8, &[5000]),
+        TensorSpec::new("big", Dtype::BF16, &[5 << 20, 4]),
+        TensorSpec::new("c", Dtype::F32, &[12_345]),
+    ];
+    let path = common::write(&dir.path().join("m.safetensors"), &specs);
+    let Some((file, len, before)) = cold(&path) else {
+        return;
+    };
+    let store = store();
+    let gpu = store.add_device(std::sync::Arc::new(lowtide::SimDevice::new(
+        "sim0",
+        128 << 20,
+    )));
+    let m = store.open_model(&path).unwrap();
+    store.load(m, gpu, None).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let total: u64 = ids.iter().map(|&id| store.info(id).unwrap().len).sum();
+    for &id in &ids {
+        let name = store.info(id).unwrap().name;
+        let bytes = store.acquire_device(id, gpu).unwrap().download().unwrap();
+        assert_eq!(bytes, common::expected(&name, bytes.len() as u64), "{name}");
+    }
+    let stats = store.stats();
+    assert_eq!(stats.anon_bytes, 0, "no host copy kept");
+    assert_eq!(stats.bytes_read_cold + stats.bytes_read_cached, total);
+    assert!(stats.bytes_read_cached <= 16 * 1024, "{stats:?}");
+    let after = cached_bytes(&file, 0, len).unwrap();
+    assert!(
+        after <= before + 16 * 1024,
+        "uploads left {after} of {len} bytes in the page cache (before: {before})"
+    );
+}

@@ -395,18 +395,6 @@ impl Source {
         Ok((buf, cold))
     }
 
-    /// Reads `[offset, offset + len)` with `pread` into `dst` (no mapping involved).
-    pub(crate) fn read_into(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
-        self.check_unchanged()?;
-        self.file
-            .read_exact_at(dst, offset)
-            .map_err(|source| SourceError::Io {
-                path: self.path.clone(),
-                op: "read",
-                source,
-            })
-    }
-
     /// Releases this process's mapped pages that lie wholly inside `[offset, offset + len)` and
     /// asks the kernel to drop them from the page cache. Writes nothing. Returns bytes released.
     pub(crate) fn release(&self, offset: u64, len: u64) -> u64 {

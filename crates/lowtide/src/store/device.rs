@@ -17,6 +17,10 @@ use crate::spill::{Extent, SpillError};
 use crate::stats::Stats;
 use crate::sys::AlignedBuf;
 
+/// Bytes restored at once for a device upload: enough for several direct-I/O requests in
+/// flight, and a bounded staging cost (no full host copy of a tensor).
+const UPLOAD_WINDOW: u64 = 32 << 20;
+
 /// A device added to a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub(super) u32);
@@ -482,16 +486,25 @@ impl Store {
                 .upload(alloc, 0, buf.as_slice())
                 .map_err(device_err)?,
             UploadFrom::Source { source, offset } => {
-                // Read chunk by chunk into one staging buffer: no full host copy is kept.
-                let mut chunk = vec![0u8; device.chunk_len().min(len as usize).max(1)];
-                let mut done = 0u64;
+                // Restored window by window into one reused buffer (cached parts copied,
+                // the rest read with O_DIRECT, as for RAM copies), each window uploaded in
+                // the device's chunks: no full host copy is kept, and nothing is left in the
+                // page cache.
+                let chunk = device.chunk_len().max(1) as u64;
+                let window = (UPLOAD_WINDOW / chunk).max(1) * chunk;
+                let (mut done, mut spare) = (0u64, None);
                 while done < len {
-                    let n = (len - done).min(chunk.len() as u64) as usize;
-                    source.read_into(offset + done, &mut chunk[..n])?;
-                    device
-                        .upload(alloc, done, &chunk[..n])
-                        .map_err(device_err)?;
-                    done += n as u64;
+                    let n = (len - done).min(window);
+                    let (buf, cold) = source.restore(offset + done, n, spare.take())?;
+                    Stats::add(&self.shared.stats.bytes_read_cold, cold);
+                    Stats::add(&self.shared.stats.bytes_read_cached, n - cold);
+                    for (i, piece) in buf.as_slice().chunks(chunk as usize).enumerate() {
+                        device
+                            .upload(alloc, done + i as u64 * chunk, piece)
+                            .map_err(device_err)?;
+                    }
+                    spare = Some(buf.into_inner());
+                    done += n;
                 }
                 Stats::add(&self.shared.stats.bytes_read_source, len);
             }
