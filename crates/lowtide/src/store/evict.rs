@@ -215,9 +215,8 @@ impl Shared {
 
 impl crate::governor::Relieve for Shared {
     fn tick(&self, pressure: bool) {
-        // Without holding the store's lock meanwhile.
-        let releaser = Arc::clone(&self.lock().releaser);
-        releaser.wait();
+        // Copies still being freed first, without holding the store's lock meanwhile.
+        Arc::clone(&self.lock().releaser).wait();
         let reading: MemoryReading = self.governor.reading();
         let reserve = self.governor.reserve_ram();
         let short = reserve.saturating_sub(reading.available);
