@@ -268,3 +268,38 @@ fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
         Err(StoreError::NotFromFile { .. })
     ));
 }
+
+/// A patched tensor uploaded to a device may lose its RAM copy to eviction (the device holds
+/// its bytes, so nothing is written); reading it on the host again downloads it. Found by
+/// the eight-thread stress test, where this path panicked.
+#[test]
+fn a_patched_tensor_whose_only_copy_is_on_a_device_reads_back_on_the_host() {
+    let dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir.path())
+        .monitor(false)
+        .build()
+        .unwrap();
+    let sim = Arc::new(SimDevice::new("sim0", 8 << 20));
+    let gpu = store.add_device(sim.clone());
+    let m = store.open_model(model(dir.path())).unwrap();
+    let id = store.tensors(m).unwrap()[0];
+    let patched = patch(&expected(&store, id));
+    store.replace(id, patched.clone()).unwrap();
+    drop(store.acquire_device(id, gpu).unwrap());
+    // Evict every RAM copy: the patched one is dropped, its device copy kept.
+    let freed = store.free_memory(u64::MAX);
+    assert_eq!(
+        freed.spilled_bytes, 0,
+        "nothing written: the device holds the bytes"
+    );
+    let info = store.info(id).unwrap();
+    assert!(!info.in_ram && !info.spilled && info.device.is_some());
+
+    let downloaded = sim.bytes_downloaded();
+    assert_eq!(&store.acquire_ram(id).unwrap()[..], &patched[..]);
+    assert_eq!(&store.acquire(id).unwrap()[..], &patched[..]);
+    assert_eq!(sim.bytes_downloaded() - downloaded, patched.len() as u64);
+    assert_eq!(store.stats().bytes_written, 0);
+}

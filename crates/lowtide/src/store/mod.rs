@@ -207,6 +207,11 @@ enum CopyFrom {
         source: Arc<crate::source::Source>,
         offset: u64,
     },
+    /// A dirty tensor whose bytes are on a device (kept there while the tensor is pinned).
+    Device {
+        device: Arc<dyn crate::device::Device>,
+        copy: Arc<crate::device::DeviceAlloc>,
+    },
     Spill {
         extent: crate::spill::Extent,
         recipe: Option<Recipe>,
@@ -414,21 +419,36 @@ impl Store {
                 entry.pins += 1;
                 Restore::Ready(buf)
             } else {
+                let on_device = entry
+                    .device
+                    .as_ref()
+                    .map(|copy| (copy.device, Arc::clone(&copy.alloc)));
                 let from = match (&entry.origin, entry.spilled, &entry.recipe) {
-                    (Origin::Source { source, offset }, _, _) => CopyFrom::Source {
+                    (Origin::Source { source, offset }, _, _) => Some(CopyFrom::Source {
                         source: Arc::clone(source),
                         offset: *offset,
-                    },
-                    (Origin::Derived, Some(extent), recipe) => CopyFrom::Spill {
+                    }),
+                    // A device copy comes back over the bus, faster than from the disk.
+                    (Origin::Derived, ..) if on_device.is_some() => None,
+                    (Origin::Derived, Some(extent), recipe) => Some(CopyFrom::Spill {
                         extent,
                         recipe: recipe.clone(),
-                    },
-                    (Origin::Derived, None, Some(recipe)) => CopyFrom::Recipe(recipe.clone()),
-                    (Origin::Derived, None, None) => {
-                        unreachable!("a dirty tensor always has a copy (strict mode checks)")
-                    }
+                    }),
+                    (Origin::Derived, None, Some(recipe)) => Some(CopyFrom::Recipe(recipe.clone())),
+                    (Origin::Derived, None, None) => None,
                 };
                 let (name, len) = (entry.name.clone(), entry.len);
+                let from = match (from, on_device) {
+                    (Some(from), _) => from,
+                    (None, Some((device, copy))) => CopyFrom::Device {
+                        device: self.shared.device(&state, device)?,
+                        copy,
+                    },
+                    (None, None) => unreachable!(
+                        "a dirty tensor always has a copy in RAM, the spill file or on a \
+                         device, or a recipe (strict mode checks)"
+                    ),
+                };
                 // Reserve the bytes now so that concurrent loads cannot overshoot together.
                 self.shared.make_room(&mut state, id, &name, len)?;
                 self.shared.keep_reserve(&mut state, id, &name, len)?;
@@ -533,6 +553,17 @@ impl Store {
                 }
             }
             CopyFrom::Recipe(recipe) => recompute(recipe),
+            CopyFrom::Device { device, copy } => {
+                let mut buf = alloc()?;
+                device
+                    .download(copy, 0, buf.as_mut_slice())
+                    .map_err(|source| StoreError::Device {
+                        name: name.to_owned(),
+                        source,
+                    })?;
+                Stats::add(&stats.bytes_downloaded, len);
+                Ok(RamBuf::Aligned(buf))
+            }
         }
     }
 
