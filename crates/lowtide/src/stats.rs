@@ -39,6 +39,14 @@ impl Stats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Records a restore of `len` bytes from a source file, `cold` of them read from the disk
+    /// and the rest copied from the page cache.
+    pub(crate) fn restored_from_source(&self, len: u64, cold: u64) {
+        Self::add(&self.bytes_read_source, len);
+        Self::add(&self.bytes_read_cold, cold);
+        Self::add(&self.bytes_read_cached, len - cold);
+    }
+
     /// Records that the store now holds `anon` anonymous bytes.
     pub(crate) fn set_anon(&self, anon: u64) {
         self.anon_bytes.store(anon, Ordering::Relaxed);

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use lowtide::{Dtype, SimDevice, Store, StoreError, TensorId, TensorSpec};
+use lowtide::{DeviceId, Dtype, ModelId, SimDevice, Store, StoreError, TensorId, TensorSpec};
 
 const KIB: u64 = 1024;
 
@@ -15,6 +15,21 @@ fn model(dir: &std::path::Path) -> std::path::PathBuf {
         .map(|i| TensorSpec::new(format!("block.{i}.weight"), Dtype::BF16, &[128, 1024]))
         .collect();
     common::write(&dir.join("model.safetensors"), &specs)
+}
+
+/// A store (64 MiB of RAM, spill in `dir`, no monitor) with the ten-tensor model open and
+/// an 8 MiB `SimDevice`.
+fn setup(dir: &std::path::Path) -> (Store, Arc<SimDevice>, DeviceId, ModelId) {
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .spill_dir(dir)
+        .monitor(false)
+        .build()
+        .unwrap();
+    let sim = Arc::new(SimDevice::new("sim0", 8 << 20));
+    let gpu = store.add_device(sim.clone());
+    let m = store.open_model(model(dir)).unwrap();
+    (store, sim, gpu, m)
 }
 
 fn expected(store: &Store, id: TensorId) -> Vec<u8> {
@@ -34,15 +49,7 @@ fn patch(bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn the_proposal_scenario_writes_only_the_patched_tensors() {
     let dir = common::tempdir();
-    let store = Store::builder()
-        .ram_budget(64 << 20)
-        .spill_dir(dir.path())
-        .monitor(false)
-        .build()
-        .unwrap();
-    let sim = Arc::new(SimDevice::new("sim0", 8 << 20));
-    let gpu = store.add_device(sim.clone());
-    let m = store.open_model(model(dir.path())).unwrap();
+    let (store, sim, gpu, m) = setup(dir.path());
     let loaded = store.load(m, gpu, None).unwrap();
     assert_eq!((loaded.device_tensors, loaded.host_tensors), (10, 0));
     assert_eq!(store.stats().anon_bytes, 0, "loading kept no host copy");
@@ -275,15 +282,7 @@ fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
 #[test]
 fn a_patched_tensor_whose_only_copy_is_on_a_device_reads_back_on_the_host() {
     let dir = common::tempdir();
-    let store = Store::builder()
-        .ram_budget(64 << 20)
-        .spill_dir(dir.path())
-        .monitor(false)
-        .build()
-        .unwrap();
-    let sim = Arc::new(SimDevice::new("sim0", 8 << 20));
-    let gpu = store.add_device(sim.clone());
-    let m = store.open_model(model(dir.path())).unwrap();
+    let (store, sim, gpu, m) = setup(dir.path());
     let id = store.tensors(m).unwrap()[0];
     let patched = patch(&expected(&store, id));
     store.replace(id, patched.clone()).unwrap();

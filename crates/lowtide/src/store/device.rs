@@ -513,8 +513,7 @@ impl Store {
                     });
                     for (done, n, restored) in windows {
                         let (buf, cold) = restored?;
-                        Stats::add(&self.shared.stats.bytes_read_cold, cold);
-                        Stats::add(&self.shared.stats.bytes_read_cached, n - cold);
+                        self.shared.stats.restored_from_source(n, cold);
                         for (i, piece) in buf.as_slice().chunks(chunk as usize).enumerate() {
                             device
                                 .upload(alloc, done + i as u64 * chunk, piece)
@@ -525,7 +524,6 @@ impl Store {
                     }
                     Ok(())
                 })?;
-                Stats::add(&self.shared.stats.bytes_read_source, len);
             }
             UploadFrom::Spill { extent, recipe } => {
                 let read = self.shared.spill_lock().read_with(

@@ -525,9 +525,7 @@ impl Store {
         match from {
             CopyFrom::Source { source, offset } => {
                 let (buf, cold) = source.restore(*offset, len, reuse)?;
-                Stats::add(&stats.bytes_read_source, len);
-                Stats::add(&stats.bytes_read_cold, cold);
-                Stats::add(&stats.bytes_read_cached, len - cold);
+                stats.restored_from_source(len, cold);
                 Ok(RamBuf::Direct(buf))
             }
             CopyFrom::Spill { extent, recipe } => {
