@@ -370,7 +370,7 @@ fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
     let ids = store.tensors(model)?;
     let begin = Instant::now();
     for &id in &ids {
-        drop(store.acquire(id)?);
+        store.fault_in(id)?;
     }
     f.mmap_cold_gbps = gbps(total, begin.elapsed().as_secs_f64());
 
@@ -395,11 +395,11 @@ fn measure(dir: &Path, size: u64) -> anyhow::Result<Figures> {
 
     eprintln!("acquire + release of a resident tensor");
     let id = ids[0];
-    drop(store.acquire(id)?);
+    drop(store.acquire_ram(id)?);
     let rounds = 1_000_000u32;
     let begin = Instant::now();
     for _ in 0..rounds {
-        std::hint::black_box(store.acquire(id)?);
+        std::hint::black_box(store.acquire_ram(id)?);
     }
     f.acquire_release_ns = begin.elapsed().as_secs_f64() * 1e9 / f64::from(rounds);
     store.release_model(model)?;

@@ -177,36 +177,50 @@ pub(crate) fn check_patches(workflow: &Workflow, models: &[ModelMeta]) -> anyhow
     Ok(())
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+/// The elements of a float tensor as f32, allocated fallibly.
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
+    let width = if matches!(dtype, Dtype::BF16 | Dtype::F16) {
+        2
+    } else {
+        4
+    };
+    let mut out = Vec::new();
+    out.try_reserve_exact(bytes.len() / width)
+        .with_context(|| {
+            format!(
+                "cannot allocate {} bytes for a LoRA factor",
+                bytes.len() * 2
+            )
+        })?;
+    let chunks = bytes.chunks_exact(width);
     match dtype {
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        Dtype::BF16 => out.extend(chunks.map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+        Dtype::F16 => out.extend(chunks.map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+        _ => out.extend(chunks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
     }
+    Ok(out)
 }
 
 /// `weight += strength * up @ down`, computed in f32 and rounded back to the weight's dtype.
-/// Shapes were checked by [`check_patches`].
+/// Shapes were checked by [`check_patches`]; any dimension may be zero (then there is
+/// nothing to add).
 pub(crate) fn apply_lora(
     weight: &mut [u8],
     w: &TensorMeta,
     down: (&TensorMeta, &[u8]),
     up: (&TensorMeta, &[u8]),
     strength: f32,
-) {
+) -> anyhow::Result<()> {
     let (cols, rank) = (w.shape[1] as usize, down.0.shape[0] as usize);
-    let (down, up) = (to_f32(down.0.dtype, down.1), to_f32(up.0.dtype, up.1));
     let elem = w.dtype.bytes_for(1).unwrap_or(2) as usize;
-    let mut row = vec![0f32; cols];
+    if cols == 0 || rank == 0 || weight.is_empty() {
+        return Ok(());
+    }
+    let (down, up) = (to_f32(down.0.dtype, down.1)?, to_f32(up.0.dtype, up.1)?);
+    let mut row = Vec::new();
+    row.try_reserve_exact(cols)
+        .context("cannot allocate a row of the LoRA product")?;
+    row.resize(cols, 0f32);
     for (o, out) in weight.chunks_exact_mut(cols * elem).enumerate() {
         row.fill(0.0);
         for k in 0..rank {
@@ -232,6 +246,7 @@ pub(crate) fn apply_lora(
             }
         }
     }
+    Ok(())
 }
 
 /// The digest of one model's weights as a compute step sees them: xxh3 over every tensor's
@@ -288,11 +303,37 @@ mod tests {
             (&meta(Dtype::F32, &[1, 2]), &down),
             (&meta(Dtype::F32, &[2, 1]), &up),
             0.5,
-        );
+        )
+        .unwrap();
         let got: Vec<f32> = w
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
         assert_eq!(got, [6., 12., 13., 24.]);
+    }
+
+    #[test]
+    fn zero_sized_dimensions_add_nothing() {
+        // A [4, 0] weight with a [2, 0] down and [4, 2] up factor, and the other way round.
+        let up: Vec<u8> = vec![0; 4 * 2 * 4];
+        let mut w: Vec<u8> = Vec::new();
+        apply_lora(
+            &mut w,
+            &meta(Dtype::F32, &[4, 0]),
+            (&meta(Dtype::F32, &[2, 0]), &[]),
+            (&meta(Dtype::F32, &[4, 2]), &up),
+            1.0,
+        )
+        .unwrap();
+        let mut w: Vec<u8> = vec![7; 4 * 3 * 2];
+        apply_lora(
+            &mut w,
+            &meta(Dtype::BF16, &[4, 3]),
+            (&meta(Dtype::BF16, &[0, 3]), &[]),
+            (&meta(Dtype::BF16, &[4, 0]), &[]),
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(w, vec![7; 24]);
     }
 }

@@ -4,6 +4,7 @@ mod bench;
 mod catalog;
 mod compare;
 mod demo;
+mod fit;
 mod inspect;
 mod run;
 mod strategy;

@@ -208,6 +208,7 @@ pub(crate) fn prepare(workflow: &Workflow) -> anyhow::Result<Vec<ModelMeta>> {
         }
     })?;
     catalog::check_patches(workflow, &models)?;
+    crate::fit::check(workflow, &models)?;
     Ok(models)
 }
 

@@ -9,15 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use lowtide::direct::AlignedBytes;
 use lowtide::{
-    Device, DeviceAlloc, DeviceId, MemoryReading, ModelId, Priority, SimDevice, Store, TensorId,
+    ByteSize, Device, DeviceAlloc, DeviceId, MemoryReading, ModelId, Priority, SimDevice, Store,
+    TensorId,
 };
 
 use crate::catalog::{Digest, ModelMeta, TensorMeta, apply_lora};
 use crate::workflow::Workflow;
 
 /// Compute and spill-all stream device memory in chunks of this size.
-const CHUNK: usize = 4 << 20;
+pub(crate) const CHUNK: usize = 4 << 20;
 
 /// Which strategy runs a workflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -100,18 +102,38 @@ fn cuda_device(workflow: &Workflow) -> anyhow::Result<Arc<dyn Device>> {
     )
 }
 
-/// Hashes a device allocation in chunks.
+/// A buffer of `len` bytes that is its own mapping when large (given back to the kernel when
+/// dropped, never kept by the allocator), or an error naming what it was for.
+pub(crate) fn buffer(len: u64, what: &str) -> anyhow::Result<AlignedBytes> {
+    usize::try_from(len)
+        .ok()
+        .and_then(AlignedBytes::zeroed)
+        .with_context(|| format!("cannot allocate {} for {what}", ByteSize(len)))
+}
+
+/// `len` zero bytes in a vector, allocated fallibly (sizes come from model files).
+pub(crate) fn zeroed_vec(len: u64, what: &str) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| bytes.try_reserve_exact(n).ok())
+        .with_context(|| format!("cannot allocate {} for {what}", ByteSize(len)))?;
+    bytes.resize(len as usize, 0);
+    Ok(bytes)
+}
+
+/// Hashes a device allocation in chunks of `scratch`.
 fn hash_device(
     device: &dyn Device,
     alloc: &DeviceAlloc,
     digest: &mut Digest,
+    scratch: &mut [u8],
 ) -> anyhow::Result<()> {
-    let mut chunk = vec![0u8; CHUNK.min(alloc.len() as usize)];
     let mut at = 0u64;
     while at < alloc.len() {
-        let n = (alloc.len() - at).min(chunk.len() as u64) as usize;
-        device.download(alloc, at, &mut chunk[..n])?;
-        digest.bytes(&chunk[..n]);
+        let n = (alloc.len() - at).min(scratch.len() as u64) as usize;
+        device.download(alloc, at, &mut scratch[..n])?;
+        digest.bytes(&scratch[..n]);
         at += n as u64;
     }
     Ok(())
@@ -121,7 +143,7 @@ fn hash_device(
 fn read_tensor(meta: &TensorMeta) -> anyhow::Result<Vec<u8>> {
     let file =
         File::open(&meta.file).with_context(|| format!("cannot open {}", meta.file.display()))?;
-    let mut bytes = vec![0u8; meta.len as usize];
+    let mut bytes = zeroed_vec(meta.len, &meta.name)?;
     file.read_exact_at(&mut bytes, meta.offset)
         .with_context(|| format!("{}: cannot read `{}`", meta.file.display(), meta.name))?;
     Ok(bytes)
@@ -136,12 +158,16 @@ pub(crate) struct LowtideBackend {
     stall: Duration,
     /// Prefetches started by `prefetch` steps, by model (cancelled when dropped).
     prefetches: std::collections::HashMap<usize, lowtide::Prefetch>,
+    /// Where compute steps download device memory to hash it, reused.
+    scratch: AlignedBytes,
 }
 
 impl LowtideBackend {
     pub(crate) fn new(workflow: &Workflow, models: Vec<ModelMeta>) -> anyhow::Result<Self> {
         let mut builder = Store::builder().reserve_ram(workflow.limits.reserve_ram);
-        if let Some(budget) = workflow.limits.ram_budget {
+        // Under a cap without a budget of its own, the budget is what the cap leaves.
+        let fit = crate::fit::check(workflow, &models)?;
+        if let Some(budget) = workflow.limits.ram_budget.or(fit.map(|f| f.ram_budget)) {
             builder = builder.ram_budget(budget);
         }
         if let Some(dir) = &workflow.limits.spill_dir {
@@ -167,6 +193,7 @@ impl LowtideBackend {
             ids,
             stall: Duration::ZERO,
             prefetches: std::collections::HashMap::new(),
+            scratch: buffer(CHUNK as u64, "hashing")?,
         })
     }
 
@@ -204,7 +231,12 @@ impl Backend for LowtideBackend {
             let guard = self.store.acquire_device(id, self.gpu)?;
             self.stall += start.elapsed();
             digest.tensor(&self.store.info(id)?.name);
-            hash_device(&**guard.device(), guard.alloc(), &mut digest)?;
+            hash_device(
+                &**guard.device(),
+                guard.alloc(),
+                &mut digest,
+                self.scratch.as_mut_slice(),
+            )?;
         }
         Ok(digest.finish())
     }
@@ -217,22 +249,28 @@ impl Backend for LowtideBackend {
             let meta = &self.models[model].tensors[self.models[model]
                 .index_of(&pair.target)
                 .context("checked")?];
-            let mut weight = self.store.acquire_device(id, self.gpu)?.download()?;
+            let mut weight = buffer(meta.len, "patching")?;
+            self.store
+                .acquire_device(id, self.gpu)?
+                .download_into(weight.as_mut_slice())?;
             let (down, up) = (
                 &self.models[lora].tensors[pair.down],
                 &self.models[lora].tensors[pair.up],
             );
-            let down_bytes = self.store.acquire(self.id(lora, &down.name)?)?;
-            let up_bytes = self.store.acquire(self.id(lora, &up.name)?)?;
+            // RAM copies, read and checked against the file's identity: a LoRA file
+            // truncated or rewritten meanwhile is an error, never SIGBUS or other bytes.
+            let down_bytes = self.store.acquire_ram(self.id(lora, &down.name)?)?;
+            let up_bytes = self.store.acquire_ram(self.id(lora, &up.name)?)?;
             apply_lora(
-                &mut weight,
+                weight.as_mut_slice(),
                 meta,
                 (down, &down_bytes),
                 (up, &up_bytes),
                 strength,
-            );
+            )?;
             drop((down_bytes, up_bytes));
-            self.store.replace_on_device(id, self.gpu, &weight)?;
+            self.store
+                .replace_on_device(id, self.gpu, weight.as_slice())?;
         }
         Ok(())
     }
@@ -312,6 +350,8 @@ pub(crate) struct ClassicBackend {
     offload_end: u64,
     figures: Figures,
     held: u64,
+    /// Where compute steps download device memory to hash it, reused.
+    scratch: AlignedBytes,
 }
 
 impl ClassicBackend {
@@ -345,6 +385,7 @@ impl ClassicBackend {
             offload_end: 0,
             figures: Figures::default(),
             held: 0,
+            scratch: buffer(CHUNK as u64, "hashing")?,
         })
     }
 
@@ -361,7 +402,7 @@ impl ClassicBackend {
         }
         let meta = &self.models[model].tensors[t];
         let bytes = if let (Some(at), Some((file, _))) = (slot.offloaded, &self.offload) {
-            let mut bytes = vec![0u8; meta.len as usize];
+            let mut bytes = zeroed_vec(meta.len, &meta.name)?;
             file.read_exact_at(&mut bytes, at).context("offload file")?;
             self.figures.bytes_restored += meta.len;
             bytes
@@ -382,7 +423,7 @@ impl ClassicBackend {
             return Ok(0);
         };
         let len = alloc.len();
-        let mut bytes = vec![0u8; len as usize];
+        let mut bytes = zeroed_vec(len, "a download")?;
         self.device.download(&alloc, 0, &mut bytes)?;
         self.device.release(alloc);
         self.figures.evictions += 1;
@@ -475,7 +516,7 @@ impl ClassicBackend {
         self.ensure_host(model, t)?;
         let slot = &self.slots[model][t];
         if let Some(alloc) = &slot.device {
-            let mut bytes = vec![0u8; alloc.len() as usize];
+            let mut bytes = zeroed_vec(alloc.len(), "a download")?;
             self.device.download(alloc, 0, &mut bytes)?;
             return Ok(bytes);
         }
@@ -519,7 +560,14 @@ impl Backend for ClassicBackend {
             digest.tensor(&self.models[model].tensors[t].name);
             self.ensure_host(model, t)?;
             match (&self.slots[model][t].device, &self.slots[model][t].host) {
-                (Some(alloc), _) => hash_device(&*self.device, alloc, &mut digest)?,
+                (Some(alloc), _) => {
+                    hash_device(
+                        &*self.device,
+                        alloc,
+                        &mut digest,
+                        self.scratch.as_mut_slice(),
+                    )?;
+                }
                 // Low-VRAM: weights that did not fit are used from host RAM.
                 (None, Some(host)) => digest.bytes(host),
                 (None, None) => unreachable!("ensure_host gave it a copy"),
@@ -548,7 +596,7 @@ impl Backend for ClassicBackend {
                 (&lm[pair.down], &down),
                 (&lm[pair.up], &up),
                 strength,
-            );
+            )?;
             self.set(model, t, weight)?;
         }
         Ok(())

@@ -9,10 +9,10 @@ use common::{json_of as json, lowtide};
 
 const WORKFLOW: &str = r#"cache_dir = "models"
 [device]
-capacity = "48MiB"
+capacity = "40MiB"
 [limits]
 cap = "128MiB"
-reserve_ram = "16MiB"
+reserve_ram = "8MiB"
 ram_budget = "16MiB"
 [models.te]
 synthetic = "text_encoder"

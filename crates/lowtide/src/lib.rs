@@ -11,10 +11,10 @@
 //! let model = store.open_model("unet.safetensors")?;       // validated, mapped, nothing read
 //! let weight = store.tensor(model, "conv_in.weight")?;
 //! {
-//!     let bytes = store.acquire(weight)?;                   // the file's own pages, pinned
+//!     let bytes = store.acquire_ram(weight)?;               // an owned copy, pinned
 //!     println!("{} bytes", bytes.len());
 //! }                                                          // guard dropped: evictable again
-//! store.drop_clean(weight)?;                                 // frees pages, writes nothing
+//! store.drop_clean(weight)?;                                 // frees it, writes nothing
 //! # Ok(()) }
 //! ```
 //!
@@ -53,7 +53,7 @@ pub use stats::StatsSnapshot;
 pub use store::{
     ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Prefetch,
     PrefetchOutcome, Recipe, Store, StoreBuilder, StoreError, TensorBytes, TensorGuard, TensorId,
-    TensorInfo, Tier, UnloadOutcome,
+    TensorInfo, Tier, UnloadOutcome, scratch_bytes,
 };
 pub use sys::procfs::{ProcIo, ProcMemory};
 

@@ -114,7 +114,7 @@ fn unload_goes_to_ram_when_the_governor_allows() {
     let outcome = store.unload_all(m).unwrap();
     assert_eq!(outcome.to_ram_bytes, 256 * KIB);
     assert_eq!(store.stats().bytes_written, 0);
-    assert_eq!(&store.acquire(id).unwrap()[..], &bytes[..]);
+    assert_eq!(&store.acquire_ram(id).unwrap()[..], &bytes[..]);
 }
 
 #[test]
@@ -209,7 +209,10 @@ fn loading_within_a_device_budget_leaves_the_rest_on_the_host() {
     // Every tensor is still served: host ones by the mapped file, and on the device on demand
     // (unloading others to make room).
     for &id in &store.tensors(m).unwrap() {
-        assert_eq!(&store.acquire(id).unwrap()[..], &expected(&store, id)[..]);
+        assert_eq!(
+            &store.acquire_ram(id).unwrap()[..],
+            &expected(&store, id)[..]
+        );
         let guard = store.acquire_device(id, gpu).unwrap();
         assert_eq!(guard.download().unwrap(), expected(&store, id));
     }
@@ -260,7 +263,7 @@ fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
         "{info:?}"
     );
     assert_eq!(store.spill_used(), 0);
-    assert_eq!(&store.acquire(id).unwrap()[..], &original[..]);
+    assert_eq!(&store.acquire_ram(id).unwrap()[..], &original[..]);
     assert_eq!(
         store.acquire_device(id, gpu).unwrap().download().unwrap(),
         original
@@ -298,7 +301,7 @@ fn a_patched_tensor_whose_only_copy_is_on_a_device_reads_back_on_the_host() {
 
     let downloaded = sim.bytes_downloaded();
     assert_eq!(&store.acquire_ram(id).unwrap()[..], &patched[..]);
-    assert_eq!(&store.acquire(id).unwrap()[..], &patched[..]);
+    assert_eq!(&store.acquire_ram(id).unwrap()[..], &patched[..]);
     assert_eq!(sim.bytes_downloaded() - downloaded, patched.len() as u64);
     assert_eq!(store.stats().bytes_written, 0);
 }

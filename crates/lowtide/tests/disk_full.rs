@@ -107,7 +107,7 @@ fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
     // Every tensor is still readable with the right bytes (restoring frees spill space).
     for (i, &id) in ids.iter().enumerate() {
         assert!(
-            store.acquire(id).unwrap().iter().all(|&b| b == i as u8),
+            store.acquire_ram(id).unwrap().iter().all(|&b| b == i as u8),
             "tensor {i}"
         );
     }
@@ -117,7 +117,7 @@ fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
     assert!(store.info(full_id).unwrap().spilled);
     assert!(
         store
-            .acquire(full_id)
+            .acquire_ram(full_id)
             .unwrap()
             .iter()
             .all(|&b| b == spilled.len() as u8)

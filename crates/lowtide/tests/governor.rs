@@ -96,7 +96,7 @@ fn clean_copies_go_before_dirty_ones_used_at_the_same_time() {
     assert!(!info.in_ram && info.spilled, "{info:?}");
     assert_eq!(store.stats().bytes_spilled, 256 * 1024);
     assert_eq!(store.stats().bytes_written, 256 * 1024);
-    let back = store.acquire(dirty).unwrap();
+    let back = store.acquire_ram(dirty).unwrap();
     assert_eq!(back.tier(), Tier::Ram);
     assert!(back.iter().all(|&b| b == 3));
     assert_eq!(store.stats().bytes_restored_spill, 256 * 1024);
@@ -146,12 +146,12 @@ fn spill_round_trip_and_a_flipped_byte_is_caught() {
     );
 
     // Round trip is byte-identical.
-    assert_eq!(&store.acquire(plain).unwrap()[..], &bytes[..]);
+    assert_eq!(&store.acquire_ram(plain).unwrap()[..], &bytes[..]);
     store.spill(plain).unwrap();
 
     // Flip one byte of every extent through the process's own descriptor of the spill file.
     corrupt_spill_file(spill_dir.path());
-    let err = store.acquire(plain).unwrap_err();
+    let err = store.acquire_ram(plain).unwrap_err();
     let StoreError::Lost { name, source } = &err else {
         panic!("{err:?}")
     };
@@ -159,9 +159,12 @@ fn spill_round_trip_and_a_flipped_byte_is_caught() {
     assert!(matches!(source, SpillError::Checksum { .. }), "{source}");
     assert!(store.stats().checksum_failures >= 1);
     // Still reported lost on the next try: never wrong bytes.
-    assert!(matches!(store.acquire(plain), Err(StoreError::Lost { .. })));
+    assert!(matches!(
+        store.acquire_ram(plain),
+        Err(StoreError::Lost { .. })
+    ));
 
-    let restored = store.acquire(with_recipe).unwrap();
+    let restored = store.acquire_ram(with_recipe).unwrap();
     assert_eq!(&restored[..], &bytes[..]);
     assert_eq!(
         calls.load(Ordering::SeqCst),
@@ -223,7 +226,7 @@ fn a_cheap_recipe_is_dropped_instead_of_spilled() {
     let info = store.info(cheap).unwrap();
     assert!(!info.in_ram && !info.spilled && info.has_recipe, "{info:?}");
     assert_eq!(store.stats().bytes_written, 0);
-    assert!(store.acquire(cheap).unwrap().iter().all(|&b| b == 9));
+    assert!(store.acquire_ram(cheap).unwrap().iter().all(|&b| b == 9));
     assert_eq!(store.stats().recomputes, 1);
 }
 
@@ -286,8 +289,7 @@ fn the_reserve_is_kept_and_refusals_are_typed() {
     );
     // The mapped view costs no anonymous memory and is still served.
     assert_eq!(
-        store
-            .acquire(store.tensor(a, "a.w0").unwrap())
+        common::mapped(&store, store.tensor(a, "a.w0").unwrap())
             .unwrap()
             .tier(),
         Tier::Mapped
@@ -396,7 +398,7 @@ fn spill_max_refusal_keeps_the_tensor_in_ram() {
     };
     assert_eq!(name, "y");
     assert!(store.info(y).unwrap().in_ram);
-    assert!(store.acquire(y).unwrap().iter().all(|&b| b == 2));
+    assert!(store.acquire_ram(y).unwrap().iter().all(|&b| b == 2));
     // Eviction moves on past a failed spill instead of giving up.
     let outcome = store.free_memory(400_000);
     assert_eq!(outcome.spill_failures, 1);

@@ -66,7 +66,7 @@ fn run(ops: &[Op]) {
             Op::Acquire(i) | Op::AcquireRam(i) => {
                 let id = pick(&truth, *i);
                 let result = if matches!(op, Op::Acquire(_)) {
-                    store.acquire(id)
+                    common::mapped(&store, id)
                 } else {
                     store.acquire_ram(id)
                 };
@@ -147,7 +147,7 @@ fn run(ops: &[Op]) {
     // Every tensor is recoverable with the right bytes.
     guards.clear();
     for (id, bytes) in &truth {
-        let guard = store.acquire(*id).unwrap_or_else(|err| panic!("{err}"));
+        let guard = store.acquire_ram(*id).unwrap_or_else(|err| panic!("{err}"));
         assert_eq!(&guard[..], &bytes[..], "{:?}", store.info(*id).unwrap());
     }
     assert_eq!(store.stats().checksum_failures, 0);

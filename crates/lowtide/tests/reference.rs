@@ -373,9 +373,7 @@ fn store_serves_reference_bytes_mapped_and_in_ram() {
             assert_eq!(info.len, m.bytes, "{what}");
             assert!(info.clean, "{what}");
 
-            let mapped = store
-                .acquire(id)
-                .unwrap_or_else(|err| panic!("{what}: {err:?}"));
+            let mapped = common::mapped(&store, id).unwrap_or_else(|err| panic!("{what}: {err:?}"));
             assert_eq!(mapped.tier(), Tier::Mapped, "{what}");
             assert!(
                 mapped.bytes() == want.as_slice(),
@@ -391,10 +389,10 @@ fn store_serves_reference_bytes_mapped_and_in_ram() {
             drop(ram);
 
             // With a RAM copy, a plain acquire serves it; after a clean drop, the file again.
-            assert_eq!(store.acquire(id).unwrap().tier(), Tier::Ram, "{what}");
+            assert_eq!(store.acquire_ram(id).unwrap().tier(), Tier::Ram, "{what}");
             store.drop_clean(id).unwrap();
             assert!(!store.info(id).unwrap().in_ram, "{what}");
-            let again = store.acquire(id).unwrap();
+            let again = common::mapped(&store, id).unwrap();
             assert_eq!(again.tier(), Tier::Mapped, "{what}");
             assert!(
                 again.bytes() == want.as_slice(),

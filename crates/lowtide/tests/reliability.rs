@@ -49,7 +49,7 @@ fn fixture() -> Fixture {
         drop(store.acquire_ram(id).unwrap());
     }
     for &id in &ids[4..8] {
-        drop(store.acquire(id).unwrap());
+        drop(common::mapped(&store, id).unwrap());
     }
     Fixture {
         _dir: dir,
@@ -68,11 +68,11 @@ fn expected(store: &Store, id: TensorId) -> Vec<u8> {
 /// `Changed` error naming the file — never a signal, never wrong bytes.
 fn check_after_change(f: &Fixture, what: fn(&Change) -> bool) {
     for &id in &f.ids[..4] {
-        let guard = f.store.acquire(id).unwrap();
+        let guard = f.store.acquire_ram(id).unwrap();
         assert_eq!(&guard[..], &expected(&f.store, id)[..], "RAM copy kept");
     }
     for &id in &f.ids[4..] {
-        for result in [f.store.acquire(id), f.store.acquire_ram(id)] {
+        for result in [common::mapped(&f.store, id), f.store.acquire_ram(id)] {
             match result {
                 Err(StoreError::Source(SourceError::Changed { path, change })) => {
                     assert_eq!(path, f.path);
@@ -141,7 +141,7 @@ fn a_source_replaced_by_rename_keeps_serving_the_file_it_opened() {
     std::fs::rename(&other, &f.path).unwrap();
     for &id in &f.ids {
         f.store.drop_clean(id).unwrap();
-        let guard = f.store.acquire(id).unwrap();
+        let guard = common::mapped(&f.store, id).unwrap();
         assert_eq!(&guard[..], &expected(&f.store, id)[..]);
         drop(guard);
         let guard = f.store.acquire_ram(id).unwrap();
@@ -281,7 +281,7 @@ fn worker(store: &Store, gpu: lowtide::DeviceId, m: lowtide::ModelId, t: usize, 
         };
         match rng % 9 {
             0 => {
-                let guard = store.acquire(id).unwrap();
+                let guard = common::mapped(&store, id).unwrap();
                 assert_eq!(&guard[..], &expect(id, &owned)[..], "acquire");
             }
             1 => {
@@ -324,7 +324,7 @@ fn worker(store: &Store, gpu: lowtide::DeviceId, m: lowtide::ModelId, t: usize, 
             7 => {
                 if let Some((id, bytes)) = derived.get(pick % derived.len().max(1)) {
                     let _ = ok_or_tolerated(store.spill(*id), "spill");
-                    let guard = store.acquire(*id).unwrap();
+                    let guard = store.acquire_ram(*id).unwrap();
                     assert_eq!(&guard[..], &bytes[..], "derived after spill");
                 }
             }
@@ -337,11 +337,11 @@ fn worker(store: &Store, gpu: lowtide::DeviceId, m: lowtide::ModelId, t: usize, 
     }
     // Everything this thread made or patched is still there, byte for byte.
     for (id, bytes) in &derived {
-        let guard = store.acquire(*id).unwrap();
+        let guard = store.acquire_ram(*id).unwrap();
         assert_eq!(&guard[..], &bytes[..], "derived at the end");
     }
     for &id in &owned_ids {
-        let guard = store.acquire(id).unwrap();
+        let guard = store.acquire_ram(id).unwrap();
         assert_eq!(&guard[..], &expect(id, &owned)[..], "owned at the end");
     }
 }

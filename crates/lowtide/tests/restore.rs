@@ -199,7 +199,7 @@ fn prefetch_fills_free_room_in_the_background_and_never_evicts() {
     for &id in &store.tensors(b).unwrap()[..2] {
         let info = store.info(id).unwrap();
         assert!(info.in_ram);
-        let guard = store.acquire(id).unwrap();
+        let guard = store.acquire_ram(id).unwrap();
         assert_eq!(&guard[..], &common::expected(&info.name, info.len)[..]);
     }
     // A cancelled prefetch stops.
@@ -279,7 +279,7 @@ fn large_derived_tensors_spill_and_restore_byte_identical() {
             .unwrap();
         assert_eq!(store.spill(id).unwrap(), len);
         assert!(store.info(id).unwrap().spilled);
-        let guard = store.acquire(id).unwrap();
+        let guard = store.acquire_ram(id).unwrap();
         assert!(
             guard[..] == bytes[..],
             "tensor of {len} bytes differs after the round trip"
@@ -295,7 +295,7 @@ fn large_derived_tensors_spill_and_restore_byte_identical() {
         let written = store.stats().bytes_spilled;
         assert_eq!(store.spill(id).unwrap(), len);
         assert_eq!(store.stats().bytes_spilled - written, len);
-        let guard = store.acquire(id).unwrap();
+        let guard = store.acquire_ram(id).unwrap();
         assert_eq!(guard[0], bytes[0] ^ 0xff);
         assert!(
             guard[1..] == bytes[1..],

@@ -30,7 +30,7 @@ fn mapped_and_ram_views_hold_the_file_bytes() {
         let len = spec.byte_len().unwrap();
         let expected = common::expected(&spec.name, len);
         {
-            let mapped = store.acquire(id).unwrap();
+            let mapped = common::mapped(&store, id).unwrap();
             assert_eq!(mapped.tier(), Tier::Mapped);
             assert_eq!(&mapped[..], &expected[..], "{}", spec.name);
         }
@@ -38,7 +38,7 @@ fn mapped_and_ram_views_hold_the_file_bytes() {
         assert_eq!(ram.tier(), Tier::Ram);
         assert_eq!(&ram[..], &expected[..]);
         // Once there is a RAM copy, plain acquire serves it.
-        assert_eq!(store.acquire(id).unwrap().tier(), Tier::Ram);
+        assert_eq!(store.acquire_ram(id).unwrap().tier(), Tier::Ram);
     }
     let stats = store.stats();
     let total: u64 = common::unet_specs("")
@@ -66,7 +66,7 @@ fn unknown_names_and_handles_are_typed_errors() {
     let id = store.tensor(model, "conv_in.weight").unwrap();
     store.close_model(model).unwrap();
     assert!(matches!(
-        store.acquire(id),
+        store.acquire_ram(id),
         Err(StoreError::UnknownTensor { .. })
     ));
     assert!(matches!(
@@ -136,7 +136,7 @@ fn pinned_copies_are_never_evicted_and_over_budget_is_an_error() {
         Err(StoreError::Pinned { pins: 1, .. })
     ));
     // The mapped view still works without RAM.
-    assert_eq!(store.acquire(conv).unwrap().tier(), Tier::Mapped);
+    assert_eq!(common::mapped(&store, conv).unwrap().tier(), Tier::Mapped);
     drop(pinned);
     drop(store.acquire_ram(conv).unwrap());
     assert!(!store.info(big).unwrap().in_ram);
@@ -147,7 +147,7 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
     let (_dir, store, model) = store_with(8 << 20);
     let bias = store.tensor(model, "conv_in.bias").unwrap();
     let patched: Vec<u8> = store
-        .acquire(bias)
+        .acquire_ram(bias)
         .unwrap()
         .iter()
         .map(|b| b ^ 0xff)
@@ -158,7 +158,7 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
     // Dropping clean copies keeps the only copy of a dirty tensor.
     let outcome = store.drop_clean(bias).unwrap();
     assert_eq!((outcome.ram_bytes, outcome.kept), (0, 1));
-    assert_eq!(&store.acquire(bias).unwrap()[..], &patched[..]);
+    assert_eq!(&store.acquire_ram(bias).unwrap()[..], &patched[..]);
 
     let lora = store
         .derive(model, "lora.down", Dtype::BF16, &[4, 320], vec![7; 2560])
@@ -188,7 +188,7 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
         .unwrap_err();
     assert!(matches!(err, StoreError::BadShape { .. }), "{err}");
     // Replacing while pinned is refused and changes nothing.
-    let guard = store.acquire(lora).unwrap();
+    let guard = store.acquire_ram(lora).unwrap();
     assert!(matches!(
         store.replace(lora, vec![1; 2560]),
         Err(StoreError::Pinned { .. })
@@ -201,7 +201,7 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
 fn release_model_drops_every_clean_copy() {
     let (_dir, store, model) = store_with(64 << 20);
     for id in store.tensors(model).unwrap() {
-        drop(store.acquire(id).unwrap());
+        drop(common::mapped(&store, id).unwrap());
         drop(store.acquire_ram(id).unwrap());
     }
     let held = store.stats().anon_bytes;
@@ -228,7 +228,7 @@ fn many_threads_share_one_store() {
                     let id = ids[(t * 7 + i * 3) % ids.len()];
                     let name = store.info(id).unwrap().name;
                     let guard = match i % 3 {
-                        0 => store.acquire(id).unwrap(),
+                        0 => common::mapped(&store, id).unwrap(),
                         _ => match store.acquire_ram(id) {
                             Ok(guard) => guard,
                             Err(StoreError::OverBudget { .. }) => continue,

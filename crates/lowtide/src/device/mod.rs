@@ -59,6 +59,14 @@ pub enum DeviceError {
         /// Bytes free.
         free: u64,
     },
+    /// The host refused the memory of a device that lives in host memory (a simulated one).
+    #[error("{device}: the host cannot give {requested} bytes for an allocation")]
+    HostMemory {
+        /// The device's name.
+        device: String,
+        /// Bytes asked for.
+        requested: u64,
+    },
     /// A transfer range lies outside its allocation.
     #[error("{device}: range {offset}+{len} is outside a {alloc_len}-byte allocation")]
     Range {
@@ -119,6 +127,12 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     /// The chunk size streaming transfers should use (the staging buffer's size).
     fn chunk_len(&self) -> usize {
         4 << 20
+    }
+    /// Whether the device's memory is this process's host memory (a simulated device, or a
+    /// unified-memory one). The store then counts its allocations against the RAM reserve
+    /// like RAM copies: they take memory from the same pool and the same cgroup limit.
+    fn in_host_memory(&self) -> bool {
+        false
     }
 }
 

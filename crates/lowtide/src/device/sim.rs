@@ -6,12 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Device, DeviceAlloc, DeviceError, check_range};
+use crate::sys::AlignedBuf;
 
 /// Device memory simulated in host memory: a fixed capacity, byte counters, and optionally a
 /// bandwidth so that transfers take as long as they would over a real link.
 ///
-/// Its memory is ordinary heap memory of this process: it is not counted by the store's RAM
-/// budget (it stands for device memory), but it is real memory for the kernel.
+/// Its memory is this process's memory: not counted by the store's RAM budget (it stands for
+/// device memory), but real memory for the kernel and the memory cgroup, so the store counts
+/// it against the RAM reserve ([`Device::in_host_memory`]). Allocations of 256 KiB and more
+/// are mappings of their own, given back to the kernel when released; a refused allocation
+/// is [`DeviceError::HostMemory`], never an abort.
 #[derive(Debug)]
 pub struct SimDevice {
     name: String,
@@ -24,7 +28,7 @@ pub struct SimDevice {
 
 #[derive(Debug, Default)]
 struct SimState {
-    allocs: HashMap<u64, Vec<u8>>,
+    allocs: HashMap<u64, AlignedBuf>,
     used: u64,
     next_id: u64,
 }
@@ -102,14 +106,16 @@ impl Device for SimDevice {
                 free,
             });
         }
-        let bytes = usize::try_from(len).map_err(|_| DeviceError::OutOfMemory {
-            device: self.name.clone(),
-            requested: len,
-            free,
-        })?;
+        let memory = usize::try_from(len)
+            .ok()
+            .and_then(AlignedBuf::zeroed)
+            .ok_or_else(|| DeviceError::HostMemory {
+                device: self.name.clone(),
+                requested: len,
+            })?;
         let id = state.next_id;
         state.next_id += 1;
-        state.allocs.insert(id, vec![0; bytes]);
+        state.allocs.insert(id, memory);
         state.used += len;
         Ok(DeviceAlloc::new(id, len))
     }
@@ -119,6 +125,10 @@ impl Device for SimDevice {
         if state.allocs.remove(&alloc.id()).is_some() {
             state.used -= alloc.len();
         }
+    }
+
+    fn in_host_memory(&self) -> bool {
+        true
     }
 
     fn upload(&self, dst: &DeviceAlloc, offset: u64, src: &[u8]) -> Result<(), DeviceError> {
@@ -132,7 +142,8 @@ impl Device for SimDevice {
                     id: dst.id(),
                 });
             };
-            memory[offset as usize..offset as usize + src.len()].copy_from_slice(src);
+            memory.as_mut_slice()[offset as usize..offset as usize + src.len()]
+                .copy_from_slice(src);
         }
         self.uploaded.fetch_add(src.len() as u64, Ordering::Relaxed);
         self.throttle(started, src.len());
@@ -150,7 +161,7 @@ impl Device for SimDevice {
                     id: src.id(),
                 });
             };
-            dst.copy_from_slice(&memory[offset as usize..offset as usize + dst.len()]);
+            dst.copy_from_slice(&memory.as_slice()[offset as usize..offset as usize + dst.len()]);
         }
         self.downloaded
             .fetch_add(dst.len() as u64, Ordering::Relaxed);
@@ -183,5 +194,17 @@ mod tests {
         assert_eq!((device.bytes_uploaded(), device.bytes_downloaded()), (5, 5));
         device.release(a);
         assert_eq!(device.free_bytes(), 1000);
+    }
+
+    #[test]
+    fn an_allocation_the_host_cannot_give_is_an_error() {
+        // A 64 TiB device: the capacity allows it, the host does not.
+        let device = SimDevice::new("sim0", 1 << 46);
+        assert!(matches!(
+            device.allocate(1 << 45),
+            Err(DeviceError::HostMemory { requested, .. }) if requested == 1 << 45
+        ));
+        assert_eq!(device.used(), 0);
+        assert!(device.allocate(0).unwrap().is_empty());
     }
 }

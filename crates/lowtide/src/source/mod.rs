@@ -34,6 +34,10 @@ pub struct FileIdentity {
     pub size: u64,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i128,
+    /// Status change time, nanoseconds since the epoch. Unlike the modification time it
+    /// cannot be set back by a caller (`touch -d` restores an mtime, never a ctime), and it
+    /// moves on every write, truncation, `chmod` or new hard link.
+    pub ctime_ns: i128,
 }
 
 impl FileIdentity {
@@ -44,6 +48,7 @@ impl FileIdentity {
             ino: stat.st_ino,
             size: u64::try_from(stat.st_size).unwrap_or(0),
             mtime_ns: i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec),
+            ctime_ns: i128::from(stat.st_ctime) * 1_000_000_000 + i128::from(stat.st_ctime_nsec),
         })
     }
 }
@@ -59,7 +64,8 @@ pub enum Change {
         /// Size now.
         now: u64,
     },
-    /// Its modification time changed (rewritten in place).
+    /// Its modification or status change time moved (rewritten in place, or its
+    /// timestamps or attributes changed).
     Modified,
 }
 
@@ -267,7 +273,7 @@ impl Source {
                 was: self.identity.size,
                 now: now.size,
             }
-        } else if now.mtime_ns != self.identity.mtime_ns {
+        } else if now.mtime_ns != self.identity.mtime_ns || now.ctime_ns != self.identity.ctime_ns {
             Change::Modified
         } else {
             return Ok(());
@@ -392,6 +398,10 @@ impl Source {
             self.check_unchanged()?;
             return Err(io("read")(err));
         }
+        // Checked again after the copy: a write to the file moves its timestamps before it
+        // changes the page cache, so bytes rewritten while they were being read are caught
+        // here instead of being handed out as the tensor (docs/reliability.md).
+        self.check_unchanged()?;
         Ok((buf, cold))
     }
 

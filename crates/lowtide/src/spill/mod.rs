@@ -551,6 +551,13 @@ const OVERLAP_MIN: usize = 8 << 20;
 /// The bounce buffer for unaligned buffers: 8 requests of the default size.
 const BOUNCE: usize = 32 << 20;
 
+/// The most memory the spill file's own buffers hold (kept between uses) for tensors of at
+/// most `largest` bytes moved in chunks of `chunk_len`: the bounce buffer for unaligned
+/// bytes and the stream buffer for device transfers.
+pub(crate) fn buffers_bound(largest: u64, chunk_len: usize) -> u64 {
+    (chunk_size(BOUNCE, largest) + chunk_size(chunk_len, largest)) as u64
+}
+
 /// Bytes of buffer for moving `len` bytes in chunks of about `chunk_len`: whole blocks, at
 /// most the rounded-up `len`.
 fn chunk_size(chunk_len: usize, len: u64) -> usize {

@@ -24,6 +24,15 @@ use crate::sys::AlignedBuf;
 /// device's own copy into fresh memory was the limit.)
 const UPLOAD_WINDOW: u64 = 8 << 20;
 
+/// The most host memory one upload from a source holds in window buffers: the window being
+/// uploaded, the one the reader fills, and one in the channel between them, each padded to
+/// whole blocks on both ends.
+pub(super) fn upload_windows_bound(largest: u64, chunk_len: usize) -> u64 {
+    let chunk = chunk_len.max(1) as u64;
+    let window = ((UPLOAD_WINDOW / chunk).max(1) * chunk).min(largest);
+    3 * (window.div_ceil(crate::sys::direct::BLOCK) + 2) * crate::sys::direct::BLOCK
+}
+
 /// A device added to a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub(super) u32);
@@ -85,11 +94,36 @@ impl DeviceGuard {
         &self.alloc
     }
 
-    /// Copies the tensor's bytes back to the host (for checks; costs a transfer).
+    /// Copies the tensor's bytes back to the host (for checks; costs a transfer). The vector
+    /// is allocated fallibly: a host that cannot hold it is [`DeviceError::HostMemory`].
     pub fn download(&self) -> Result<Vec<u8>, DeviceError> {
-        let mut bytes = vec![0u8; self.alloc.len() as usize];
-        self.device.download(&self.alloc, 0, &mut bytes)?;
+        let len = self.alloc.len();
+        let mut bytes = Vec::new();
+        usize::try_from(len)
+            .ok()
+            .and_then(|n| bytes.try_reserve_exact(n).ok())
+            .ok_or_else(|| DeviceError::HostMemory {
+                device: self.device.name(),
+                requested: len,
+            })?;
+        bytes.resize(len as usize, 0);
+        self.download_into(&mut bytes)?;
         Ok(bytes)
+    }
+
+    /// Copies the tensor's bytes into `dst`, which must be exactly as long as the tensor
+    /// (a buffer the caller reuses, or one of its own mappings such as
+    /// [`crate::direct::AlignedBytes`]).
+    pub fn download_into(&self, dst: &mut [u8]) -> Result<(), DeviceError> {
+        if dst.len() as u64 != self.alloc.len() {
+            return Err(DeviceError::Range {
+                device: self.device.name(),
+                offset: 0,
+                len: dst.len() as u64,
+                alloc_len: self.alloc.len(),
+            });
+        }
+        self.device.download(&self.alloc, 0, dst)
     }
 }
 
@@ -396,6 +430,10 @@ impl Store {
             let from = UploadFrom::of(entry);
             self.shared
                 .make_device_room(&mut state, &*device, device_id, id, len, spare);
+            if device.in_host_memory() {
+                // Its memory is the host's: keep the reserve as for a RAM copy.
+                self.shared.keep_reserve(&mut state, id, &name, len)?;
+            }
             let alloc = device.allocate(len).map_err(|err| match err {
                 DeviceError::OutOfMemory { free, .. } => StoreError::DeviceFull {
                     name: name.clone(),
@@ -579,7 +617,8 @@ impl Store {
                     outcome.device_tensors += 1;
                     outcome.device_bytes += len;
                 }
-                Err(StoreError::DeviceFull { .. }) => {
+                // A device in host memory may also be refused to keep the RAM reserve.
+                Err(StoreError::DeviceFull { .. } | StoreError::UnderReserve { .. }) => {
                     outcome.host_tensors += 1;
                     outcome.host_bytes += len;
                 }

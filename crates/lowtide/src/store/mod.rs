@@ -359,10 +359,38 @@ impl Store {
         })
     }
 
-    /// Pins a host view of the tensor: its RAM copy if it has one; for a clean tensor, the
-    /// source file's own mapped pages (faulted in safely, costing no anonymous memory); for a
-    /// dirty one, a RAM copy restored from the spill file or recomputed.
-    pub fn acquire(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
+    /// Pins a host view of the tensor without copying it: its RAM copy if it has one; for a
+    /// clean tensor, the source file's own mapped pages (faulted in with
+    /// `MADV_POPULATE_READ`, costing no anonymous memory); for a dirty one, a RAM copy
+    /// restored from the spill file or recomputed, as [`Store::acquire_ram`] does.
+    ///
+    /// The file's identity is checked before the view is handed out, never while the caller
+    /// reads it: that is what makes this function `unsafe` (the contract of memmap2's
+    /// `Mmap::map`). [`Store::acquire_ram`] is the safe way to read a tensor.
+    ///
+    /// # Safety
+    ///
+    /// While the guard (or any slice borrowed from it) lives, no process may truncate or
+    /// write the tensor's model file. A truncation makes reading the view raise `SIGBUS`,
+    /// which kills the process; a write changes bytes behind a shared reference, which Rust
+    /// treats as undefined behaviour. Only call it on files nothing else modifies (read-only
+    /// mounts, files the process itself wrote and keeps), see docs/reliability.md.
+    pub unsafe fn acquire_mapped(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
+        self.pin_host_view(id)
+    }
+
+    /// Makes the tensor's host bytes resident without handing any out: a clean tensor's
+    /// mapped file pages are faulted in (`MADV_POPULATE_READ`: a file truncated meanwhile is
+    /// an error, never `SIGBUS`), so that the page cache holds them and a later restore
+    /// copies instead of reading the disk; a dirty one gets its RAM copy. Safe: no byte of
+    /// the mapping is read by the caller.
+    pub fn fault_in(&self, id: TensorId) -> Result<(), StoreError> {
+        self.pin_host_view(id).map(drop)
+    }
+
+    /// [`Store::acquire_mapped`]'s work; the guard's bytes are only read by callers that keep
+    /// its contract.
+    fn pin_host_view(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
         let (source, offset, len, was_mapped) = {
             let mut state = self.shared.lock();
             let (now, inflation) = (state.tick(), state.inflation);
@@ -403,6 +431,11 @@ impl Store {
 
     /// Pins an owned RAM copy of the tensor, reading it from the source (clean) or the spill
     /// file (dirty), or recomputing it from its recipe, when it has none.
+    ///
+    /// Safe against any change to the model file: bytes are read with `pread` and `O_DIRECT`
+    /// (never through the mapping), and the file's identity (size, modification and status
+    /// change times) is checked before and after the copy, so a file truncated or rewritten
+    /// meanwhile is [`crate::SourceError::Changed`] instead of wrong bytes or `SIGBUS`.
     ///
     /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
     /// evicted in policy order to make room. Fails with [`StoreError::OverBudget`] or
@@ -895,6 +928,17 @@ impl Store {
             outcome.mapped_bytes,
         );
     }
+}
+
+/// The most host memory a store's transfer buffers hold beyond its RAM budget, for tensors
+/// of at most `largest` bytes moved to and from devices in chunks of `device_chunk` bytes
+/// ([`Device::chunk_len`](crate::Device::chunk_len)): the device upload windows and the
+/// spill file's bounce and stream buffers. With the RAM budget, the reserve and, for a device
+/// in host memory, the device's capacity, it bounds the memory a store makes its process
+/// hold; a memory limit below that sum cannot be kept (docs/reliability.md).
+pub fn scratch_bytes(largest: u64, device_chunk: usize) -> u64 {
+    device::upload_windows_bound(largest, device_chunk)
+        + crate::spill::buffers_bound(largest, device_chunk)
 }
 
 fn check_len(name: &str, dtype: Dtype, shape: &[u64], actual: u64) -> Result<(), StoreError> {

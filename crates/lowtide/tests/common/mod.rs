@@ -86,3 +86,14 @@ pub fn unet(dir: &tempfile::TempDir) -> PathBuf {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
+
+/// A view of the tensor's mapped file pages (`Store::acquire_mapped`).
+pub fn mapped(
+    store: &lowtide::Store,
+    id: lowtide::TensorId,
+) -> Result<lowtide::TensorGuard, lowtide::StoreError> {
+    // SAFETY: the tests write their model files themselves and change one only while no
+    // mapped guard over it lives (the reliability tests change it between guards, and check
+    // that the next acquire refuses it).
+    unsafe { store.acquire_mapped(id) }
+}

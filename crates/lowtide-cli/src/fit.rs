@@ -1,0 +1,149 @@
+//! Whether a workflow's configuration fits its memory cap, checked before the first step.
+//!
+//! Under a cap, the lowtide strategy holds at most: the simulated device's capacity (its
+//! memory is this process's), the RAM budget, the reserve it keeps free, and an overhead —
+//! a fixed base for the process itself, the store's transfer buffers
+//! ([`lowtide::scratch_bytes`]) and this command's own buffers for hashing and patching. A
+//! cap below that sum cannot be kept, so it is refused with the sum spelled out instead of
+//! ending in an OOM kill (docs/reliability.md).
+
+use anyhow::bail;
+use lowtide::ByteSize;
+
+use crate::catalog::ModelMeta;
+use crate::strategy::CHUNK;
+use crate::workflow::{Op, Workflow};
+
+/// The process itself: its heap, thread stacks and I/O rings, measured at about 3 MiB of
+/// anonymous memory for a workflow of one tiny model; rounded up generously.
+pub(crate) const BASE_OVERHEAD: u64 = 8 << 20;
+
+/// The chunk size of a CUDA device's staging ring (`CudaDevice::CHUNK_LEN`); the simulated
+/// device's is the trait's default.
+const CUDA_CHUNK: usize = 8 << 20;
+const SIM_CHUNK: usize = 4 << 20;
+
+/// What the lowtide strategy may hold under the cap, term by term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fit {
+    /// Device memory that lives in this process (the simulated device's capacity).
+    pub(crate) device: u64,
+    /// The RAM budget: the workflow's, or under a cap without one, what the cap leaves.
+    pub(crate) ram_budget: u64,
+    pub(crate) reserve: u64,
+    /// [`BASE_OVERHEAD`], the store's transfer buffers and the command's own buffers.
+    pub(crate) overhead: u64,
+}
+
+impl Fit {
+    pub(crate) fn total(&self) -> u64 {
+        self.device
+            .saturating_add(self.ram_budget)
+            .saturating_add(self.reserve)
+            .saturating_add(self.overhead)
+    }
+}
+
+/// The largest tensor of the workflow's models, with its name.
+fn largest(models: &[ModelMeta]) -> Option<(&str, &str, u64)> {
+    models
+        .iter()
+        .flat_map(|m| m.tensors.iter().map(move |t| (m.name.as_str(), t)))
+        .max_by_key(|(_, t)| t.len)
+        .map(|(model, t)| (model, t.name.as_str(), t.len))
+}
+
+/// Bytes the command itself holds while patching: the weight's host copy and both LoRA
+/// factors as f32 (the factors' RAM copies count against the budget).
+fn patch_bytes(workflow: &Workflow, models: &[ModelMeta]) -> u64 {
+    let mut most = 0u64;
+    for step in &workflow.steps {
+        let Op::Patch { model, lora, .. } = step.op else {
+            continue;
+        };
+        let (m, l) = (&models[model], &models[lora]);
+        for pair in &l.lora {
+            let weight = m.index_of(&pair.target).map_or(0, |i| m.tensors[i].len);
+            let factors = l.tensors[pair.down].len + l.tensors[pair.up].len;
+            most = most.max(weight + 2 * factors);
+        }
+    }
+    most
+}
+
+/// Checks that every tensor fits the device and, under a cap, that the configuration fits
+/// it. Returns the terms (with the RAM budget to use) when a cap is set.
+pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result<Option<Fit>> {
+    let capacity = workflow.device.capacity;
+    if let Some((model, tensor, len)) = largest(models)
+        && len > capacity
+    {
+        bail!(
+            "{}: tensor `{tensor}` of model `{model}` is {} ({len} bytes), larger than the \
+             device's capacity of {} ({capacity} bytes): it could never be computed on",
+            workflow.path.display(),
+            ByteSize(len),
+            ByteSize(capacity)
+        );
+    }
+    if !workflow.device.cuda {
+        let available = lowtide::MemoryReading::now().available;
+        if capacity > available {
+            bail!(
+                "{}: device.capacity {} ({capacity} bytes) is more than the {} ({available}                  bytes) of memory available: the simulated device lives in this process's memory",
+                workflow.path.display(),
+                ByteSize(capacity),
+                ByteSize(available)
+            );
+        }
+    }
+    let Some(cap) = workflow.limits.cap else {
+        return Ok(None);
+    };
+    let chunk = if workflow.device.cuda {
+        CUDA_CHUNK
+    } else {
+        SIM_CHUNK
+    };
+    let largest_len = largest(models).map_or(0, |(_, _, len)| len);
+    let overhead = BASE_OVERHEAD
+        + lowtide::scratch_bytes(largest_len, chunk)
+        + CHUNK as u64
+        + patch_bytes(workflow, models);
+    let device = if workflow.device.cuda { 0 } else { capacity };
+    let reserve = workflow.limits.reserve_ram;
+    let fixed = device.saturating_add(reserve).saturating_add(overhead);
+    let ram_budget = match workflow.limits.ram_budget {
+        Some(budget) => budget,
+        // What the cap leaves, so that the sum fits by construction.
+        None => cap.saturating_sub(fixed),
+    };
+    let fit = Fit {
+        device,
+        ram_budget,
+        reserve,
+        overhead,
+    };
+    if fit.total() > cap || ram_budget == 0 {
+        let show = |bytes: u64| format!("{} ({bytes} bytes)", ByteSize(bytes));
+        bail!(
+            "{}: the configuration does not fit its cap of {}: {}device memory {} + RAM budget \
+             {} + reserve {} + overhead {} (process {}, transfer buffers and this command's \
+             hashing and patching buffers) = {}; raise `limits.cap` or lower the others",
+            workflow.path.display(),
+            show(cap),
+            if workflow.limits.ram_budget.is_none() {
+                "no room is left for a RAM budget: "
+            } else {
+                ""
+            },
+            ByteSize(device),
+            ByteSize(ram_budget),
+            ByteSize(reserve),
+            ByteSize(overhead),
+            ByteSize(BASE_OVERHEAD),
+            show(fit.total())
+        );
+    }
+    Ok(Some(fit))
+}
