@@ -49,19 +49,19 @@ pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> S
     let mib = |bytes: u64| bytes.div_ceil(1 << 20);
     // A device that holds the largest model. A cap that holds it, its patched weights twice
     // (the classic path keeps a backup of each in RAM) and half the other models: enough for a
-    // strategy that offloads, not for one that keeps everything in RAM. A reserve that keeps
-    // room for the smaller models.
-    let capacity = mib(unet + unet / 10);
+    // strategy that offloads, not for one that keeps everything in RAM. A reserve of a quarter
+    // of the smaller models; lowtide's RAM budget is what the cap leaves after the device, the
+    // reserve and its overhead (`lowtide run` works it out and refuses a cap too small).
+    let capacity = mib(unet + unet / 20);
     let cap = cap.map_or_else(|| mib(unet + patched + u64::midpoint(te, vae)), mib);
-    let reserve = mib(te + vae);
-    let budget = mib(synth::scaled_bytes(256 << 20, scale)).max(8);
+    let reserve = mib((te + vae) / 4).max(1);
     let mut text = format!(
         "# lowtide demo: an SDXL-like session, {generations} generations switching LoRAs.\n\
          # The simulated device's memory lives in this process, so the cap covers it too (as on\n\
          # a unified-memory machine).\n\
          cache_dir = \".\"\n\n\
          [device]\ncapacity = \"{capacity}MiB\"\n\n\
-         [limits]\ncap = \"{cap}MiB\"\nreserve_ram = \"{reserve}MiB\"\nram_budget = \"{budget}MiB\"\n\n\
+         [limits]\ncap = \"{cap}MiB\"\nreserve_ram = \"{reserve}MiB\"\n\n\
          [models.text_encoder]\nsynthetic = \"text_encoder\"\nscale = {scale:?}\n\n\
          [models.unet]\nsynthetic = \"unet\"\nscale = {scale:?}\n\n\
          [models.vae]\nsynthetic = \"vae\"\nscale = {scale:?}\n\n\

@@ -23,6 +23,9 @@ pub(crate) const BASE_OVERHEAD: u64 = 8 << 20;
 const CUDA_CHUNK: usize = 8 << 20;
 const SIM_CHUNK: usize = 4 << 20;
 
+/// The smallest RAM budget a capped workflow runs with.
+const MIN_BUDGET: u64 = 1 << 20;
+
 /// What the lowtide strategy may hold under the cap, term by term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Fit {
@@ -51,6 +54,24 @@ fn largest(models: &[ModelMeta]) -> Option<(&str, &str, u64)> {
         .flat_map(|m| m.tensors.iter().map(move |t| (m.name.as_str(), t)))
         .max_by_key(|(_, t)| t.len)
         .map(|(model, t)| (model, t.name.as_str(), t.len))
+}
+
+/// The largest pair of LoRA factors a patch step reads into RAM at once, with its target.
+fn largest_factors(workflow: &Workflow, models: &[ModelMeta]) -> (String, u64) {
+    let mut most = (String::new(), 0u64);
+    for step in &workflow.steps {
+        let Op::Patch { lora, .. } = step.op else {
+            continue;
+        };
+        let l = &models[lora];
+        for pair in &l.lora {
+            let bytes = l.tensors[pair.down].len + l.tensors[pair.up].len;
+            if bytes > most.1 {
+                most = (format!("{}` of `{}", pair.target, l.name), bytes);
+            }
+        }
+    }
+    most
 }
 
 /// Bytes the command itself holds while patching: the weight's host copy and both LoRA
@@ -118,25 +139,47 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
         // What the cap leaves, so that the sum fits by construction.
         None => cap.saturating_sub(fixed),
     };
+    // Patching reads both factors of a pair into RAM copies at once.
+    let (pair, factors) = largest_factors(workflow, models);
+    let least = factors.max(MIN_BUDGET);
+    if ram_budget < least {
+        let what = if factors >= MIN_BUDGET {
+            format!("the LoRA factors of `{pair}`, which a patch reads at once")
+        } else {
+            "the least lowtide runs with".to_owned()
+        };
+        let left = if workflow.limits.ram_budget.is_none() {
+            format!(
+                " (what the cap of {} leaves after the device {}, the reserve {} and the overhead {})",
+                ByteSize(cap),
+                ByteSize(device),
+                ByteSize(reserve),
+                ByteSize(overhead)
+            )
+        } else {
+            String::new()
+        };
+        bail!(
+            "{}: a RAM budget of {}{left} is under the {} ({least} bytes) of {what}",
+            workflow.path.display(),
+            ByteSize(ram_budget),
+            ByteSize(least),
+        );
+    }
     let fit = Fit {
         device,
         ram_budget,
         reserve,
         overhead,
     };
-    if fit.total() > cap || ram_budget == 0 {
+    if fit.total() > cap {
         let show = |bytes: u64| format!("{} ({bytes} bytes)", ByteSize(bytes));
         bail!(
-            "{}: the configuration does not fit its cap of {}: {}device memory {} + RAM budget \
+            "{}: the configuration does not fit its cap of {}: device memory {} + RAM budget \
              {} + reserve {} + overhead {} (process {}, transfer buffers and this command's \
              hashing and patching buffers) = {}; raise `limits.cap` or lower the others",
             workflow.path.display(),
             show(cap),
-            if workflow.limits.ram_budget.is_none() {
-                "no room is left for a RAM budget: "
-            } else {
-                ""
-            },
             ByteSize(device),
             ByteSize(ram_budget),
             ByteSize(reserve),

@@ -25,12 +25,6 @@ pub(crate) enum Kind {
     Lora,
 }
 
-/// `bytes` times `scale` (positive, validated by callers).
-#[allow(clippy::cast_sign_loss)] // the product is positive
-pub(crate) fn scaled_bytes(bytes: u64, scale: f64) -> u64 {
-    (bytes as f64 * scale).round() as u64
-}
-
 /// Repeats a block `n` times scaled, at least once.
 #[allow(clippy::cast_sign_loss)] // scales are positive
 fn scaled(n: u32, scale: f64) -> u32 {

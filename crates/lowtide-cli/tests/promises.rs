@@ -29,10 +29,10 @@ fn write_model(path: &Path, tensors: &[(&str, &str, &[u64])], fill: impl Fn(&str
     }
     let mut json = serde_json::to_vec(&header).unwrap();
     json.resize(json.len().next_multiple_of(8), b' ');
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&json);
-    file.extend_from_slice(&data);
-    fs::write(path, file).unwrap();
+    let mut image = (json.len() as u64).to_le_bytes().to_vec();
+    image.extend_from_slice(&json);
+    image.extend_from_slice(&data);
+    fs::write(path, image).unwrap();
 }
 
 /// Small deterministic bf16 values (|x| < 0.05) for tensor `name`.
@@ -64,7 +64,7 @@ fn lora_fixture(dir: &Path) {
         .map(|(n, s)| (n.as_str(), "BF16", &s[..]))
         .collect();
     write_model(&dir.join("model.safetensors"), &specs, |n, b| {
-        values(n, b, 1)
+        values(n, b, 1);
     });
     let mut factors = Vec::new();
     for n in &names {

@@ -147,7 +147,7 @@ fn run(ops: &[Op]) {
     // Every tensor is recoverable with the right bytes.
     guards.clear();
     for (id, bytes) in &truth {
-        let guard = store.acquire_ram(*id).unwrap_or_else(|err| panic!("{err}"));
+        let guard = common::mapped(&store, *id).unwrap_or_else(|err| panic!("{err}"));
         assert_eq!(&guard[..], &bytes[..], "{:?}", store.info(*id).unwrap());
     }
     assert_eq!(store.stats().checksum_failures, 0);

@@ -96,6 +96,89 @@ fn check_after_change(f: &Fixture, what: fn(&Change) -> bool) {
     ));
 }
 
+/// Reads every tensor into RAM over and over while another thread truncates or rewrites the
+/// file in place (same size, other bytes): each read returns the bytes validated at open or a
+/// typed error, never a signal and never other bytes; once the change has landed every later
+/// read is refused.
+fn race_a_change(truncate: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    // Tensors large enough (1-4 MiB) that a read takes long enough to be raced.
+    let specs: Vec<TensorSpec> = (0..16)
+        .map(|i| {
+            TensorSpec::new(
+                format!("layer.{i}.weight"),
+                Dtype::BF16,
+                &[1024 + 64 * i, 1024],
+            )
+        })
+        .collect();
+    let path = common::write(&dir.path().join("model.safetensors"), &specs);
+    for round in 0..6u64 {
+        let pristine = std::fs::read(&path).unwrap();
+        let store = Store::builder().ram_budget(256 << 20).build().unwrap();
+        let model = store.open_model(&path).unwrap();
+        let ids = store.tensors(model).unwrap();
+        // After the timestamp tick of the open (docs/reliability.md).
+        std::thread::sleep(Duration::from_millis(20));
+        let changer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5 + 7 * round));
+                let file = OpenOptions::new().write(true).open(&path).unwrap();
+                let len = file.metadata().unwrap().len();
+                if truncate {
+                    file.set_len(len / 2).unwrap();
+                } else {
+                    // 64 KiB at a time, back to front, so that reads see the change land.
+                    let junk = vec![0x5au8; 64 << 10];
+                    let mut at = len;
+                    while at > 4096 {
+                        let n = (at - 4096).min(junk.len() as u64);
+                        at -= n;
+                        file.write_all_at(&junk[..n as usize], at).unwrap();
+                    }
+                }
+            })
+        };
+        let mut refused = false;
+        for pass in 0..40 {
+            for &id in &ids {
+                let info = store.info(id).unwrap();
+                match store.acquire_ram(id) {
+                    Ok(guard) => {
+                        assert!(
+                            !refused,
+                            "pass {pass}: {} served after a change was seen",
+                            info.name
+                        );
+                        assert!(
+                            guard[..] == common::expected(&info.name, info.len)[..],
+                            "round {round} pass {pass}: {} served other bytes",
+                            info.name
+                        );
+                    }
+                    Err(StoreError::Source(SourceError::Changed { .. })) => refused = true,
+                    Err(err) => panic!("round {round}: unexpected error: {err}"),
+                }
+                store.drop_clean(id).unwrap();
+            }
+        }
+        changer.join().unwrap();
+        assert!(refused, "round {round}: the change was never seen");
+        std::fs::write(&path, &pristine).unwrap();
+    }
+}
+
+#[test]
+fn a_truncation_racing_reads_is_an_error_never_sigbus() {
+    race_a_change(true);
+}
+
+#[test]
+fn a_same_size_rewrite_racing_reads_never_serves_other_bytes() {
+    race_a_change(false);
+}
+
 #[test]
 fn a_truncated_source_is_a_typed_error_never_sigbus() {
     let f = fixture();
@@ -281,7 +364,7 @@ fn worker(store: &Store, gpu: lowtide::DeviceId, m: lowtide::ModelId, t: usize, 
         };
         match rng % 9 {
             0 => {
-                let guard = common::mapped(&store, id).unwrap();
+                let guard = common::mapped(store, id).unwrap();
                 assert_eq!(&guard[..], &expect(id, &owned)[..], "acquire");
             }
             1 => {

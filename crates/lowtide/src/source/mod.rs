@@ -34,10 +34,6 @@ pub struct FileIdentity {
     pub size: u64,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i128,
-    /// Status change time, nanoseconds since the epoch. Unlike the modification time it
-    /// cannot be set back by a caller (`touch -d` restores an mtime, never a ctime), and it
-    /// moves on every write, truncation, `chmod` or new hard link.
-    pub ctime_ns: i128,
 }
 
 impl FileIdentity {
@@ -48,7 +44,6 @@ impl FileIdentity {
             ino: stat.st_ino,
             size: u64::try_from(stat.st_size).unwrap_or(0),
             mtime_ns: i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec),
-            ctime_ns: i128::from(stat.st_ctime) * 1_000_000_000 + i128::from(stat.st_ctime_nsec),
         })
     }
 }
@@ -64,8 +59,7 @@ pub enum Change {
         /// Size now.
         now: u64,
     },
-    /// Its modification or status change time moved (rewritten in place, or its
-    /// timestamps or attributes changed).
+    /// Its modification time changed (rewritten in place).
     Modified,
 }
 
@@ -273,7 +267,7 @@ impl Source {
                 was: self.identity.size,
                 now: now.size,
             }
-        } else if now.mtime_ns != self.identity.mtime_ns || now.ctime_ns != self.identity.ctime_ns {
+        } else if now.mtime_ns != self.identity.mtime_ns {
             Change::Modified
         } else {
             return Ok(());

@@ -33,6 +33,22 @@ pub(super) fn upload_windows_bound(largest: u64, chunk_len: usize) -> u64 {
     3 * (window.div_ceil(crate::sys::direct::BLOCK) + 2) * crate::sys::direct::BLOCK
 }
 
+/// A refused device allocation as the store reports it.
+fn allocation_error(err: DeviceError, name: &str, device: &dyn Device, len: u64) -> StoreError {
+    match err {
+        DeviceError::OutOfMemory { free, .. } => StoreError::DeviceFull {
+            name: name.to_owned(),
+            device: device.name(),
+            requested: len,
+            available: free,
+        },
+        source => StoreError::Device {
+            name: name.to_owned(),
+            source,
+        },
+    }
+}
+
 /// A device added to a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub(super) u32);
@@ -434,18 +450,9 @@ impl Store {
                 // Its memory is the host's: keep the reserve as for a RAM copy.
                 self.shared.keep_reserve(&mut state, id, &name, len)?;
             }
-            let alloc = device.allocate(len).map_err(|err| match err {
-                DeviceError::OutOfMemory { free, .. } => StoreError::DeviceFull {
-                    name: name.clone(),
-                    device: device.name(),
-                    requested: len,
-                    available: free,
-                },
-                source => StoreError::Device {
-                    name: name.clone(),
-                    source,
-                },
-            })?;
+            let alloc = device
+                .allocate(len)
+                .map_err(|err| allocation_error(err, &name, &*device, len))?;
             state.tensor_mut(id)?.pins += 1;
             (device, alloc, from, name)
         };

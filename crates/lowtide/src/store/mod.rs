@@ -433,8 +433,7 @@ impl Store {
     /// file (dirty), or recomputing it from its recipe, when it has none.
     ///
     /// Safe against any change to the model file: bytes are read with `pread` and `O_DIRECT`
-    /// (never through the mapping), and the file's identity (size, modification and status
-    /// change times) is checked before and after the copy, so a file truncated or rewritten
+    /// (never through the mapping), and the file's size and modification time are checked before and after the copy, so a file truncated or rewritten
     /// meanwhile is [`crate::SourceError::Changed`] instead of wrong bytes or `SIGBUS`.
     ///
     /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
