@@ -1,0 +1,49 @@
+//! The example workflows under `examples/` (docs/workflows.md) run as documented.
+
+mod common;
+
+use std::path::Path;
+
+use common::{json_of, lowtide};
+
+/// Copies `examples/` into a temporary directory (synthetic models are generated next to
+/// the workflow) and returns it.
+fn examples() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+#[test]
+fn the_example_on_a_users_own_model_file_runs() {
+    let dir = examples();
+    let path = dir.path().join("own-model.toml");
+    let run = json_of(&lowtide(&["run", path.to_str().unwrap(), "--json"]));
+    assert_eq!(run["runs"][0]["status"], "ok", "{run}");
+    assert_eq!(run["runs"][0]["steps"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        run["runs"][0]["bytes_written"], 0,
+        "nothing patched, nothing written"
+    );
+}
+
+#[test]
+fn the_synthetic_example_compares_the_strategies() {
+    let dir = examples();
+    let path = dir.path().join("sdxl-small.toml");
+    let out = lowtide(&["run", path.to_str().unwrap(), "--compare", "--json"]);
+    let compared: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", common::text(&out.stderr)));
+    let runs = compared["runs"].as_array().unwrap();
+    let lowtide = runs.iter().find(|r| r["strategy"] == "lowtide").unwrap();
+    assert_eq!(lowtide["status"], "ok", "{lowtide}");
+    // Only the patched weights were written.
+    let written = lowtide["bytes_written"].as_u64().unwrap();
+    assert!(written > 0 && written < 64 << 20, "{written}");
+}
