@@ -1,11 +1,18 @@
 //! `lowtide inspect`: validate model files and list their tensors.
+//!
+//! Every model is opened (and so validated) before anything is printed, so a bad file leaves
+//! stdout empty. The output is written from the opened sources as it goes, without a copy of
+//! the tensor list: a header of a million tensors costs its parse, not several copies of it.
+//! Names from files are shown with control characters escaped (`--json` escapes them as JSON).
 
-use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
-use lowtide::{ByteSize, ModelFiles};
+use lowtide::{ByteSize, Escaped, EscapedPath, ModelFiles, Source};
 use serde::Serialize;
+use serde::ser::SerializeSeq;
 
 /// Arguments of `lowtide inspect`.
 #[derive(Debug, clap::Args)]
@@ -18,101 +25,175 @@ pub(crate) struct Args {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct Report {
+/// The files to list, each once, with the path to show for it.
+struct Listing<'a> {
+    files: Vec<(&'a Source, String)>,
     total_bytes: u64,
-    files: Vec<FileRow>,
-    tensors: Vec<TensorRow>,
 }
 
+impl<'a> Listing<'a> {
+    fn new(models: &'a [ModelFiles]) -> Self {
+        let mut seen = HashSet::new();
+        let mut files = Vec::new();
+        for source in models.iter().flat_map(|m| &m.sources) {
+            // The same file named twice (or a directory and a file in it) is listed once.
+            let identity = source.identity();
+            if seen.insert((identity.dev, identity.ino)) {
+                files.push((&**source, source.path().display().to_string()));
+            }
+        }
+        let total_bytes = files.iter().map(|(source, _)| data_bytes(source)).sum();
+        Self { files, total_bytes }
+    }
+
+    fn tensor_count(&self) -> usize {
+        self.files.iter().map(|(s, _)| s.tensors().len()).sum()
+    }
+}
+
+/// Bytes of tensor data in a file.
+fn data_bytes(source: &Source) -> u64 {
+    source.tensors().iter().map(|t| t.len).sum()
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let models = args
+        .paths
+        .iter()
+        .map(ModelFiles::open)
+        .collect::<Result<Vec<_>, _>>()?;
+    let listing = Listing::new(&models);
+    let mut out = BufWriter::new(io::stdout().lock());
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &Report(&listing))?;
+        writeln!(out)?;
+    } else {
+        print_table(&mut out, &listing)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `--json`: `{total_bytes, files: [...], tensors: [...]}`, serialized from the sources.
+struct Report<'a>(&'a Listing<'a>);
+
 #[derive(Serialize)]
-struct FileRow {
-    path: String,
+struct FileRow<'a> {
+    path: &'a str,
     /// Bytes of tensor data in the file.
     bytes: u64,
     tensors: usize,
     /// Length of the whole file, header included.
     file_len: u64,
-    metadata: BTreeMap<String, String>,
+    metadata: &'a BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
-struct TensorRow {
-    name: String,
-    dtype: String,
-    shape: Vec<u64>,
-    file: String,
+struct TensorRow<'a> {
+    name: &'a str,
+    dtype: &'a str,
+    shape: &'a [u64],
+    file: &'a str,
     offset: u64,
     bytes: u64,
 }
 
-pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let mut report = Report {
-        total_bytes: 0,
-        files: Vec::new(),
-        tensors: Vec::new(),
-    };
-    let mut seen = std::collections::HashSet::new();
-    for path in &args.paths {
-        let model = ModelFiles::open(path)?;
-        for source in &model.sources {
-            // The same file named twice (or a directory and a file in it) is listed once.
-            let identity = source.identity();
-            if !seen.insert((identity.dev, identity.ino)) {
-                continue;
-            }
-            let file = source.path().display().to_string();
-            let bytes: u64 = source.tensors().iter().map(|t| t.len).sum();
-            report.total_bytes += bytes;
-            report.files.push(FileRow {
-                path: file.clone(),
-                bytes,
-                tensors: source.tensors().len(),
-                file_len: source.file_len(),
-                metadata: source.metadata().clone(),
-            });
-            report
-                .tensors
-                .extend(source.tensors().iter().map(|t| TensorRow {
-                    name: t.name.clone(),
-                    dtype: t.dtype.name().to_owned(),
-                    shape: t.shape.clone(),
-                    file: file.clone(),
-                    offset: t.offset,
-                    bytes: t.len,
-                }));
-        }
+/// The `files` array.
+struct Files<'a>(&'a Listing<'a>);
+
+/// The `tensors` array.
+struct Tensors<'a>(&'a Listing<'a>);
+
+impl Serialize for Report<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut report = serializer.serialize_struct("Report", 3)?;
+        report.serialize_field("total_bytes", &self.0.total_bytes)?;
+        report.serialize_field("files", &Files(self.0))?;
+        report.serialize_field("tensors", &Tensors(self.0))?;
+        report.end()
     }
-    let mut out = io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        print_table(&mut out, &report)?;
-    }
-    Ok(())
 }
 
-fn print_table(out: &mut impl Write, report: &Report) -> io::Result<()> {
-    let shape = |s: &[u64]| {
-        let dims: Vec<String> = s.iter().map(u64::to_string).collect();
-        format!("[{}]", dims.join(", "))
+impl Serialize for Files<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.files.len()))?;
+        for (source, path) in &self.0.files {
+            seq.serialize_element(&FileRow {
+                path,
+                bytes: data_bytes(source),
+                tensors: source.tensors().len(),
+                file_len: source.file_len(),
+                metadata: source.metadata(),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for Tensors<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.tensor_count()))?;
+        for (source, file) in &self.0.files {
+            for t in source.tensors() {
+                seq.serialize_element(&TensorRow {
+                    name: &t.name,
+                    dtype: t.dtype.name(),
+                    shape: &t.shape,
+                    file,
+                    offset: t.offset,
+                    bytes: t.len,
+                })?;
+            }
+        }
+        seq.end()
+    }
+}
+
+/// `n` and a noun, plural unless `n` is 1: `1 tensor`, `0 tensors`.
+struct Count(usize, &'static str);
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.0 == 1 { "" } else { "s" };
+        write!(f, "{} {}{plural}", self.0, self.1)
+    }
+}
+
+/// Writes `[1, 2, 3]` into `buf`, replacing what it held.
+fn shape_text(buf: &mut String, shape: &[u64]) -> usize {
+    use std::fmt::Write as _;
+    buf.clear();
+    buf.push('[');
+    for (i, dim) in shape.iter().enumerate() {
+        if i > 0 {
+            buf.push_str(", ");
+        }
+        let _ = write!(buf, "{dim}");
+    }
+    buf.push(']');
+    buf.len()
+}
+
+fn print_table(out: &mut impl Write, listing: &Listing<'_>) -> io::Result<()> {
+    let tensors = || {
+        listing
+            .files
+            .iter()
+            .flat_map(|(source, file)| source.tensors().iter().map(move |t| (t, file)))
     };
-    let name_width = report
-        .tensors
-        .iter()
-        .map(|t| t.name.len())
+    let mut shape = String::new();
+    let name_width = tensors()
+        .map(|(t, _)| Escaped(&t.name).char_count())
         .max()
         .unwrap_or(4)
         .max(4);
-    let shape_width = report
-        .tensors
-        .iter()
-        .map(|t| shape(&t.shape).len())
+    let shape_width = tensors()
+        .map(|(t, _)| shape_text(&mut shape, &t.shape))
         .max()
         .unwrap_or(5)
         .max(5);
-    let multi_file = report.files.len() > 1;
+    let multi_file = listing.files.len() > 1;
     writeln!(
         out,
         "{:<name_width$}  {:<11}  {:<shape_width$}  {:>12}  {:>14}{}",
@@ -123,52 +204,52 @@ fn print_table(out: &mut impl Write, report: &Report) -> io::Result<()> {
         "OFFSET",
         if multi_file { "  FILE" } else { "" }
     )?;
-    for t in &report.tensors {
-        let file = if multi_file {
-            format!("  {}", t.file)
-        } else {
-            String::new()
-        };
-        writeln!(
+    for (t, file) in tensors() {
+        shape_text(&mut shape, &t.shape);
+        write!(
             out,
-            "{:<name_width$}  {:<11}  {:<shape_width$}  {:>12}  {:>14}{file}",
-            t.name,
-            t.dtype,
-            shape(&t.shape),
-            ByteSize(t.bytes).to_string(),
+            "{:<name_width$}  {:<11}  {shape:<shape_width$}  {:>12}  {:>14}",
+            Escaped(&t.name),
+            t.dtype.name(),
+            ByteSize(t.len).to_string(),
             t.offset,
         )?;
+        if multi_file {
+            write!(out, "  {}", Escaped(file))?;
+        }
+        writeln!(out)?;
     }
     let mut by_dtype: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
-    for t in &report.tensors {
-        let entry = by_dtype.entry(&t.dtype).or_default();
+    for (t, _) in tensors() {
+        let entry = by_dtype.entry(t.dtype.name()).or_default();
         entry.0 += 1;
-        entry.1 += t.bytes;
+        entry.1 += t.len;
     }
     writeln!(out)?;
     writeln!(out, "by dtype:")?;
     for (dtype, (count, bytes)) in &by_dtype {
+        let noun = if *count == 1 { "tensor" } else { "tensors" };
         writeln!(
             out,
-            "  {dtype:<11} {count:>7} tensors  {:>12}",
+            "  {dtype:<11} {count:>7} {noun:<7}  {:>12}",
             ByteSize(*bytes).to_string()
         )?;
     }
     writeln!(out, "by file:")?;
-    for file in &report.files {
+    for (source, _) in &listing.files {
         writeln!(
             out,
-            "  {}  {} tensors  {}",
-            file.path,
-            file.tensors,
-            ByteSize(file.bytes)
+            "  {}  {}  {}",
+            EscapedPath(source.path()),
+            Count(source.tensors().len(), "tensor"),
+            ByteSize(data_bytes(source))
         )?;
     }
     writeln!(
         out,
-        "total: {} tensors, {} ({} bytes)",
-        report.tensors.len(),
-        ByteSize(report.total_bytes),
-        report.total_bytes
+        "total: {}, {} ({} bytes)",
+        Count(listing.tensor_count(), "tensor"),
+        ByteSize(listing.total_bytes),
+        listing.total_bytes
     )
 }

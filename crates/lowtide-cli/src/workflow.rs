@@ -26,9 +26,15 @@
 //!
 //! `patch` takes `lora = "<model>"` and `strength = 0.8`; `unload` takes `bytes = "1GiB"` (all
 //! when absent). Errors name the file, the line and the field.
+//!
+//! A workflow file must be a regular file of at most [`MAX_WORKFLOW_LEN`] bytes (a FIFO or
+//! `/dev/zero` is refused, not read), and sizes and rates that cannot work are refused: a
+//! device capacity, bandwidth, RAM budget, spill limit or memory cap of 0, a strength that is
+//! not a finite number.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -65,22 +71,43 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// Largest workflow file read.
+pub(crate) const MAX_WORKFLOW_LEN: u64 = 1 << 20;
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct DeviceFile {
     kind: Option<Spanned<String>>,
-    capacity: Option<Size>,
-    bandwidth: Option<Size>,
+    capacity: Option<Spanned<Size>>,
+    bandwidth: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
-    ram_budget: Option<Size>,
+    ram_budget: Option<Spanned<Size>>,
     reserve_ram: Option<Size>,
     spill_dir: Option<String>,
-    spill_max: Option<Size>,
-    cap: Option<Size>,
+    spill_max: Option<Spanned<Size>>,
+    cap: Option<Spanned<Size>>,
+}
+
+/// The value of an optional size, refused with its line when it is 0: `what` says what 0
+/// would mean, such as "a device that holds nothing".
+fn nonzero(
+    size: Option<&Spanned<Size>>,
+    field: &str,
+    what: &str,
+    at: &dyn Fn(usize) -> String,
+) -> anyhow::Result<Option<u64>> {
+    match size {
+        Some(s) if s.get_ref().0 == 0 => bail!(
+            "{}: {field} must be more than 0 ({what}; leave it out for the default)",
+            at(s.span().start)
+        ),
+        Some(s) => Ok(Some(s.get_ref().0)),
+        None => Ok(None),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,7 +125,7 @@ struct StepFile {
     op: Spanned<String>,
     model: Spanned<String>,
     lora: Option<Spanned<String>>,
-    strength: Option<f64>,
+    strength: Option<Spanned<f64>>,
     budget: Option<Size>,
     bytes: Option<Size>,
 }
@@ -275,10 +302,52 @@ fn parse_device(device: &DeviceFile, at: &dyn Fn(usize) -> String) -> anyhow::Re
             );
         }
     };
+    let capacity = nonzero(
+        device.capacity.as_ref(),
+        "device.capacity",
+        "a device that holds nothing",
+        at,
+    )?;
+    let bandwidth = nonzero(
+        device.bandwidth.as_ref(),
+        "device.bandwidth",
+        "bytes per second: a transfer at 0 never ends",
+        at,
+    )?;
     Ok(DeviceDef {
         cuda,
-        capacity: device.capacity.map_or(4 << 30, |s| s.0),
-        bandwidth: device.bandwidth.map(|s| s.0),
+        capacity: capacity.unwrap_or(4 << 30),
+        bandwidth,
+    })
+}
+
+/// The `[limits]` table, validated.
+fn parse_limits(
+    limits: LimitsFile,
+    base: &Path,
+    at: &dyn Fn(usize) -> String,
+) -> anyhow::Result<Limits> {
+    Ok(Limits {
+        ram_budget: nonzero(
+            limits.ram_budget.as_ref(),
+            "limits.ram_budget",
+            "a budget that holds nothing",
+            at,
+        )?,
+        reserve_ram: limits.reserve_ram.map_or(0, |s| s.0),
+        spill_dir: limits.spill_dir.map(|d| base.join(d)),
+        spill_max: nonzero(
+            limits.spill_max.as_ref(),
+            "limits.spill_max",
+            "a spill file that holds nothing",
+            at,
+        )?,
+        cap: nonzero(
+            limits.cap.as_ref(),
+            "limits.cap",
+            "a memory cap nothing runs under",
+            at,
+        )?,
     })
 }
 
@@ -289,6 +358,7 @@ fn parse_op(
     here: &str,
     find: &dyn Fn(&str, &Spanned<String>) -> anyhow::Result<usize>,
     models: &[ModelDef],
+    at: &dyn Fn(usize) -> String,
 ) -> anyhow::Result<Op> {
     let unexpected = |field: &str, present: bool| -> anyhow::Result<()> {
         if present {
@@ -322,6 +392,14 @@ fn parse_op(
             let Some(lora) = &s.lora else {
                 bail!("{here}: op `patch` needs `lora = \"<model>\"`")
             };
+            let strength = s.strength.as_ref().map_or(1.0, |v| *v.get_ref());
+            if !(strength as f32).is_finite() {
+                let span = s.strength.as_ref().map_or(0, |v| v.span().start);
+                bail!(
+                    "{}: strength must be a finite number, got {strength}",
+                    at(span)
+                );
+            }
             let lora = find("lora", lora)?;
             if !matches!(
                 models[lora].source,
@@ -338,7 +416,7 @@ fn parse_op(
             Op::Patch {
                 model,
                 lora,
-                strength: s.strength.unwrap_or(1.0) as f32,
+                strength: strength as f32,
             }
         }
         "unload" => {
@@ -363,10 +441,32 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl Workflow {
-    /// Reads and validates a workflow file.
+    /// Reads and validates a workflow file: a regular file (never a FIFO or a device) of at
+    /// most [`MAX_WORKFLOW_LEN`] bytes.
     pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let cannot_read = || format!("{}: cannot read", path.display());
+        let file = lowtide::open_regular_file(path).with_context(cannot_read)?;
+        let len = file.metadata().with_context(cannot_read)?.len();
+        let too_large = |len: u64| {
+            anyhow::anyhow!(
+                "{}: is {len} bytes, over the {} cap for a workflow file",
+                path.display(),
+                ByteSize(MAX_WORKFLOW_LEN)
+            )
+        };
+        if len > MAX_WORKFLOW_LEN {
+            return Err(too_large(len));
+        }
+        // One byte over the cap at most, should the file grow while it is read.
+        let mut bytes = Vec::new();
+        file.take(MAX_WORKFLOW_LEN + 1)
+            .read_to_end(&mut bytes)
+            .with_context(cannot_read)?;
+        if bytes.len() as u64 > MAX_WORKFLOW_LEN {
+            return Err(too_large(bytes.len() as u64));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|err| anyhow::anyhow!("{}: is not UTF-8 text ({err})", path.display()))?;
         Self::parse(path, &text)
     }
 
@@ -380,13 +480,7 @@ impl Workflow {
         let at = |offset: usize| format!("{}:{}", path.display(), line_of(text, offset));
 
         let device = parse_device(&file.device, &at)?;
-        let limits = Limits {
-            ram_budget: file.limits.ram_budget.map(|s| s.0),
-            reserve_ram: file.limits.reserve_ram.map_or(0, |s| s.0),
-            spill_dir: file.limits.spill_dir.map(|d| base.join(d)),
-            spill_max: file.limits.spill_max.map(|s| s.0),
-            cap: file.limits.cap.map(|s| s.0),
-        };
+        let limits = parse_limits(file.limits, &base, &at)?;
 
         let models_span = file.models.span();
         let models = parse_models(file.models.into_inner(), &base, &at)?;
@@ -414,7 +508,7 @@ impl Workflow {
             let s = step.get_ref();
             let model = find("model", &s.model)?;
             let here = at(s.op.span().start);
-            let op = parse_op(s, model, &here, &find, &models)?;
+            let op = parse_op(s, model, &here, &find, &models, &at)?;
             steps.push(Step { line, op });
         }
         if steps.is_empty() {

@@ -1,6 +1,8 @@
 //! `lowtide inspect` run as a program: its JSON and table output for good files, and for bad
 //! ones exit status 1, one line on stderr naming the file (and tensor), nothing on stdout.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -215,6 +217,11 @@ fn check_json(stdout: &str, written: &Written<'_>) {
     assert_eq!(sum, file_bytes.values().sum::<u64>());
 }
 
+/// "tensor" or "tensors", as a count of `n` needs.
+fn tensors_word(n: usize) -> &'static str {
+    if n == 1 { "tensor" } else { "tensors" }
+}
+
 /// Checks the table: a row per tensor, totals per dtype and per file, and the grand total.
 fn check_table(stdout: &str, written: &Written<'_>) {
     let lines: Vec<&str> = stdout.lines().collect();
@@ -262,7 +269,7 @@ fn check_table(stdout: &str, written: &Written<'_>) {
             .unwrap_or_else(|| panic!("no `by dtype` row for {dtype}:\n{stdout}"));
         let words: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(words[1], count.to_string(), "{row}");
-        assert!(row.contains(" tensors"), "{row}");
+        assert_eq!(words[2], tensors_word(*count), "{row}");
         assert!(row.ends_with(&ByteSize(*bytes).to_string()), "{row}");
     }
 
@@ -279,7 +286,8 @@ fn check_table(stdout: &str, written: &Written<'_>) {
             .iter()
             .find(|l| l.trim_start().starts_with(&format!("{path} ")))
             .unwrap_or_else(|| panic!("no `by file` row for {path}:\n{stdout}"));
-        assert!(row.contains(&format!(" {} tensors ", specs.len())), "{row}");
+        let count = format!(" {} {} ", specs.len(), tensors_word(specs.len()));
+        assert!(row.contains(&count), "{row}");
         assert!(row.ends_with(&ByteSize(bytes).to_string()), "{row}");
     }
 
@@ -287,7 +295,7 @@ fn check_table(stdout: &str, written: &Written<'_>) {
     let total: u64 = by_dtype.values().map(|(_, b)| b).sum();
     let last = lines.last().expect("output");
     assert!(
-        last.starts_with(&format!("total: {count} tensors")),
+        last.starts_with(&format!("total: {count} {},", tensors_word(count))),
         "{last}"
     );
     assert!(last.contains(&format!("({total} bytes)")), "{last}");
@@ -490,4 +498,276 @@ fn an_index_naming_a_tensor_its_shard_lacks() {
     fs::write(&index, serde_json::to_vec(&json).unwrap()).unwrap();
     both_fail(&[&index], &[&shown(&index), "`ghost.weight`"]);
     both_fail(&[dir.path()], &[&shown(&index), "`ghost.weight`"]);
+}
+
+/// `dir/model/` with shard `a.safetensors` (the first four tensors of `specs`) and an index
+/// mapping the rest to shard `b`; `b` itself is left to the test.
+fn model_with_index(dir: &Path, b: &str) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    fs::create_dir(&model).unwrap();
+    let all = specs("");
+    write(&model.join("a.safetensors"), &all[..4]);
+    let weight_map: serde_json::Map<String, Value> = all
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let shard = if i < 4 { "a.safetensors" } else { b };
+            (s.name.clone(), shard.into())
+        })
+        .collect();
+    let index = model.join("model.safetensors.index.json");
+    let json = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    fs::write(&index, serde_json::to_vec(&json).unwrap()).unwrap();
+    (model, index)
+}
+
+#[test]
+fn fifos_are_refused_at_once_as_file_shard_or_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, index) = model_with_index(dir.path(), "pipe.safetensors");
+    let pipe = model.join("pipe.safetensors");
+    common::mkfifo(&pipe);
+    let fifo = "is a FIFO (named pipe), not a regular file";
+    for json in [false, true] {
+        let flag = if json { "--json" } else { "--" };
+        // Named directly, as a shard named by the index, as a shard in a directory listing.
+        for path in [&pipe, &index] {
+            common::fails_fast(
+                &["inspect".as_ref(), path.as_os_str(), flag.as_ref()],
+                &[&shown(&pipe), fifo],
+            );
+        }
+        let listing = dir.path().join("listing");
+        fs::create_dir_all(&listing).unwrap();
+        write(&listing.join("a.safetensors"), &specs("")[..4]);
+        let _ = fs::remove_file(listing.join("pipe.safetensors"));
+        common::mkfifo(&listing.join("pipe.safetensors"));
+        common::fails_fast(
+            &["inspect".as_ref(), listing.as_os_str(), flag.as_ref()],
+            &[&shown(&listing.join("pipe.safetensors")), fifo],
+        );
+    }
+    // The index itself a FIFO, named directly and found in the directory.
+    fs::remove_file(&index).unwrap();
+    common::mkfifo(&index);
+    for path in [&index, &model] {
+        common::fails_fast(
+            &["inspect".as_ref(), path.as_os_str()],
+            &[&shown(&index), fifo],
+        );
+    }
+}
+
+/// What a password file starts with; bytes 0..8 read as a header length are `root:*:2`.
+const SECRET: &[u8] = b"root:*:20000:0:99999:7:::\n";
+
+fn assert_no_secret(line: &str) {
+    let as_len = u64::from_le_bytes(SECRET[..8].try_into().unwrap()).to_string();
+    assert!(!line.contains("root:") && !line.contains(&as_len), "{line}");
+}
+
+#[test]
+fn shards_linking_outside_the_model_directory_are_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, index) = model_with_index(dir.path(), "b.safetensors");
+    let secret = dir.path().join("secret");
+    fs::write(&secret, SECRET).unwrap();
+    let link = model.join("b.safetensors");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    for path in [&index, &model] {
+        let error = common::fails_fast(
+            &["inspect".as_ref(), path.as_os_str()],
+            &["`b.safetensors`", "outside the model's directory"],
+        );
+        assert_no_secret(&error);
+    }
+    // A valid safetensors file outside is refused too: the link, not the content, is wrong.
+    let outside = write(&dir.path().join("outside.safetensors"), &specs("")[4..]);
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    for path in [&index, &model] {
+        common::fails_fast(
+            &["inspect".as_ref(), path.as_os_str()],
+            &["`b.safetensors`", "outside the model's directory"],
+        );
+    }
+    // A link that stays inside the directory is followed.
+    fs::rename(&outside, model.join("b-blob.safetensors")).unwrap();
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("b-blob.safetensors", &link).unwrap();
+    let stdout = inspect_ok(&[&index], true);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["tensors"].as_array().unwrap().len(), specs("").len());
+    // A file the user names may be a link, even one leading elsewhere; the secret, named
+    // directly, is read and refused without its bytes in the message.
+    inspect_ok(&[&link], false);
+    let error = common::fails_fast(
+        &["inspect".as_ref(), secret.as_os_str()],
+        &[&shown(&secret)],
+    );
+    assert_no_secret(&error);
+}
+
+/// A name that, printed raw, clears the screen and overwrites the line with "all good".
+const EVIL: &str = "\u{1b}[2J\r all good";
+
+fn assert_no_controls(what: &str, bytes: &[u8]) {
+    assert!(
+        !bytes.iter().any(|&b| b == 0x1b || b == b'\r'),
+        "{what} holds raw ESC or CR: {:?}",
+        String::from_utf8_lossy(bytes)
+    );
+}
+
+#[test]
+fn names_from_files_cannot_drive_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = vec![
+        TensorSpec::new(EVIL, Dtype::F32, &[2, 2]),
+        TensorSpec::new("plain", Dtype::F16, &[3]),
+    ];
+    let path = write(&dir.path().join("evil.safetensors"), &specs);
+    let out = lowtide(["inspect".as_ref(), path.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_no_controls("the table", &out.stdout);
+    let table = text(&out.stdout);
+    assert!(table.contains(r"\u{1b}[2J\u{d} all good"), "{table}");
+    // The columns stay aligned: the escaped name is what is padded.
+    let dtype_column = |line: &str| line.find("F32").or_else(|| line.find("F16"));
+    let rows: Vec<&str> = table.lines().skip(1).take(2).collect();
+    assert_eq!(dtype_column(rows[0]), dtype_column(rows[1]), "{table}");
+    let out = lowtide(["inspect".as_ref(), path.as_os_str(), "--json".as_ref()]);
+    assert_no_controls("--json", &out.stdout);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tensors"][0]["name"], EVIL);
+
+    // Errors naming the tensor: a duplicate name, overlapping extents.
+    let name = serde_json::to_string(EVIL).unwrap();
+    let entry = |begin: u32, end: u32| {
+        format!(
+            r#"{{"dtype":"U8","shape":[{}],"data_offsets":[{begin},{end}]}}"#,
+            end - begin
+        )
+    };
+    let dup = format!("{{{name}:{},{name}:{}}}", entry(0, 4), entry(4, 8));
+    let overlap = format!(r#"{{"a":{},{name}:{}}}"#, entry(0, 4), entry(2, 6));
+    for (file, header, data) in [("dup", dup, 8), ("overlap", overlap, 6)] {
+        let path = write_raw(
+            &dir.path().join(format!("{file}.safetensors")),
+            header.as_bytes(),
+            &vec![0; data],
+        );
+        let line = common::fails_fast(
+            &["inspect".as_ref(), path.as_os_str()],
+            &[r"`\u{1b}[2J\u{d} all good`"],
+        );
+        assert_no_controls("the error", line.as_bytes());
+    }
+
+    // A shard name in an index, and a file name in a directory.
+    let model = dir.path().join("model");
+    fs::create_dir(&model).unwrap();
+    let index = model.join("m.safetensors.index.json");
+    let shard = format!("{EVIL}.safetensors");
+    let json = serde_json::json!({"weight_map": {"w": shard}});
+    fs::write(&index, serde_json::to_vec(&json).unwrap()).unwrap();
+    let line = common::fails_fast(&["inspect".as_ref(), index.as_os_str()], &["all good"]);
+    assert_no_controls("the error", line.as_bytes());
+    fs::remove_file(&index).unwrap();
+    write(&model.join(&shard), &specs[..1]);
+    let out = lowtide(["inspect".as_ref(), model.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_no_controls("the table of a directory", &out.stdout);
+}
+
+#[test]
+fn a_json_file_without_weight_map_is_not_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    fs::write(
+        &config,
+        br#"{"_class_name": "UNet2DConditionModel", "in_channels": 4}"#,
+    )
+    .unwrap();
+    both_fail(
+        &[&config],
+        &[&shown(&config), "not a safetensors index", "`weight_map`"],
+    );
+}
+
+#[test]
+fn counts_are_pluralised() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = write(
+        &dir.path().join("one.safetensors"),
+        &[TensorSpec::new("w", Dtype::F32, &[2])],
+    );
+    let table = inspect_ok(&[&one], false);
+    assert!(!table.contains("1 tensors"), "{table}");
+    assert!(
+        table
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("total: 1 tensor,"),
+        "{table}"
+    );
+    let by_dtype = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("F32"))
+        .unwrap();
+    assert!(by_dtype.contains(" 1 tensor "), "{by_dtype}");
+}
+
+/// Peak resident memory of a running process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[test]
+fn header_memory_stays_near_the_header_size() {
+    // 100,000 tensors: a header of about 8 MB, as a model of many small tensors has.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 100_000u64;
+    let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
+    for i in 0..n {
+        use std::fmt::Write as _;
+        write!(
+            header,
+            r#","model.layers.{i}.mlp.w":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{}]}}"#,
+            i + 1
+        )
+        .unwrap();
+    }
+    header.push('}');
+    let path = write_raw(
+        &dir.path().join("many.safetensors"),
+        header.as_bytes(),
+        &vec![0; usize::try_from(n).unwrap()],
+    );
+
+    // All models are opened before anything is printed, and the JSON (megabytes) does not fit
+    // the pipe: once the first byte arrives the parse is done and the child is still alive,
+    // blocked on the pipe, so its `VmHWM` is the peak of opening the file.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lowtide"))
+        .args(["inspect".as_ref(), path.as_os_str(), "--json".as_ref()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("inspect prints");
+    let peak = peak_rss(child.id()).expect("the child is alive, blocked on its output");
+    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let header_len = header.len() as u64;
+    let limit = (16 << 20) + 6 * header_len;
+    assert!(
+        peak < limit,
+        "inspect of a {header_len}-byte header peaked at {peak} bytes, over {limit}"
+    );
 }

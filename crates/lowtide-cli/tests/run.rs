@@ -241,3 +241,87 @@ fn a_missing_model_file_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_workflow_that_is_not_a_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("w.toml");
+    common::mkfifo(&pipe);
+    let pipe = pipe.to_str().unwrap();
+    common::fails_fast(
+        &["run", pipe],
+        &[pipe, "is a FIFO (named pipe), not a regular file"],
+    );
+    common::fails_fast(
+        &["run", "/dev/zero", "--compare"],
+        &["/dev/zero", "is a character device, not a regular file"],
+    );
+    let folder = dir.path().to_str().unwrap();
+    common::fails_fast(&["run", folder], &[folder, "is a directory"]);
+}
+
+#[test]
+fn an_oversized_workflow_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let padding = "# padding\n".repeat(200_000);
+    let workflow = write_workflow(dir.path(), &format!("{WORKFLOW}{padding}"));
+    common::fails_fast(
+        &["run", &workflow],
+        &[
+            &workflow,
+            "bytes, over the 1.00 MiB cap for a workflow file",
+        ],
+    );
+}
+
+#[test]
+fn sizes_and_rates_that_cannot_work_are_refused_with_their_line() {
+    // `bandwidth = 0` used to become 1 byte per second: the run would never end.
+    let capacity = "capacity = \"8MiB\"";
+    for (from, to, needle) in [
+        (
+            capacity,
+            "capacity = \"8MiB\"\nbandwidth = 0",
+            "w.toml:5: device.bandwidth",
+        ),
+        (
+            capacity,
+            "capacity = \"8MiB\"\nbandwidth = \"0GB\"",
+            "w.toml:5: device.bandwidth",
+        ),
+        (capacity, "capacity = 0", "w.toml:4: device.capacity"),
+        ("cap = \"4GiB\"", "cap = \"0B\"", "w.toml:7: limits.cap"),
+        (
+            "ram_budget = \"4MiB\"",
+            "ram_budget = 0",
+            "w.toml:9: limits.ram_budget",
+        ),
+        (
+            "ram_budget = \"4MiB\"",
+            "ram_budget = \"4MiB\"\nspill_max = 0",
+            "w.toml:10: limits.spill_max",
+        ),
+        (
+            "strength = 0.8",
+            "strength = inf",
+            "w.toml:57: strength must be a finite number",
+        ),
+        (
+            "strength = 0.8",
+            "strength = nan",
+            "w.toml:57: strength must be a finite number",
+        ),
+        (
+            "strength = 0.8",
+            "strength = 1e300",
+            "w.toml:57: strength must be a finite number",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(WORKFLOW.contains(from), "{from}");
+        let workflow = write_workflow(dir.path(), &WORKFLOW.replacen(from, to, 1));
+        for mode in ["--compare", "--json"] {
+            common::fails_fast(&["run", &workflow, mode], &[needle]);
+        }
+    }
+}

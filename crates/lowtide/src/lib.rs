@@ -36,6 +36,7 @@ mod spill;
 mod stats;
 mod store;
 mod sys;
+mod text;
 
 #[cfg(feature = "cuda")]
 pub use device::CudaDevice;
@@ -55,7 +56,9 @@ pub use store::{
     PrefetchOutcome, Recipe, Store, StoreBuilder, StoreError, TensorBytes, TensorGuard, TensorId,
     TensorInfo, Tier, UnloadOutcome, scratch_bytes,
 };
+pub use sys::open::{FileKind, NotRegularFile, open_regular_file};
 pub use sys::procfs::{ProcIo, ProcMemory};
+pub use text::{Escaped, EscapedPath};
 
 /// Parsers exposed for fuzzing and property tests.
 pub mod parse {

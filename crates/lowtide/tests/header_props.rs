@@ -43,9 +43,32 @@ fn assert_consistent(image: &[u8], tensors: &[lowtide::SourceTensor]) {
     assert_eq!(cursor, image.len() as u64);
 }
 
+/// What lowtide accepts, the reference parser accepts too, with the same tensors: lowtide
+/// checks each entry with the reference's types instead of running its whole-header parse
+/// (which holds the header as a tree), and this holds the two to agreement.
+fn assert_reference_agrees(image: &[u8], tensors: &[lowtide::SourceTensor]) {
+    let reference = safetensors::SafeTensors::deserialize(image)
+        .unwrap_or_else(|err| panic!("lowtide accepts what the reference rejects: {err}"));
+    assert_eq!(reference.len(), tensors.len());
+    for t in tensors {
+        let view = reference.tensor(&t.name).unwrap();
+        assert_eq!(format!("{:?}", view.dtype()), t.dtype.name(), "{}", t.name);
+        let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        assert_eq!(shape, t.shape, "{}", t.name);
+        let offset = view.data().as_ptr() as usize - image.as_ptr() as usize;
+        assert_eq!(
+            (offset as u64, view.data().len() as u64),
+            (t.offset, t.len),
+            "{}",
+            t.name
+        );
+    }
+}
+
 fn check(image: &[u8]) {
     if let Ok(tensors) = parse::safetensors_image(image) {
         assert_consistent(image, &tensors);
+        assert_reference_agrees(image, &tensors);
     }
 }
 

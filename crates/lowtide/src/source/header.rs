@@ -4,17 +4,25 @@
 //! The JSON maps tensor names to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets
 //! relative to the data buffer) plus an optional `"__metadata__"` map of strings.
 //!
-//! Every check names the tensor or byte offset it failed at. After lowtide's own checks the
-//! reference parser (the `safetensors` crate) reads the same header as a second opinion, so
-//! a file is accepted only when both agree.
+//! Every check names the tensor or byte offset it failed at. Each entry that passes lowtide's
+//! own checks is checked again by the reference implementation's types and validation (the
+//! `safetensors` crate) as a second opinion, so a file is accepted only when both agree.
+//!
+//! Memory: the header is read as a stream of entries, never as a JSON tree. Names are copied
+//! once (into the tensor list), dtypes are borrowed from the text, shapes are stored without
+//! spare capacity, and names are checked for duplicates by hash. Parsing a header takes the
+//! text plus up to about twice its size for the tensor list.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 
 use serde::Deserialize;
-use serde::de::{MapAccess, Visitor};
+use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
 
 use crate::dtype::Dtype;
+use crate::text::Escaped;
 
 /// Bytes of the little-endian length prefix.
 pub(crate) const PREFIX_LEN: u64 = 8;
@@ -26,6 +34,8 @@ pub const MAX_HEADER_LEN: u64 = 100_000_000;
 pub(crate) struct RawTensor {
     pub(crate) name: String,
     pub(crate) dtype: Dtype,
+    /// Position in the header, to keep its order among tensors at the same offset.
+    pub(crate) order: u32,
     pub(crate) shape: Vec<u64>,
     /// Offsets relative to the start of the data buffer.
     pub(crate) begin: u64,
@@ -52,15 +62,18 @@ pub enum HeaderError {
         /// Length of the file.
         file_len: u64,
     },
-    /// The header length prefix is over the cap.
-    #[error("header length {header_len} (bytes 0..8) is over the {max}-byte cap")]
+    /// The header length prefix is over the cap. The message does not show the length: eight
+    /// bytes of a file that is not a safetensors file may be text (`root:*:2` of a password
+    /// file), which an error message must not repeat.
+    #[error("the header length (bytes 0..8) is over the {max}-byte cap: not a safetensors file")]
     TooLarge {
         /// Declared header length.
         header_len: u64,
         /// The cap.
         max: u64,
     },
-    /// The header length prefix points past the end of the file.
+    /// The header length prefix points past the end of the file. The length is shown: it is
+    /// under the cap, so its upper bytes are zero and it cannot carry text.
     #[error(
         "header length {header_len} (bytes 0..8) runs past the end of the {file_len}-byte file"
     )]
@@ -88,13 +101,13 @@ pub enum HeaderError {
         source: serde_json::Error,
     },
     /// A name appears twice in the header.
-    #[error("tensor `{name}` appears twice in the header")]
+    #[error("tensor `{}` appears twice in the header", Escaped(name))]
     DuplicateName {
         /// The repeated name.
         name: String,
     },
     /// An entry is not `{dtype, shape, data_offsets}` of the right types.
-    #[error("tensor `{name}`: malformed entry")]
+    #[error("tensor `{}`: malformed entry", Escaped(name))]
     Entry {
         /// The tensor's name.
         name: String,
@@ -110,7 +123,7 @@ pub enum HeaderError {
         source: serde_json::Error,
     },
     /// An entry names a dtype safetensors does not define.
-    #[error("tensor `{name}`: unknown dtype `{dtype}`")]
+    #[error("tensor `{}`: unknown dtype `{}`", Escaped(name), Escaped(dtype))]
     UnknownDtype {
         /// The tensor's name.
         name: String,
@@ -118,7 +131,10 @@ pub enum HeaderError {
         dtype: String,
     },
     /// The number of elements times the element size overflows or is not whole bytes.
-    #[error("tensor `{name}`: shape {shape:?} of {dtype} does not fit in a whole number of bytes")]
+    #[error(
+        "tensor `{}`: shape {shape:?} of {dtype} does not fit in a whole number of bytes",
+        Escaped(name)
+    )]
     ShapeSize {
         /// The tensor's name.
         name: String,
@@ -128,7 +144,10 @@ pub enum HeaderError {
         shape: Vec<u64>,
     },
     /// `data_offsets` is reversed.
-    #[error("tensor `{name}`: data_offsets [{begin}, {end}] end before they begin")]
+    #[error(
+        "tensor `{}`: data_offsets [{begin}, {end}] end before they begin",
+        Escaped(name)
+    )]
     Reversed {
         /// The tensor's name.
         name: String,
@@ -139,7 +158,8 @@ pub enum HeaderError {
     },
     /// The extent's length disagrees with shape x dtype size.
     #[error(
-        "tensor `{name}`: data_offsets [{begin}, {end}] hold {actual} bytes but {dtype} {shape:?} needs {expected}"
+        "tensor `{}`: data_offsets [{begin}, {end}] hold {actual} bytes but {dtype} {shape:?} needs {expected}",
+        Escaped(name)
     )]
     LengthMismatch {
         /// The tensor's name.
@@ -159,7 +179,8 @@ pub enum HeaderError {
     },
     /// The extent ends past the end of the file.
     #[error(
-        "tensor `{name}`: data ends at byte offset {end_offset}, past the end of the {file_len}-byte file"
+        "tensor `{}`: data ends at byte offset {end_offset}, past the end of the {file_len}-byte file",
+        Escaped(name)
     )]
     OutOfBounds {
         /// The tensor's name.
@@ -170,7 +191,11 @@ pub enum HeaderError {
         file_len: u64,
     },
     /// Two extents overlap.
-    #[error("tensor `{name}` overlaps tensor `{other}` at byte offset {offset}")]
+    #[error(
+        "tensor `{}` overlaps tensor `{}` at byte offset {offset}",
+        Escaped(name),
+        Escaped(other)
+    )]
     Overlap {
         /// The tensor's name.
         name: String,
@@ -214,33 +239,137 @@ pub(crate) fn header_len(prefix: [u8; 8], file_len: u64) -> Result<u64, HeaderEr
     Ok(header_len)
 }
 
+/// One tensor's entry as written. The dtype is borrowed from the header text when it has no
+/// escapes; the shape is stored without spare capacity.
 #[derive(Deserialize)]
-struct Entry {
-    dtype: String,
+struct Entry<'a> {
+    #[serde(borrow)]
+    dtype: Cow<'a, str>,
+    #[serde(deserialize_with = "exact_shape")]
     shape: Vec<u64>,
     data_offsets: (u64, u64),
 }
 
-/// The top-level object with its keys in file order, duplicates kept so they can be reported.
-struct Entries(Vec<(String, serde_json::Value)>);
+fn exact_shape<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+    let mut shape = Vec::<u64>::deserialize(deserializer)?;
+    shape.shrink_to_fit();
+    Ok(shape)
+}
 
-impl<'de> Deserialize<'de> for Entries {
+/// A key of the top-level object: borrowed from the header text unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntriesVisitor;
-        impl<'de> Visitor<'de> for EntriesVisitor {
-            type Value = Entries;
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object mapping tensor names to entries")
+                f.write_str("a tensor name")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
-                    entries.push(entry);
-                }
-                Ok(Entries(entries))
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
             }
         }
-        deserializer.deserialize_map(EntriesVisitor)
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Where the streaming parse of the top-level object stopped, when it stopped early.
+enum Stop {
+    /// A check of lowtide's failed on an entry.
+    Check(HeaderError),
+    /// The JSON reader failed inside this tensor's entry.
+    InEntry(String),
+    /// The JSON reader failed inside `__metadata__`.
+    InMetadata,
+}
+
+/// Reads the top-level object entry by entry, checking each as it comes, so that the header
+/// is never held as a JSON tree: memory is the text plus the tensors.
+struct Entries<'s> {
+    data_start: u64,
+    file_len: u64,
+    metadata: &'s mut BTreeMap<String, String>,
+    stop: &'s mut Option<Stop>,
+}
+
+impl<'de> DeserializeSeed<'de> for Entries<'_> {
+    type Value = Vec<RawTensor>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<RawTensor>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Entries<'_> {
+    type Value = Vec<RawTensor>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object mapping tensor names to entries")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<RawTensor>, A::Error> {
+        let stop = |stop: &mut Option<Stop>, why: Stop| {
+            *stop = Some(why);
+            A::Error::custom("stopped")
+        };
+        let mut tensors: Vec<RawTensor> = Vec::new();
+        // Names seen so far, as hashes under a per-parse random key: a few bytes per tensor
+        // where a set of the names would copy them. A hash seen before is confirmed against
+        // the names themselves, so a collision costs a scan but never a false error.
+        let hasher = RandomState::new();
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut metadata_seen = false;
+        while let Some(Key(name)) = map.next_key::<Key<'de>>()? {
+            if name == "__metadata__" {
+                if metadata_seen {
+                    let name = name.into_owned();
+                    return Err(stop(
+                        self.stop,
+                        Stop::Check(HeaderError::DuplicateName { name }),
+                    ));
+                }
+                metadata_seen = true;
+                match map.next_value::<Option<BTreeMap<String, String>>>() {
+                    Ok(metadata) => *self.metadata = metadata.unwrap_or_default(),
+                    Err(err) => {
+                        *self.stop = Some(Stop::InMetadata);
+                        return Err(err);
+                    }
+                }
+                continue;
+            }
+            if !seen.insert(hasher.hash_one(&*name)) && tensors.iter().any(|t| t.name == name) {
+                let name = name.into_owned();
+                return Err(stop(
+                    self.stop,
+                    Stop::Check(HeaderError::DuplicateName { name }),
+                ));
+            }
+            let entry = match map.next_value::<Entry<'de>>() {
+                Ok(entry) => entry,
+                Err(err) => {
+                    *self.stop = Some(Stop::InEntry(name.into_owned()));
+                    return Err(err);
+                }
+            };
+            let order = u32::try_from(tensors.len()).unwrap_or(u32::MAX);
+            match check_entry(
+                name.into_owned(),
+                order,
+                entry,
+                self.data_start,
+                self.file_len,
+            ) {
+                Ok(tensor) => tensors.push(tensor),
+                Err(err) => return Err(stop(self.stop, Stop::Check(err))),
+            }
+        }
+        Ok(tensors)
     }
 }
 
@@ -250,36 +379,43 @@ pub(crate) fn parse(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
     let text = std::str::from_utf8(json).map_err(|err| HeaderError::NotUtf8 {
         offset: PREFIX_LEN + err.valid_up_to() as u64,
     })?;
-    let Entries(entries) = serde_json::from_str(text).map_err(|source| HeaderError::Json {
-        line: source.line(),
-        column: source.column(),
-        source,
-    })?;
-
-    let mut seen = HashSet::with_capacity(entries.len());
     let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::with_capacity(entries.len());
-    for (name, value) in entries {
-        if !seen.insert(name.clone()) {
-            return Err(HeaderError::DuplicateName { name });
+    let mut stop = None;
+    let mut reader = serde_json::Deserializer::from_str(text);
+    let entries = Entries {
+        data_start,
+        file_len,
+        metadata: &mut metadata,
+        stop: &mut stop,
+    };
+    let parsed = entries
+        .deserialize(&mut reader)
+        .and_then(|tensors| reader.end().map(|()| tensors));
+    let mut tensors = match parsed {
+        Ok(tensors) => tensors,
+        Err(source) => {
+            let data = source.classify() == serde_json::error::Category::Data;
+            return Err(match stop {
+                Some(Stop::Check(err)) => err,
+                Some(Stop::InEntry(name)) if data => HeaderError::Entry { name, source },
+                Some(Stop::InMetadata) if data => HeaderError::Metadata { source },
+                _ => HeaderError::Json {
+                    line: source.line(),
+                    column: source.column(),
+                    source,
+                },
+            });
         }
-        if name == "__metadata__" {
-            if !value.is_null() {
-                metadata = serde_json::from_value(value)
-                    .map_err(|source| HeaderError::Metadata { source })?;
-            }
-            continue;
-        }
-        let entry: Entry = match serde_json::from_value(value) {
-            Ok(entry) => entry,
-            Err(source) => return Err(HeaderError::Entry { name, source }),
-        };
-        tensors.push(check_entry(name, entry, data_start, file_len)?);
-    }
+    };
+    tensors.shrink_to_fit();
 
     // Extents must tile the data buffer exactly: sorted by offset, each starts where the
     // previous ended and the last ends at the end of the file (as the reference requires).
-    tensors.sort_by_key(|t| (t.begin, t.end));
+    // Ties (empty tensors at one offset) keep the order of the header.
+    let key = |t: &RawTensor| (t.begin, t.end, t.order);
+    if !tensors.is_sorted_by_key(key) {
+        tensors.sort_unstable_by_key(key);
+    }
     let mut cursor = 0u64;
     let mut previous: Option<&RawTensor> = None;
     for tensor in &tensors {
@@ -307,18 +443,6 @@ pub(crate) fn parse(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
         });
     }
 
-    // Second opinion from the reference parser. It checks the same things, so a rejection
-    // here means the two disagree; refuse the file rather than guess.
-    let reference: safetensors::tensor::Metadata =
-        serde_json::from_str(text).map_err(|err| HeaderError::Reference {
-            source: safetensors::SafeTensorError::InvalidHeaderDeserialization(err),
-        })?;
-    if reference.data_len() as u64 != cursor || reference.tensors().len() != tensors.len() {
-        return Err(HeaderError::Reference {
-            source: safetensors::SafeTensorError::MetadataIncompleteBuffer,
-        });
-    }
-
     Ok(Header {
         tensors,
         metadata,
@@ -328,14 +452,15 @@ pub(crate) fn parse(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
 
 fn check_entry(
     name: String,
-    entry: Entry,
+    order: u32,
+    entry: Entry<'_>,
     data_start: u64,
     file_len: u64,
 ) -> Result<RawTensor, HeaderError> {
     let Ok(dtype) = entry.dtype.parse::<Dtype>() else {
         return Err(HeaderError::UnknownDtype {
             name,
-            dtype: entry.dtype,
+            dtype: entry.dtype.into_owned(),
         });
     };
     let shape = entry.shape;
@@ -371,13 +496,44 @@ fn check_entry(
             });
         }
     }
+    reference_check(&entry.dtype, &shape, end - begin)?;
     Ok(RawTensor {
         name,
         dtype,
+        order,
         shape,
         begin,
         end,
     })
+}
+
+/// The second opinion: the reference implementation's own types and checks on one entry that
+/// lowtide's checks accepted. Its dtype is parsed by the reference's `Dtype`, and its shape and
+/// length (as an extent from 0) are validated by the reference's `Metadata::new`, which
+/// computes the size with the reference's arithmetic. A rejection means the two disagree;
+/// the file is refused rather than guessed at.
+///
+/// Why per entry: the reference's whole-header parse buffers the header as a tree (its
+/// `#[serde(flatten)]` map) and took over ten times the header's size in memory. The tiling
+/// of the extents, the one check the reference makes across entries, is the loop in [`parse`].
+fn reference_check(dtype: &str, shape: &[u64], len: u64) -> Result<(), HeaderError> {
+    use safetensors::SafeTensorError;
+    use safetensors::tensor::{Metadata, TensorInfo};
+    use serde::de::IntoDeserializer;
+
+    let reference = |source| HeaderError::Reference { source };
+    let dtype = safetensors::Dtype::deserialize(dtype.into_deserializer()).map_err(
+        |err: serde_json::Error| reference(SafeTensorError::InvalidHeaderDeserialization(err)),
+    )?;
+    let size =
+        |n: u64| usize::try_from(n).map_err(|_| reference(SafeTensorError::ValidationOverflow));
+    let info = TensorInfo {
+        dtype,
+        shape: shape.iter().map(|&d| size(d)).collect::<Result<_, _>>()?,
+        data_offsets: (0, size(len)?),
+    };
+    Metadata::new(None, vec![(String::new(), info)]).map_err(reference)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -425,5 +581,61 @@ mod tests {
         assert!(matches!(check("[1,2]", 0), Err(HeaderError::Json { .. })));
         let meta = r#"{"__metadata__":{"a":1}}"#;
         assert!(matches!(check(meta, 0), Err(HeaderError::Metadata { .. })));
+    }
+
+    #[test]
+    fn entries_are_read_one_at_a_time_with_their_names() {
+        // A name written with an escape is the same name: still a duplicate.
+        let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"\u0061":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        assert!(matches!(check(dup, 2), Err(HeaderError::DuplicateName { name }) if name == "a"));
+        let meta_twice = r#"{"__metadata__":{},"__metadata__":null}"#;
+        assert!(matches!(
+            check(meta_twice, 0),
+            Err(HeaderError::DuplicateName { name }) if name == "__metadata__"
+        ));
+        // A wrong type inside an entry names the entry; broken JSON is a JSON error.
+        let wrong = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"U8","shape":"x","data_offsets":[1,2]}}"#;
+        assert!(matches!(check(wrong, 2), Err(HeaderError::Entry { name, .. }) if name == "b"));
+        assert!(matches!(
+            check(r#"{"b":null}"#, 0),
+            Err(HeaderError::Entry { .. })
+        ));
+        let broken = r#"{"a":{"dtype":"U8","shape":[1,,"data_offsets":[0,1]}}"#;
+        assert!(matches!(check(broken, 1), Err(HeaderError::Json { .. })));
+        let trailing = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}} x"#;
+        assert!(matches!(check(trailing, 1), Err(HeaderError::Json { .. })));
+        // Empty tensors at one offset keep their order in the header.
+        let empties = r#"{"z":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"y":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let names: Vec<String> = check(empties, 1)
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["z", "y", "x"]);
+    }
+
+    #[test]
+    fn messages_escape_names_and_never_echo_an_implausible_length() {
+        let evil = r"\u001b[2J\r all good";
+        let dup = format!(
+            r#"{{"{evil}":{{"dtype":"U8","shape":[1],"data_offsets":[0,1]}},"{evil}":{{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}}}"#
+        );
+        let err = check(&dup, 2).unwrap_err();
+        assert!(matches!(&err, HeaderError::DuplicateName { name } if name.contains('\u{1b}')));
+        let shown = err.to_string();
+        assert!(!shown.contains(['\u{1b}', '\r']), "{shown:?}");
+        assert!(shown.contains(r"\u{1b}[2J\u{d} all good"), "{shown}");
+
+        let prefix = *b"root:*:2";
+        let err = super::header_len(prefix, 1 << 20).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            matches!(err, HeaderError::TooLarge { header_len, .. } if header_len == u64::from_le_bytes(prefix))
+        );
+        assert!(
+            !shown.contains(&u64::from_le_bytes(prefix).to_string()),
+            "{shown}"
+        );
     }
 }

@@ -170,14 +170,25 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens and validates `path`, then maps it read-only.
+    /// Opens and validates `path`, then maps it read-only. `path` must be a regular file (or a
+    /// symbolic link to one); anything else is refused without blocking.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
-        let path = path.as_ref().to_path_buf();
+        let path = path.as_ref();
+        let file = crate::sys::open::open_regular_file(path).map_err(|source| SourceError::Io {
+            path: path.to_path_buf(),
+            op: "open",
+            source,
+        })?;
+        Self::from_file(path, file)
+    }
+
+    /// Validates and maps `file`, opened from `path` (a shard opened beneath its directory).
+    pub(crate) fn from_file(path: &Path, file: File) -> Result<Self, SourceError> {
+        let path = path.to_path_buf();
         let io = |op: &'static str| {
             let path = path.clone();
             move |source| SourceError::Io { path, op, source }
         };
-        let file = File::open(&path).map_err(io("open"))?;
         // lowtide reads exactly what it needs (from the page cache only what is there):
         // readahead would pull copies of neighbouring tensors into the cache, which their
         // restores then read again from the disk. Advisory: where refused, only less tidy.

@@ -2,13 +2,16 @@
 //! `*.safetensors.index.json` with its `weight_map`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::{Source, SourceError, SourceTensor};
+use crate::sys::open::{BeneathError, ModelDir, open_regular_file};
+use crate::text::{Escaped, EscapedPath};
 
 /// Largest index file read, like the header cap.
 const MAX_INDEX_LEN: u64 = 100_000_000;
@@ -37,7 +40,11 @@ pub enum IndexError {
         max: u64,
     },
     /// A shard is named by a path that leaves the index's directory.
-    #[error("tensor `{tensor}`: shard `{shard}` is not a plain file name in the index's directory")]
+    #[error(
+        "tensor `{}`: shard `{}` is not a plain file name in the index's directory",
+        Escaped(tensor),
+        Escaped(shard)
+    )]
     ShardPath {
         /// The tensor mapped to it.
         tensor: String,
@@ -45,7 +52,11 @@ pub enum IndexError {
         shard: String,
     },
     /// The index maps a tensor to a shard that does not contain it.
-    #[error("tensor `{tensor}` is mapped to shard `{shard}`, which does not contain it")]
+    #[error(
+        "tensor `{}` is mapped to shard `{}`, which does not contain it",
+        Escaped(tensor),
+        Escaped(shard)
+    )]
     MissingTensor {
         /// The tensor.
         tensor: String,
@@ -53,7 +64,11 @@ pub enum IndexError {
         shard: String,
     },
     /// A shard contains a tensor the index does not list or maps elsewhere.
-    #[error("shard `{shard}` contains tensor `{tensor}`, which the index does not map to it")]
+    #[error(
+        "shard `{}` contains tensor `{}`, which the index does not map to it",
+        Escaped(shard),
+        Escaped(tensor)
+    )]
     Unlisted {
         /// The tensor.
         tensor: String,
@@ -61,7 +76,12 @@ pub enum IndexError {
         shard: String,
     },
     /// Two shards of a directory define the same tensor.
-    #[error("tensor `{tensor}` is defined in both `{first}` and `{second}`")]
+    #[error(
+        "tensor `{}` is defined in both `{}` and `{}`",
+        Escaped(tensor),
+        Escaped(first),
+        Escaped(second)
+    )]
     Duplicate {
         /// The tensor.
         tensor: String,
@@ -73,13 +93,37 @@ pub enum IndexError {
     /// A directory holds no `.safetensors` file.
     #[error("no .safetensors file found")]
     Empty,
+    /// A JSON file without a `weight_map`: some other JSON file (a `config.json`), not an index.
+    #[error("not a safetensors index: it has no `weight_map`")]
+    NoWeightMap,
+    /// A shard or index resolves to a file outside the model's directory: through `..`, an
+    /// absolute symbolic link, or a symbolic link whose target lies outside. Nothing of it is
+    /// read.
+    #[error(
+        "`{}` resolves outside the model's directory {}: a symbolic link leading out of it is not followed",
+        Escaped(name),
+        EscapedPath(dir)
+    )]
+    Outside {
+        /// The shard or index, as named in the index or the directory.
+        name: String,
+        /// The model's directory.
+        dir: PathBuf,
+    },
 }
 
-#[derive(Deserialize)]
+/// An index with its weight map.
 struct IndexJson {
-    #[serde(default)]
     metadata: serde_json::Map<String, serde_json::Value>,
     weight_map: BTreeMap<String, String>,
+}
+
+/// An index as read, before `weight_map` is known to be there.
+#[derive(Deserialize)]
+struct MaybeIndex {
+    #[serde(default)]
+    metadata: serde_json::Map<String, serde_json::Value>,
+    weight_map: Option<BTreeMap<String, String>>,
 }
 
 /// Where one tensor of a model lives.
@@ -107,6 +151,15 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Opens `path`: a `.safetensors` file, a `*.index.json` index, or a directory (which uses
     /// its index when it has exactly one, and otherwise every `.safetensors` file in it).
+    ///
+    /// Only regular files are read, and nothing blocks: a FIFO, socket or device is refused
+    /// with a [`crate::NotRegularFile`] error naming it. What `path` names may be a symbolic
+    /// link (the caller named it), but the shards of an index and the files found in a
+    /// directory must resolve inside the model's directory ([`IndexError::Outside`]); links
+    /// that stay inside are followed. In a directory every entry whose name ends in
+    /// `.safetensors` is a shard: one that is not a regular file (a FIFO, a subdirectory, a
+    /// dangling link) is an error naming it, not skipped, so that a model is never silently
+    /// opened with a shard missing.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let path = path.as_ref();
         let io = |op: &'static str| {
@@ -116,44 +169,52 @@ impl ModelFiles {
                 source,
             }
         };
+        // `stat` does not open the file: a FIFO cannot block here.
         let meta = fs::metadata(path).map_err(io("open"))?;
         if meta.is_dir() {
+            let dir = ModelDir::open(path).map_err(io("open"))?;
             let mut indexes = Vec::new();
             let mut shards = Vec::new();
             for entry in fs::read_dir(path).map_err(io("list"))? {
-                let entry_path = entry.map_err(io("list"))?.path();
-                let name = entry_path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default();
+                let entry = entry.map_err(io("list"))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
                 if name.ends_with(".safetensors.index.json") {
-                    indexes.push(entry_path);
-                } else if name.ends_with(".safetensors") && entry_path.is_file() {
-                    shards.push(entry_path);
+                    indexes.push(name);
+                } else if name.ends_with(".safetensors") {
+                    shards.push(name);
                 }
             }
-            if indexes.len() == 1 {
-                return Self::open_index(&indexes[0]);
+            if let [index] = indexes.as_slice() {
+                let file = open_in(&dir, path, index)?;
+                return Self::open_index(&path.join(index), &file, &dir);
             }
             shards.sort();
-            return Self::open_shards(path, &shards);
+            let sources = shards
+                .iter()
+                .map(|name| open_shard(&dir, path, name))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Self::assemble(path, sources);
         }
         if path.to_string_lossy().ends_with(".json") {
-            return Self::open_index(path);
+            let file = open_regular_file(path).map_err(io("open"))?;
+            let dir = ModelDir::open(path.parent().unwrap_or(Path::new(".")))
+                .map_err(io("open the directory of"))?;
+            return Self::open_index(path, &file, &dir);
         }
-        Self::open_shards(path, &[path.to_path_buf()])
+        Self::assemble(path, vec![Arc::new(Source::open(path)?)])
     }
 
-    fn open_shards(path: &Path, files: &[PathBuf]) -> Result<Self, SourceError> {
+    /// A model of the opened `sources`, every tensor defined once.
+    fn assemble(path: &Path, sources: Vec<Arc<Source>>) -> Result<Self, SourceError> {
         let invalid = |source| SourceError::Index {
             path: path.to_path_buf(),
             source,
         };
-        if files.is_empty() {
+        if sources.is_empty() {
             return Err(invalid(IndexError::Empty));
         }
-        let sources = files.iter().map(Source::open).map(|s| s.map(Arc::new));
-        let sources = sources.collect::<Result<Vec<_>, _>>()?;
         let mut tensors: BTreeMap<String, TensorLocation> = BTreeMap::new();
         for (source_index, source) in sources.iter().enumerate() {
             for (index, tensor) in source.tensors().iter().enumerate() {
@@ -178,7 +239,8 @@ impl ModelFiles {
         })
     }
 
-    fn open_index(index_path: &Path) -> Result<Self, SourceError> {
+    /// Reads index `index_path` from `file`; its shards are opened beneath `dir`.
+    fn open_index(index_path: &Path, file: &File, dir: &ModelDir) -> Result<Self, SourceError> {
         let invalid = |source| SourceError::Index {
             path: index_path.to_path_buf(),
             source,
@@ -188,16 +250,26 @@ impl ModelFiles {
             op: "read",
             source,
         };
-        let len = fs::metadata(index_path).map_err(io)?.len();
+        let len = file.metadata().map_err(io)?.len();
         if len > MAX_INDEX_LEN {
             return Err(invalid(IndexError::TooLarge {
                 len,
                 max: MAX_INDEX_LEN,
             }));
         }
-        let text = fs::read(index_path).map_err(io)?;
+        // At most one byte over the cap, should the file grow while it is read.
+        let mut text = Vec::with_capacity(len as usize);
+        file.take(MAX_INDEX_LEN + 1)
+            .read_to_end(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_INDEX_LEN {
+            return Err(invalid(IndexError::TooLarge {
+                len: text.len() as u64,
+                max: MAX_INDEX_LEN,
+            }));
+        }
         let index = parse_index(&text).map_err(invalid)?;
-        let dir = index_path.parent().unwrap_or(Path::new("."));
+        drop(text);
 
         // Shards in order of first mention, each opened once.
         let mut shard_names: Vec<&str> = Vec::new();
@@ -210,8 +282,8 @@ impl ModelFiles {
         }
         let sources = shard_names
             .iter()
-            .map(|name| Source::open(dir.join(name)).map(Arc::new));
-        let sources = sources.collect::<Result<Vec<_>, _>>()?;
+            .map(|name| open_in(dir, index_path, name).and_then(|file| shard(dir, name, file)))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let mut tensors = BTreeMap::new();
         for (tensor, shard) in &index.weight_map {
@@ -269,6 +341,34 @@ impl ModelFiles {
     }
 }
 
+/// Opens `name`, a file of the model `model` (its index or its directory), beneath `dir`.
+fn open_in(dir: &ModelDir, model: &Path, name: &str) -> Result<File, SourceError> {
+    dir.open_regular(Path::new(name)).map_err(|err| match err {
+        BeneathError::Outside => SourceError::Index {
+            path: model.to_path_buf(),
+            source: IndexError::Outside {
+                name: name.to_owned(),
+                dir: dir.path().to_path_buf(),
+            },
+        },
+        BeneathError::Io(source) => SourceError::Io {
+            path: dir.path().join(name),
+            op: "open",
+            source,
+        },
+    })
+}
+
+/// Validates and maps shard `name` of `dir`, opened as `file`.
+fn shard(dir: &ModelDir, name: &str, file: File) -> Result<Arc<Source>, SourceError> {
+    Source::from_file(&dir.path().join(name), file).map(Arc::new)
+}
+
+/// Opens shard `name` of the directory model `model` beneath `dir`.
+fn open_shard(dir: &ModelDir, model: &Path, name: &str) -> Result<Arc<Source>, SourceError> {
+    shard(dir, name, open_in(dir, model, name)?)
+}
+
 /// Parses and checks the text of a `*.safetensors.index.json` file: its JSON shape, and that
 /// every shard is a plain file name in the index's directory. Returns the weight map (tensor
 /// to shard). Never panics; exposed for fuzzing.
@@ -278,11 +378,18 @@ pub fn parse_index_json(text: &[u8]) -> Result<BTreeMap<String, String>, IndexEr
 
 /// Parses an index and checks that every shard is a plain file name in the index's directory.
 fn parse_index(text: &[u8]) -> Result<IndexJson, IndexError> {
-    let index: IndexJson = serde_json::from_slice(text).map_err(|source| IndexError::Json {
+    let index: MaybeIndex = serde_json::from_slice(text).map_err(|source| IndexError::Json {
         line: source.line(),
         column: source.column(),
         source,
     })?;
+    let Some(weight_map) = index.weight_map else {
+        return Err(IndexError::NoWeightMap);
+    };
+    let index = IndexJson {
+        metadata: index.metadata,
+        weight_map,
+    };
     if let Some((tensor, shard)) = index
         .weight_map
         .iter()
@@ -319,9 +426,28 @@ mod tests {
     }
 
     #[test]
+    fn messages_escape_names_from_files() {
+        let err = super::IndexError::MissingTensor {
+            tensor: "\u{1b}[2J\r all good".into(),
+            shard: "a\u{9b}b.safetensors".into(),
+        };
+        let shown = err.to_string();
+        assert!(!shown.contains(|c: char| c.is_control()), "{shown:?}");
+        assert!(shown.contains(r"`\u{1b}[2J\u{d} all good`"), "{shown}");
+        assert!(shown.contains(r"`a\u{9b}b.safetensors`"), "{shown}");
+    }
+
+    #[test]
     fn index_json_shape() {
         assert!(parse_index_json(br#"{"weight_map":{"a":"x.safetensors"}}"#).is_ok());
-        assert!(parse_index_json(br#"{"metadata":{}}"#).is_err());
+        assert!(matches!(
+            parse_index_json(br#"{"metadata":{}}"#),
+            Err(super::IndexError::NoWeightMap)
+        ));
+        assert!(matches!(
+            parse_index_json(br#"{"_name_or_path":"x","architectures":["Unet"]}"#),
+            Err(super::IndexError::NoWeightMap)
+        ));
         assert!(parse_index_json(br#"{"weight_map":{"a":1}}"#).is_err());
     }
 }

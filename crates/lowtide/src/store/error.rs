@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::dtype::Dtype;
 use crate::source::SourceError;
 use crate::spill::SpillError;
+use crate::text::{Escaped, EscapedPath};
 
 /// An impossible or contradictory store setting.
 #[derive(Debug, thiserror::Error)]
@@ -14,7 +15,7 @@ pub enum ConfigError {
     #[error("ram_budget must be more than 0 bytes")]
     ZeroBudget,
     /// The spill directory does not exist or is not a directory.
-    #[error("spill_dir {} is not a directory", path.display())]
+    #[error("spill_dir {} is not a directory", EscapedPath(path))]
     SpillDir {
         /// The directory given.
         path: PathBuf,
@@ -64,7 +65,7 @@ pub enum StoreError {
         tensor: u32,
     },
     /// A model has no tensor of that name.
-    #[error("{}: no tensor named `{name}`", model.display())]
+    #[error("{}: no tensor named `{}`", EscapedPath(model), Escaped(name))]
     NoSuchTensor {
         /// The model's path.
         model: PathBuf,
@@ -72,7 +73,11 @@ pub enum StoreError {
         name: String,
     },
     /// A derived tensor would shadow an existing name.
-    #[error("{}: a tensor named `{name}` already exists", model.display())]
+    #[error(
+        "{}: a tensor named `{}` already exists",
+        EscapedPath(model),
+        Escaped(name)
+    )]
     DuplicateName {
         /// The model's path.
         model: PathBuf,
@@ -80,7 +85,10 @@ pub enum StoreError {
         name: String,
     },
     /// Bytes handed in do not match the dtype and shape.
-    #[error("tensor `{name}`: {dtype} {shape:?} needs {expected} bytes, got {actual}")]
+    #[error(
+        "tensor `{}`: {dtype} {shape:?} needs {expected} bytes, got {actual}",
+        Escaped(name)
+    )]
     ByteLength {
         /// The tensor.
         name: String,
@@ -95,7 +103,8 @@ pub enum StoreError {
     },
     /// The shape's byte size overflows or is not a whole number of bytes.
     #[error(
-        "tensor `{name}`: {dtype} {shape:?} is not a whole number of bytes that fits in 64 bits"
+        "tensor `{}`: {dtype} {shape:?} is not a whole number of bytes that fits in 64 bits",
+        Escaped(name)
     )]
     BadShape {
         /// The tensor.
@@ -107,7 +116,8 @@ pub enum StoreError {
     },
     /// Holding another RAM copy would exceed the budget, and nothing more can be evicted.
     #[error(
-        "tensor `{name}`: needs {requested} bytes of RAM but only {available} of the {budget}-byte budget can be freed"
+        "tensor `{}`: needs {requested} bytes of RAM but only {available} of the {budget}-byte budget can be freed",
+        Escaped(name)
     )]
     OverBudget {
         /// The tensor.
@@ -122,7 +132,8 @@ pub enum StoreError {
     /// Keeping a new RAM copy would take available memory under the reserve, and nothing more
     /// can be evicted.
     #[error(
-        "tensor `{name}`: {requested} more bytes of RAM would leave {available} available, under the {reserve}-byte reserve"
+        "tensor `{}`: {requested} more bytes of RAM would leave {available} available, under the {reserve}-byte reserve",
+        Escaped(name)
     )]
     UnderReserve {
         /// The tensor.
@@ -135,7 +146,7 @@ pub enum StoreError {
         reserve: u64,
     },
     /// A dirty tensor could not be written to the spill file; it keeps its RAM copy.
-    #[error("tensor `{name}` could not be spilled")]
+    #[error("tensor `{}` could not be spilled", Escaped(name))]
     Spill {
         /// The tensor.
         name: String,
@@ -145,7 +156,10 @@ pub enum StoreError {
     },
     /// A dirty tensor's bytes could not be brought back: its spill extent is unreadable or
     /// corrupt and it has no recipe.
-    #[error("tensor `{name}` is lost: its spilled bytes cannot be restored")]
+    #[error(
+        "tensor `{}` is lost: its spilled bytes cannot be restored",
+        Escaped(name)
+    )]
     Lost {
         /// The tensor.
         name: String,
@@ -154,7 +168,10 @@ pub enum StoreError {
         source: SpillError,
     },
     /// A recipe produced the wrong number of bytes.
-    #[error("tensor `{name}`: its recipe produced {actual} bytes, expected {expected}")]
+    #[error(
+        "tensor `{}`: its recipe produced {actual} bytes, expected {expected}",
+        Escaped(name)
+    )]
     Recipe {
         /// The tensor.
         name: String,
@@ -170,7 +187,11 @@ pub enum StoreError {
         device: u32,
     },
     /// The device cannot hold the tensor even after unloading every unpinned copy.
-    #[error("tensor `{name}`: needs {requested} bytes on {device}, only {available} can be freed")]
+    #[error(
+        "tensor `{}`: needs {requested} bytes on {}, only {available} can be freed",
+        Escaped(name),
+        Escaped(device)
+    )]
     DeviceFull {
         /// The tensor.
         name: String,
@@ -182,7 +203,7 @@ pub enum StoreError {
         available: u64,
     },
     /// A transfer to or from a device failed.
-    #[error("tensor `{name}`: device transfer failed")]
+    #[error("tensor `{}`: device transfer failed", Escaped(name))]
     Device {
         /// The tensor.
         name: String,
@@ -191,13 +212,16 @@ pub enum StoreError {
         source: crate::device::DeviceError,
     },
     /// Only tensors opened from a file can be reverted to it.
-    #[error("tensor `{name}` was derived, not opened from a file: there is nothing to revert to")]
+    #[error(
+        "tensor `{}` was derived, not opened from a file: there is nothing to revert to",
+        Escaped(name)
+    )]
     NotFromFile {
         /// The tensor.
         name: String,
     },
     /// The operation needs the tensor unpinned, but a guard is alive.
-    #[error("tensor `{name}` is in use by {pins} guard(s)")]
+    #[error("tensor `{}` is in use by {pins} guard(s)", Escaped(name))]
     Pinned {
         /// The tensor.
         name: String,
@@ -205,7 +229,7 @@ pub enum StoreError {
         pins: u32,
     },
     /// The allocator refused a RAM copy.
-    #[error("tensor `{name}`: cannot allocate {bytes} bytes")]
+    #[error("tensor `{}`: cannot allocate {bytes} bytes", Escaped(name))]
     Alloc {
         /// The tensor.
         name: String,
@@ -218,4 +242,25 @@ pub enum StoreError {
         /// The error from the system.
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::StoreError;
+
+    #[test]
+    fn names_and_paths_are_shown_escaped() {
+        let err = StoreError::NoSuchTensor {
+            model: PathBuf::from("dir/\u{1b}]0;title\u{7}.safetensors"),
+            name: "\u{1b}[2J\r all good".into(),
+        };
+        let shown = err.to_string();
+        assert!(!shown.contains(|c: char| c.is_control()), "{shown:?}");
+        assert_eq!(
+            shown,
+            r"dir/\u{1b}]0;title\u{7}.safetensors: no tensor named `\u{1b}[2J\u{d} all good`"
+        );
+    }
 }

@@ -6,6 +6,7 @@
 mod buf;
 pub(crate) mod direct;
 mod mapping;
+pub(crate) mod open;
 pub(crate) mod procfs;
 
 pub(crate) use buf::AlignedBuf;
