@@ -149,12 +149,15 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
             "the least lowtide runs with".to_owned()
         };
         let left = if workflow.limits.ram_budget.is_none() {
+            let at_least = fixed.saturating_add(least);
             format!(
-                " (what the cap of {} leaves after the device {}, the reserve {} and the overhead {})",
+                " (what the cap of {} leaves after the device {}, the reserve {} and the overhead \
+                 {}; the smallest cap that works is {} ({at_least} bytes))",
                 ByteSize(cap),
                 ByteSize(device),
                 ByteSize(reserve),
-                ByteSize(overhead)
+                ByteSize(overhead),
+                ByteSize(at_least)
             )
         } else {
             String::new()
