@@ -141,8 +141,8 @@ fn hash_device(
 
 /// Reads a tensor's bytes from its file.
 fn read_tensor(meta: &TensorMeta) -> anyhow::Result<Vec<u8>> {
-    let file =
-        File::open(&meta.file).with_context(|| format!("cannot open {}", meta.file.display()))?;
+    let file = lowtide::open_regular_file(&meta.file)
+        .with_context(|| format!("cannot open {}", meta.file.display()))?;
     let mut bytes = zeroed_vec(meta.len, &meta.name)?;
     file.read_exact_at(&mut bytes, meta.offset)
         .with_context(|| format!("{}: cannot read `{}`", meta.file.display(), meta.name))?;

@@ -147,10 +147,34 @@ impl From<Errno> for BeneathError {
 
 /// A model's directory, held open: the files of the model are opened relative to it and must
 /// resolve inside it.
+///
+/// One layout widens "inside": a snapshot of a Hugging Face hub cache
+/// (`models--org--name/snapshots/<revision>/`, whose files are links to
+/// `../../blobs/<hash>`). There the files must resolve inside the repository's cache folder,
+/// `models--org--name`, which holds the snapshot and its blobs.
 #[derive(Debug)]
 pub(crate) struct ModelDir {
     path: PathBuf,
+    /// The directory files must resolve beneath: the model's own, or the hub cache folder.
     fd: OwnedFd,
+    /// Where the model's directory is inside that one (empty, or `snapshots/<revision>`).
+    inner: PathBuf,
+    /// The real path of the directory files must resolve beneath, for the fallback.
+    root: PathBuf,
+}
+
+/// For a hub cache snapshot (`<repo>/snapshots/<revision>` beside `<repo>/blobs`), the repository
+/// folder and the snapshot's place in it.
+fn hub_snapshot(real: &Path) -> Option<(PathBuf, PathBuf)> {
+    let revision = real.file_name()?;
+    let snapshots = real.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let repo = snapshots.parent()?;
+    repo.join("blobs")
+        .is_dir()
+        .then(|| (repo.to_path_buf(), Path::new("snapshots").join(revision)))
 }
 
 /// How often an open beneath the directory is retried when the kernel reports that a rename
@@ -167,10 +191,14 @@ impl ModelDir {
             path
         };
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let fd = rustix::fs::open(at, flags, Mode::empty())?;
+        let real = std::fs::canonicalize(at)?;
+        let (root, inner) = hub_snapshot(&real).unwrap_or((real, PathBuf::new()));
+        let fd = rustix::fs::open(&root, flags, Mode::empty())?;
         Ok(Self {
             path: path.to_path_buf(),
             fd,
+            inner,
+            root,
         })
     }
 
@@ -186,7 +214,9 @@ impl ModelDir {
         // reading (a device's open has side effects, a FIFO's blocks).
         match self.open_beneath(name, OFlags::PATH | OFlags::CLOEXEC) {
             Ok(probe) => require_regular(&rustix::fs::fstat(&probe)?)?,
-            Err(Errno::NOSYS | Errno::PERM) => return open_beneath_by_path(&self.path, name),
+            Err(Errno::NOSYS | Errno::PERM) => {
+                return open_beneath_by_path(&self.root, &self.inner.join(name));
+            }
             Err(Errno::XDEV) => return Err(BeneathError::Outside),
             Err(err) => return Err(err.into()),
         }
@@ -202,9 +232,10 @@ impl ModelDir {
     /// that the kernel cannot do it.
     fn open_beneath(&self, name: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
         let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        let name = self.inner.join(name);
         let mut tries = 0;
         loop {
-            match rustix::fs::openat2(&self.fd, name, flags, Mode::empty(), resolve) {
+            match rustix::fs::openat2(&self.fd, &name, flags, Mode::empty(), resolve) {
                 Err(Errno::AGAIN) if tries < RACE_RETRIES => tries += 1,
                 result => return result,
             }
@@ -332,6 +363,35 @@ mod tests {
         let root = model_dir();
         let dir = ModelDir::open(&root.path().join("model")).unwrap();
         check(|name| dir.open_regular(Path::new(name)));
+    }
+
+    #[test]
+    fn a_hub_cache_snapshot_resolves_within_its_repository_folder() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--org--name");
+        std::fs::create_dir_all(repo.join("blobs")).unwrap();
+        std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
+        std::fs::write(repo.join("blobs/0f3e"), "blob").unwrap();
+        std::fs::write(cache.path().join("secret"), "secret").unwrap();
+        let snapshot = repo.join("snapshots/abc123");
+        symlink("../../blobs/0f3e", snapshot.join("model.safetensors")).unwrap();
+        symlink("../../../secret", snapshot.join("escape.safetensors")).unwrap();
+        let dir = ModelDir::open(&snapshot).unwrap();
+        let mut text = String::new();
+        dir.open_regular(Path::new("model.safetensors"))
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "blob");
+        assert!(matches!(
+            dir.open_regular(Path::new("escape.safetensors")),
+            Err(BeneathError::Outside)
+        ));
+        // Without a `blobs` folder beside it, `snapshots/<rev>` is an ordinary directory.
+        std::fs::remove_dir_all(repo.join("blobs")).unwrap();
+        std::fs::create_dir(repo.join("blobs-not")).unwrap();
+        let dir = ModelDir::open(&snapshot).unwrap();
+        assert!(dir.open_regular(Path::new("model.safetensors")).is_err());
     }
 
     #[test]
