@@ -5,6 +5,7 @@ mod catalog;
 mod compare;
 mod demo;
 mod inspect;
+mod logger;
 mod run;
 mod strategy;
 mod synth;
@@ -35,6 +36,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    logger::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
