@@ -32,7 +32,8 @@ pub(crate) struct Args {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
-    /// Internal: the memory cgroup directory this child moves itself into first.
+    /// Internal to `--compare`: the memory cgroup directory its child moves itself into
+    /// first (refused in any other process).
     #[arg(long, hide = true)]
     cgroup: Option<PathBuf>,
 }
@@ -336,8 +337,10 @@ pub(crate) fn cap_of(workflow: &Workflow) -> u64 {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    // First of all in a `--compare` child: die with the parent.
+    let parent = compare::as_child()?;
     if let Some(dir) = &args.cgroup {
-        compare::enter_cgroup(dir)?;
+        compare::enter_cgroup(dir, parent)?;
     }
     let workflow = Workflow::load(&args.workflow)?;
     let models = prepare(&workflow)?;
