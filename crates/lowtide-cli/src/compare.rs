@@ -380,8 +380,47 @@ pub(crate) fn digests_agree(output: &Output) -> bool {
     digests.all(|d| Some(d) == first)
 }
 
-/// The comparison table and one sentence saying what it shows.
-pub(crate) fn print_table(output: &Output) {
+/// Whether the comparison did what was asked: lowtide finished, and every strategy that
+/// finished computed the same output. Otherwise, why not, in one line.
+pub(crate) fn verdict(output: &Output) -> Result<(), String> {
+    let Some(lowtide) = output.runs.iter().find(|r| r.strategy == "lowtide") else {
+        return Err("the comparison has no lowtide run".to_owned());
+    };
+    if lowtide.status != "ok" {
+        let why = lowtide
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(format!(
+            "the comparison failed: lowtide did not finish ({}{why})",
+            lowtide.status
+        ));
+    }
+    if !digests_agree(output) {
+        let digests: Vec<String> = output
+            .runs
+            .iter()
+            .filter(|r| r.status == "ok")
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r.strategy,
+                    r.output_digest.as_deref().unwrap_or("-")
+                )
+            })
+            .collect();
+        return Err(format!(
+            "the comparison failed: the strategies that finished computed different outputs ({})",
+            digests.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// The comparison table and one sentence saying what it shows. `patches`: whether the
+/// workflow patches any weights.
+pub(crate) fn print_table(output: &Output, patches: bool) {
     println!(
         "{:<10} {:<11} {:>7} {:>11} {:>11} {:>11} {:>11} {:>7} {:>6}  digest",
         "strategy",
@@ -440,23 +479,32 @@ pub(crate) fn print_table(output: &Output) {
     if !digests_agree(output) {
         println!("WARNING: the strategies that finished computed different outputs.");
     }
-    println!("{}", conclusion(output));
+    println!("{}", conclusion(output, patches));
 }
 
-/// One sentence on what the comparison shows.
-pub(crate) fn conclusion(output: &Output) -> String {
+/// One sentence on what the comparison shows, from what each strategy did.
+pub(crate) fn conclusion(output: &Output, patches: bool) -> String {
     let find = |name: &str| output.runs.iter().find(|r| r.strategy == name);
     let (Some(lt), Some(sa), Some(ram)) = (find("lowtide"), find("spill-all"), find("ram")) else {
         return String::new();
     };
     let lowtide = if lt.status == "ok" {
+        // lowtide writes only dirty (patched) weights: clean ones are dropped and re-read.
+        let wrote = match (patches, lt.bytes_written) {
+            (false, 0) => "wrote nothing (the workflow patches no weights)".to_owned(),
+            (true, 0) => {
+                "wrote nothing (its patched weights stayed in RAM or on the device)".to_owned()
+            }
+            (false, written) => format!("wrote {}", gib(written)),
+            (true, written) => format!("wrote {} of patched weights", gib(written)),
+        };
         format!(
-            "lowtide finished at {} peak, writing {} (only patched weights; clean ones were dropped and re-read)",
+            "lowtide finished at {} peak, read {} from the model files and {wrote}",
             gib(lt.peak_anon_bytes),
-            gib(lt.bytes_written)
+            gib(lt.bytes_read),
         )
     } else {
-        format!("lowtide {}", lt.status)
+        format!("lowtide was {}", lt.status)
     };
     let spill = if sa.status == "ok" {
         format!("spill-all wrote {} to disk", gib(sa.bytes_written))
@@ -472,4 +520,72 @@ pub(crate) fn conclusion(output: &Output) -> String {
         "Under a {} cap, {lowtide}; {spill}; {ram}.",
         gib(output.cap_bytes)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{conclusion, verdict};
+    use crate::run::{Output, RunReport};
+    use crate::strategy::Strategy;
+
+    fn ok(strategy: Strategy, digest: &str, written: u64) -> RunReport {
+        let mut report = RunReport::failed(strategy, "ok", 1.0, String::new());
+        report.error = None;
+        report.output_digest = Some(digest.to_owned());
+        report.bytes_written = written;
+        report
+    }
+
+    fn output(runs: Vec<RunReport>) -> Output {
+        Output {
+            cap_bytes: 1 << 30,
+            model_bytes: 1 << 30,
+            cap_enforced: None,
+            runs,
+        }
+    }
+
+    #[test]
+    fn a_comparison_succeeds_only_when_lowtide_finished_and_outputs_agree() {
+        let killed = |s| RunReport::failed(s, "oom-killed", 1.0, "killed".to_owned());
+        let all_ok = output(vec![
+            ok(Strategy::Lowtide, "a", 0),
+            ok(Strategy::SpillAll, "a", 5),
+            killed(Strategy::Ram),
+        ]);
+        assert_eq!(verdict(&all_ok), Ok(()));
+        let none = output(Strategy::ALL.into_iter().map(killed).collect());
+        let why = verdict(&none).unwrap_err();
+        assert!(
+            why.contains("lowtide did not finish (oom-killed: killed)"),
+            "{why}"
+        );
+        let differ = output(vec![
+            ok(Strategy::Lowtide, "a", 0),
+            ok(Strategy::SpillAll, "b", 0),
+            ok(Strategy::Ram, "a", 0),
+        ]);
+        let why = verdict(&differ).unwrap_err();
+        assert!(why.contains("lowtide a, spill-all b, ram a"), "{why}");
+    }
+
+    #[test]
+    fn the_conclusion_says_what_was_written() {
+        let runs = |written| {
+            output(vec![
+                ok(Strategy::Lowtide, "a", written),
+                ok(Strategy::SpillAll, "a", 5),
+                ok(Strategy::Ram, "a", 0),
+            ])
+        };
+        let text = conclusion(&runs(0), false);
+        assert!(
+            text.contains("wrote nothing (the workflow patches no weights)"),
+            "{text}"
+        );
+        let text = conclusion(&runs(0), true);
+        assert!(text.contains("patched weights stayed in RAM"), "{text}");
+        let text = conclusion(&runs(2 << 20), true);
+        assert!(text.contains("wrote 2.00 MiB of patched weights"), "{text}");
+    }
 }

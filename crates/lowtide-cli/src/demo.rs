@@ -38,6 +38,14 @@ fn default_dir() -> PathBuf {
     base.join("lowtide").join("demo")
 }
 
+/// lowtide's RAM budget in the demo: 256 MiB at scale 1, at least 8 MiB, whole MiB.
+fn ram_budget(scale: f64) -> u64 {
+    synth::scaled_bytes(256 << 20, scale)
+        .div_ceil(1 << 20)
+        .max(8)
+        << 20
+}
+
 /// The demo's workflow file text.
 pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> String {
     let (te, unet, vae) = (
@@ -54,7 +62,7 @@ pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> S
     let capacity = mib(unet + unet / 10);
     let cap = cap.map_or_else(|| mib(unet + patched + u64::midpoint(te, vae)), mib);
     let reserve = mib(te + vae);
-    let budget = mib(synth::scaled_bytes(256 << 20, scale)).max(8);
+    let budget = mib(ram_budget(scale));
     let mut text = format!(
         "# lowtide demo: an SDXL-like session, {generations} generations switching LoRAs.\n\
          # The simulated device's memory lives in this process, so the cap covers it too (as on\n\
@@ -104,13 +112,38 @@ pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> S
     text
 }
 
-pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+/// More generations than anyone waits for; the workflow text grows with them.
+const MAX_GENERATIONS: u32 = 1000;
+
+/// Refuses arguments no run can satisfy, naming them.
+fn check(args: &Args) -> anyhow::Result<()> {
     if !(args.scale > 0.0 && args.scale <= 4.0) {
         anyhow::bail!("--scale must be in (0, 4], got {}", args.scale);
     }
-    if args.generations == 0 {
-        anyhow::bail!("--generations must be at least 1");
+    if !(1..=MAX_GENERATIONS).contains(&args.generations) {
+        anyhow::bail!(
+            "--generations must be in 1..={MAX_GENERATIONS}, got {}",
+            args.generations
+        );
     }
+    if let Some(cap) = args.cap {
+        let budget = ram_budget(args.scale);
+        if cap.bytes() == 0 {
+            anyhow::bail!("--cap must be more than 0");
+        }
+        if cap.bytes() <= budget {
+            anyhow::bail!(
+                "--cap {cap} is not above the RAM budget the demo gives lowtide at --scale {} ({}): lowtide would be told to hold more than the cap allows",
+                args.scale,
+                ByteSize(budget)
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    check(args)?;
     let dir = args.dir.clone().unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("workflow-x{}.toml", args.scale));
