@@ -38,8 +38,14 @@ fn default_dir() -> PathBuf {
     base.join("lowtide").join("demo")
 }
 
-/// The demo's workflow file text.
-pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> String {
+/// The demo's device capacity, default cap and reserve at `scale`, in MiB.
+///
+/// A device that holds the largest model. A cap that holds it, its patched weights twice (the
+/// classic path keeps a backup of each in RAM) and half the other models: enough for a
+/// strategy that offloads, not for one that keeps everything in RAM. A reserve of a quarter of
+/// the smaller models; lowtide's RAM budget is what the cap leaves after the device, the
+/// reserve and its overhead (`lowtide run` works it out and refuses a cap too small).
+fn sizes(scale: f64) -> (u64, u64, u64) {
     let (te, unet, vae) = (
         synth::bytes(Kind::TextEncoder, scale, 0),
         synth::bytes(Kind::Unet, scale, 0),
@@ -47,14 +53,17 @@ pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> S
     );
     let patched = synth::patched_bytes(scale, 0).max(synth::patched_bytes(scale, 1));
     let mib = |bytes: u64| bytes.div_ceil(1 << 20);
-    // A device that holds the largest model. A cap that holds it, its patched weights twice
-    // (the classic path keeps a backup of each in RAM) and half the other models: enough for a
-    // strategy that offloads, not for one that keeps everything in RAM. A reserve of a quarter
-    // of the smaller models; lowtide's RAM budget is what the cap leaves after the device, the
-    // reserve and its overhead (`lowtide run` works it out and refuses a cap too small).
-    let capacity = mib(unet + unet / 20);
-    let cap = cap.map_or_else(|| mib(unet + patched + u64::midpoint(te, vae)), mib);
-    let reserve = mib((te + vae) / 4).max(1);
+    (
+        mib(unet + unet / 20),
+        mib(unet + patched + u64::midpoint(te, vae)),
+        mib((te + vae) / 4).max(1),
+    )
+}
+
+/// The demo's workflow file text.
+pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> String {
+    let (capacity, default_cap, reserve) = sizes(scale);
+    let cap = cap.map_or(default_cap, |bytes| bytes.div_ceil(1 << 20));
     let mut text = format!(
         "# lowtide demo: an SDXL-like session, {generations} generations switching LoRAs.\n\
          # The simulated device's memory lives in this process, so the cap covers it too (as on\n\
@@ -104,13 +113,44 @@ pub(crate) fn workflow_text(scale: f64, cap: Option<u64>, generations: u32) -> S
     text
 }
 
-pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+/// More generations than anyone waits for; the workflow text grows with them.
+const MAX_GENERATIONS: u32 = 1000;
+
+/// Refuses arguments no run can satisfy, naming them.
+fn check(args: &Args) -> anyhow::Result<()> {
     if !(args.scale > 0.0 && args.scale <= 4.0) {
         anyhow::bail!("--scale must be in (0, 4], got {}", args.scale);
     }
-    if args.generations == 0 {
-        anyhow::bail!("--generations must be at least 1");
+    if !(1..=MAX_GENERATIONS).contains(&args.generations) {
+        anyhow::bail!(
+            "--generations must be in 1..={MAX_GENERATIONS}, got {}",
+            args.generations
+        );
     }
+    // A cap too small for the device, the reserve and lowtide's overhead is refused with
+    // the sum it needs once the models are known (docs/workflows.md).
+    if let Some(cap) = args.cap {
+        if cap.bytes() == 0 {
+            anyhow::bail!("--cap must be more than 0");
+        }
+        // What is known before the models are generated: the device and the reserve.
+        let (capacity, _, reserve) = sizes(args.scale);
+        let known = (capacity + reserve) << 20;
+        if cap.bytes() <= known {
+            anyhow::bail!(
+                "--cap {cap} cannot hold the demo's simulated device ({} MiB) and reserve \
+                 ({} MiB) at --scale {}, let alone lowtide's RAM budget and overhead",
+                capacity,
+                reserve,
+                args.scale
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    check(args)?;
     let dir = args.dir.clone().unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("workflow-x{}.toml", args.scale));

@@ -6,6 +6,7 @@ mod compare;
 mod demo;
 mod fit;
 mod inspect;
+mod logger;
 mod run;
 mod strategy;
 mod synth;
@@ -36,6 +37,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    logger::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),

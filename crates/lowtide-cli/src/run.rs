@@ -32,7 +32,8 @@ pub(crate) struct Args {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
-    /// Internal: the memory cgroup directory this child moves itself into first.
+    /// Internal to `--compare`: the memory cgroup directory its child moves itself into
+    /// first (refused in any other process).
     #[arg(long, hide = true)]
     cgroup: Option<PathBuf>,
 }
@@ -337,8 +338,10 @@ pub(crate) fn cap_of(workflow: &Workflow) -> u64 {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    // First of all in a `--compare` child: die with the parent.
+    let parent = compare::as_child()?;
     if let Some(dir) = &args.cgroup {
-        compare::enter_cgroup(dir)?;
+        compare::enter_cgroup(dir, parent)?;
     }
     let workflow = Workflow::load(&args.workflow)?;
     let models = prepare(&workflow)?;
@@ -357,18 +360,22 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else if args.compare {
-        compare::print_table(&output);
+        let patches = workflow
+            .steps
+            .iter()
+            .any(|step| matches!(step.op, Op::Patch { .. }));
+        compare::print_table(&output, patches);
     } else {
         print_steps(&output.runs[0]);
     }
-    let failed = output.runs.iter().find(|r| r.status == "error");
-    match failed {
-        // A single run that failed is an error of the command; in a comparison, the table
-        // says it.
-        Some(report) if !args.compare => {
-            anyhow::bail!("{}", report.error.clone().unwrap_or_default())
-        }
-        _ => Ok(()),
+    if args.compare {
+        // The table (or JSON) shows every run; the exit status says whether the comparison
+        // did what was asked.
+        return compare::verdict(&output).map_err(|why| anyhow::anyhow!("{why}"));
+    }
+    match output.runs.iter().find(|r| r.status != "ok") {
+        Some(report) => anyhow::bail!("{}", report.error.clone().unwrap_or_default()),
+        None => Ok(()),
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use lowtide::{Dtype, TensorSpec, write_safetensors};
+use lowtide::{ByteSize, Dtype, TensorSpec, create_safetensors};
 
 /// Bump when shapes or values change: cached files carry it in their names.
 const VERSION: u32 = 2;
@@ -256,8 +256,12 @@ pub(crate) fn bytes(kind: Kind, scale: f64, seed: u32) -> u64 {
         .sum()
 }
 
-/// The cached file of a synthetic model, written (atomically) if missing. `progress` is called
-/// with the bytes written so far.
+/// The cached file of a synthetic model, written if missing. `progress` is called with the
+/// bytes written so far.
+///
+/// The file is named only once complete, so a run killed while generating leaves nothing in
+/// `dir`; of several runs generating the same file at once, the first to finish names it and
+/// the others use it.
 pub(crate) fn ensure(
     dir: &Path,
     kind: Kind,
@@ -289,14 +293,36 @@ pub(crate) fn ensure(
         "lowtide.synthetic".to_owned(),
         format!("{kind_name} scale {scale} seed {seed}"),
     );
+    let total: u64 = specs.iter().filter_map(TensorSpec::byte_len).sum();
+    check_space(dir, &path, total)?;
     let mut written = 0u64;
-    write_safetensors(&path, &specs, &metadata, |i, buf| {
+    create_safetensors(&path, &specs, &metadata, |i, buf| {
         fill(&specs[i], seed, buf);
         written += buf.len() as u64;
         progress(written);
     })
     .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// Refuses to start a file of `bytes` that the file system of `dir` cannot hold.
+fn check_space(dir: &Path, path: &Path, bytes: u64) -> anyhow::Result<()> {
+    let Ok(stat) = rustix::fs::statvfs(dir) else {
+        // Not knowing is no reason to refuse: a full disk is still an error when writing.
+        return Ok(());
+    };
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    // The header is small: a megabyte covers it.
+    if bytes.saturating_add(1 << 20) > free {
+        anyhow::bail!(
+            "cannot write {}: the model needs {}, {} has {} free",
+            path.display(),
+            ByteSize(bytes),
+            dir.display(),
+            ByteSize(free)
+        );
+    }
+    Ok(())
 }
 
 /// Deterministic values: small floats for float dtypes, a ramp for integers.

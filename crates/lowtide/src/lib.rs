@@ -46,8 +46,9 @@ pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, Pres
 pub use policy::{DefaultPolicy, EvictionPolicy, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
-    Change, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source, SourceError,
-    SourceTensor, TensorLocation, TensorSpec, write_safetensors,
+    Change, CreateOutcome, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles,
+    Source, SourceError, SourceTensor, TensorLocation, TensorSpec, create_safetensors,
+    write_safetensors,
 };
 pub use spill::SpillError;
 pub use stats::StatsSnapshot;

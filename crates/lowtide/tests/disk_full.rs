@@ -129,3 +129,55 @@ fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
         "nothing left behind"
     );
 }
+
+/// A model file larger than the file system: the writer fails with `ENOSPC` and leaves no
+/// file and no used space behind (it never had a name); a smaller one then fits.
+#[test]
+fn a_model_written_to_a_full_disk_leaves_nothing_behind() {
+    use std::collections::BTreeMap;
+
+    use lowtide::{CreateOutcome, TensorSpec, create_safetensors, write_safetensors};
+
+    let fs = match TinyFs::mount("1m") {
+        Ok(fs) => fs,
+        Err(why) => return skip(&why),
+    };
+    let used = || {
+        let stat = rustix::fs::statvfs(fs.path()).unwrap();
+        (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    };
+    let before = used();
+    let path = fs.path().join("big.safetensors");
+    let big = [TensorSpec::new("w", Dtype::U8, &[4 << 20])];
+    let none = BTreeMap::new();
+    for replace in [false, true] {
+        let err = if replace {
+            write_safetensors(&path, &big, &none, |_, buf| buf.fill(1)).unwrap_err()
+        } else {
+            create_safetensors(&path, &big, &none, |_, buf| buf.fill(1)).unwrap_err()
+        };
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::NOSPC.raw_os_error()),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(fs.path()).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+        // Freed when the file's last reference goes, which a fork by a test running
+        // alongside (mount, umount) may hold for a moment.
+        let freed = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            used() == before
+        });
+        assert!(freed, "no space held: {} bytes used", used() - before);
+    }
+    let small = [TensorSpec::new("w", Dtype::U8, &[256 << 10])];
+    let outcome = create_safetensors(&path, &small, &none, |_, buf| buf.fill(1)).unwrap();
+    assert!(
+        matches!(outcome, CreateOutcome::Written { .. }),
+        "{outcome:?}"
+    );
+}

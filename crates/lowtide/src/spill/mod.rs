@@ -142,6 +142,34 @@ impl SpillFile {
         move |source| SpillError::Io { dir, op, source }
     }
 
+    /// Checks that spilling can work here: creates the spill file and reserves its first
+    /// block, as the first spill would. On error nothing is kept, and the first spill tries
+    /// again (the directory may be fixed meanwhile).
+    pub(crate) fn probe(&mut self) -> Result<(), SpillError> {
+        if self.file.is_some() {
+            return Ok(());
+        }
+        let file = create_unnamed(&self.dir).map_err(self.io("create"))?;
+        rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, BLOCK).map_err(
+            |errno| match errno {
+                rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => SpillError::NoSpace {
+                    dir: self.dir.clone(),
+                    requested: BLOCK,
+                },
+                errno => SpillError::Io {
+                    dir: self.dir.clone(),
+                    op: "reserve space in",
+                    source: errno.into(),
+                },
+            },
+        )?;
+        self.direct = reopen_direct(&file, true);
+        self.file = Some(file);
+        // The block is reserved at the allocator's end: the first extent starts in it.
+        self.tail_reserved = BLOCK;
+        Ok(())
+    }
+
     fn file(&mut self) -> Result<&File, SpillError> {
         if self.file.is_none() {
             let file = create_unnamed(&self.dir).map_err(self.io("create"))?;
@@ -715,6 +743,23 @@ mod tests {
             spill.read(extent, &mut back).unwrap();
             assert!(back.iter().all(|&b| b == i), "extent of {i}");
         }
+    }
+
+    #[test]
+    fn a_probe_reserves_the_first_block_and_the_first_extent_uses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = SpillFile::new(dir.path().to_path_buf(), None);
+        spill.probe().unwrap();
+        assert_eq!(spill.tail_reserved, super::BLOCK);
+        let extent = spill.write(b"abc").unwrap();
+        assert_eq!(extent.offset, 0);
+        let mut back = [0; 3];
+        spill.read(&extent, &mut back).unwrap();
+        assert_eq!(&back, b"abc");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mut missing = SpillFile::new("/nonexistent/spill".into(), None);
+        let err = missing.probe().unwrap_err();
+        assert!(matches!(err, SpillError::Io { op: "create", .. }), "{err}");
     }
 
     #[test]

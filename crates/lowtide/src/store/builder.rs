@@ -45,6 +45,9 @@ impl StoreBuilder {
     }
 
     /// Directory of the spill file (an unnamed file: nothing is left there after a crash).
+    /// [`StoreBuilder::build`] creates the file and reserves its first block; where that
+    /// fails (a read-only directory, a file system without `O_TMPFILE` or `fallocate`, such
+    /// as `/proc`), the store is built all the same and a warning is logged once.
     ///
     /// Default: the system temp directory (`$TMPDIR` or `/tmp`).
     pub fn spill_dir(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -121,11 +124,22 @@ impl StoreBuilder {
         if interval.is_zero() {
             return Err(ConfigError::ZeroInterval);
         }
+        let mut spill = SpillFile::new(spill_dir, self.spill_max);
+        if let Err(err) = spill.probe() {
+            // Not an error of the settings: a store without a working spill file still
+            // serves clean tensors, and the first spill tries again. But say so now, not at
+            // the first eviction that needs it.
+            let cause = std::error::Error::source(&err).map(|s| format!(": {s}"));
+            log::warn!(
+                "{err}{}; spilling will fail, so patched and derived tensors stay in RAM or on their device",
+                cause.unwrap_or_default()
+            );
+        }
         let governor = Governor::new(ram_budget, self.reserve_ram);
         let pressure_files = governor.pressure_files();
         let shared = Arc::new(Shared {
             state: Mutex::default(),
-            spill: Mutex::new(SpillFile::new(spill_dir, self.spill_max)),
+            spill: Mutex::new(spill),
             stats: Stats::default(),
             governor,
             policy: self.policy.unwrap_or_else(|| Box::new(DefaultPolicy)),
