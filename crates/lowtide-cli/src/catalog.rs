@@ -80,8 +80,7 @@ pub(crate) fn resolve(
 
 /// Opens and validates one model.
 pub(crate) fn open(name: &str, path: PathBuf) -> anyhow::Result<ModelMeta> {
-    let files =
-        ModelFiles::open(&path).with_context(|| format!("model `{name}`: {}", path.display()))?;
+    let files = ModelFiles::open(&path).with_context(|| format!("model `{name}`"))?;
     let tensors: Vec<TensorMeta> = files
         .tensors
         .keys()

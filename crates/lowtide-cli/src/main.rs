@@ -29,6 +29,11 @@ enum Command {
     /// Validate safetensors files (or sharded models) and list their tensors.
     Inspect(inspect::Args),
     /// Run a workflow (TOML) with one strategy, or compare all three under a memory cap.
+    #[command(
+        after_help = "The workflow format, what each step does (`compute` hashes every weight as \
+the device holds it, standing in for a forward pass), the LoRA naming convention and the rule a \
+memory cap must meet: docs/workflows.md in the lowtide repository; examples in examples/."
+    )]
     Run(run::Args),
     /// Generate an SDXL-like model set and compare the strategies on it under a memory cap.
     Demo(demo::Args),

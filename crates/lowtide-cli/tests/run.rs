@@ -240,6 +240,11 @@ fn a_missing_model_file_is_named() {
         err.contains("model `vae`") && err.contains("nowhere.safetensors"),
         "{err}"
     );
+    assert_eq!(
+        err.matches("nowhere.safetensors").count(),
+        1,
+        "the path once: {err}"
+    );
 }
 
 #[test]

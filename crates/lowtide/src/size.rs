@@ -19,6 +19,21 @@ impl ByteSize {
     }
 }
 
+/// A byte count in messages: the human size with the exact count beside it
+/// (`44.71 MiB (46881792 bytes)`), or just the count under 1 KiB (`512 bytes`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bytes(pub(crate) u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 < 1024 {
+            write!(f, "{} bytes", self.0)
+        } else {
+            write!(f, "{} ({} bytes)", ByteSize(self.0), self.0)
+        }
+    }
+}
+
 /// Why a size string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -144,6 +159,15 @@ mod tests {
         assert_eq!(parse("2G").unwrap(), 2 << 30);
         assert_eq!(parse("1.5GiB").unwrap(), 3 << 29);
         assert_eq!(parse(" 7 B ").unwrap(), 7);
+    }
+
+    #[test]
+    fn byte_counts_in_messages() {
+        assert_eq!(super::Bytes(512).to_string(), "512 bytes");
+        assert_eq!(
+            super::Bytes(46_881_792).to_string(),
+            "44.71 MiB (46881792 bytes)"
+        );
     }
 
     #[test]

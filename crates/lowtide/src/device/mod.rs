@@ -7,6 +7,8 @@
 
 mod sim;
 
+use crate::size::Bytes;
+
 #[cfg(feature = "cuda")]
 mod cuda;
 
@@ -50,7 +52,7 @@ impl DeviceAlloc {
 #[non_exhaustive]
 pub enum DeviceError {
     /// The device has not enough free memory.
-    #[error("{device}: cannot allocate {requested} bytes, {free} free")]
+    #[error("{device}: cannot allocate {}, {} free", Bytes(*.requested), Bytes(*.free))]
     OutOfMemory {
         /// The device's name.
         device: String,
@@ -60,7 +62,7 @@ pub enum DeviceError {
         free: u64,
     },
     /// The host refused the memory of a device that lives in host memory (a simulated one).
-    #[error("{device}: the host cannot give {requested} bytes for an allocation")]
+    #[error("{device}: the host cannot give {} for an allocation", Bytes(*.requested))]
     HostMemory {
         /// The device's name.
         device: String,

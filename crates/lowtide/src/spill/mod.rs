@@ -10,6 +10,7 @@
 
 mod allocator;
 
+use crate::size::Bytes;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -28,7 +29,7 @@ use crate::sys::direct::{BLOCK, IoShape, read_at, reopen_direct, write_at};
 #[non_exhaustive]
 pub enum SpillError {
     /// The file system holding the spill file is full.
-    #[error("no space left in {} for {requested} spill bytes", dir.display())]
+    #[error("no space left in {} for {} of spill", dir.display(), Bytes(*.requested))]
     NoSpace {
         /// The spill directory.
         dir: PathBuf,
@@ -36,7 +37,7 @@ pub enum SpillError {
         requested: u64,
     },
     /// The configured `spill_max` would be exceeded.
-    #[error("spill limit reached: {used} of {max} bytes used, {requested} more asked for")]
+    #[error("spill limit reached: {} of {} used, {} more asked for", Bytes(*.used), Bytes(*.max), Bytes(*.requested))]
     Limit {
         /// Bytes asked for.
         requested: u64,

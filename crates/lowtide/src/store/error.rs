@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::dtype::Dtype;
+use crate::size::Bytes;
 use crate::source::SourceError;
 use crate::spill::SpillError;
 use crate::text::{Escaped, EscapedPath};
@@ -116,8 +117,8 @@ pub enum StoreError {
     },
     /// Holding another RAM copy would exceed the budget, and nothing more can be evicted.
     #[error(
-        "tensor `{}`: needs {requested} bytes of RAM but only {available} of the {budget}-byte budget can be freed",
-        Escaped(name)
+        "tensor `{}`: needs {} of RAM but only {} of the {} budget can be freed",
+        Escaped(name), Bytes(*.requested), Bytes(*.available), Bytes(*.budget)
     )]
     OverBudget {
         /// The tensor.
@@ -132,8 +133,8 @@ pub enum StoreError {
     /// Keeping a new RAM copy would take available memory under the reserve, and nothing more
     /// can be evicted.
     #[error(
-        "tensor `{}`: {requested} more bytes of RAM would leave {available} available, under the {reserve}-byte reserve",
-        Escaped(name)
+        "tensor `{}`: {} more of RAM would leave {} available, under the {} reserve",
+        Escaped(name), Bytes(*.requested), Bytes(*.available), Bytes(*.reserve)
     )]
     UnderReserve {
         /// The tensor.
@@ -188,9 +189,11 @@ pub enum StoreError {
     },
     /// The device cannot hold the tensor even after unloading every unpinned copy.
     #[error(
-        "tensor `{}`: needs {requested} bytes on {}, only {available} can be freed",
+        "tensor `{}`: needs {} on {}, only {} can be freed",
         Escaped(name),
-        Escaped(device)
+        Bytes(*.requested),
+        Escaped(device),
+        Bytes(*.available)
     )]
     DeviceFull {
         /// The tensor.
@@ -229,7 +232,7 @@ pub enum StoreError {
         pins: u32,
     },
     /// The allocator refused a RAM copy.
-    #[error("tensor `{}`: cannot allocate {bytes} bytes", Escaped(name))]
+    #[error("tensor `{}`: cannot allocate {}", Escaped(name), Bytes(*.bytes))]
     Alloc {
         /// The tensor.
         name: String,
