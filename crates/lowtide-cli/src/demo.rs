@@ -42,7 +42,7 @@ fn default_dir() -> PathBuf {
 ///
 /// A device that holds the largest model. A cap that holds it, its patched weights twice (the
 /// classic path keeps a backup of each in RAM) and half the other models: enough for a
-/// strategy that offloads, not for one that keeps everything in RAM. A reserve of a quarter of
+/// strategy that offloads, not for one that keeps everything in RAM. A reserve of half
 /// the smaller models; lowtide's RAM budget is what the cap leaves after the device, the
 /// reserve and its overhead (`lowtide run` works it out and refuses a cap too small).
 fn sizes(scale: f64) -> (u64, u64, u64) {
@@ -56,7 +56,7 @@ fn sizes(scale: f64) -> (u64, u64, u64) {
     (
         mib(unet + unet / 20),
         mib(unet + patched + u64::midpoint(te, vae)),
-        mib((te + vae) / 4).max(1),
+        mib(u64::midpoint(te, vae)).max(1),
     )
 }
 

@@ -18,10 +18,17 @@ use crate::workflow::{Op, Workflow};
 /// anonymous memory for a workflow of one tiny model; rounded up generously.
 pub(crate) const BASE_OVERHEAD: u64 = 8 << 20;
 
-/// The chunk size of a CUDA device's staging ring (`CudaDevice::CHUNK_LEN`); the simulated
-/// device's is the trait's default.
-const CUDA_CHUNK: usize = 8 << 20;
-const SIM_CHUNK: usize = 4 << 20;
+/// The chunk size of the workflow's device: its staging ring's for CUDA, the simulated
+/// device's otherwise.
+fn chunk_len(cuda: bool) -> usize {
+    #[cfg(feature = "cuda")]
+    if cuda {
+        return lowtide::CudaDevice::CHUNK_LEN;
+    }
+    // Without the feature a CUDA workflow is refused when its device is made.
+    let _ = cuda;
+    lowtide::Device::chunk_len(&lowtide::SimDevice::new("sim0", 0))
+}
 
 /// The smallest RAM budget a capped workflow runs with.
 const MIN_BUDGET: u64 = 1 << 20;
@@ -121,11 +128,7 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
     let Some(cap) = workflow.limits.cap else {
         return Ok(None);
     };
-    let chunk = if workflow.device.cuda {
-        CUDA_CHUNK
-    } else {
-        SIM_CHUNK
-    };
+    let chunk = chunk_len(workflow.device.cuda);
     let largest_len = largest(models).map_or(0, |(_, _, len)| len);
     let overhead = BASE_OVERHEAD
         + lowtide::scratch_bytes(largest_len, chunk)
