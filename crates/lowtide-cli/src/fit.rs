@@ -118,7 +118,8 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
         let available = lowtide::MemoryReading::now().available;
         if capacity > available {
             bail!(
-                "{}: device.capacity {} ({capacity} bytes) is more than the {} ({available}                  bytes) of memory available: the simulated device lives in this process's memory",
+                "{}: device.capacity {} ({capacity} bytes) is more than the {} ({available} bytes) \
+                 of memory available: the simulated device lives in this process's memory",
                 workflow.path.display(),
                 ByteSize(capacity),
                 ByteSize(available)

@@ -103,23 +103,29 @@ impl Log for Stderr {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = match record.level() {
-            Level::Error => format!("lowtide: error: {}", record.args()),
-            Level::Warn => format!("lowtide: warning: {}", record.args()),
-            Level::Info => format!("lowtide: info: {}", record.args()),
-            level => format!(
-                "lowtide: {}: {}: {}",
-                level.as_str().to_ascii_lowercase(),
-                record.target(),
-                record.args()
-            ),
-        };
         // One write per line, so that lines of several threads do not interleave; a closed
         // stderr is not worth dying for.
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        let _ = writeln!(std::io::stderr().lock(), "{}", line(record));
     }
 
     fn flush(&self) {}
+}
+
+/// The line a record prints. Messages quote names from model files: control characters are
+/// escaped, as in error lines.
+fn line(record: &Record<'_>) -> String {
+    let line = match record.level() {
+        Level::Error => format!("lowtide: error: {}", record.args()),
+        Level::Warn => format!("lowtide: warning: {}", record.args()),
+        Level::Info => format!("lowtide: info: {}", record.args()),
+        level => format!(
+            "lowtide: {}: {}: {}",
+            level.as_str().to_ascii_lowercase(),
+            record.target(),
+            record.args()
+        ),
+    };
+    crate::terminal_safe(&line)
 }
 
 #[cfg(test)]
@@ -127,6 +133,20 @@ mod tests {
     use log::LevelFilter;
 
     use super::Filter;
+
+    #[test]
+    fn lines_escape_control_characters() {
+        let record = log::Record::builder()
+            .level(log::Level::Warn)
+            .args(format_args!("cannot spill tensor `\x1b[2K\r all good`"))
+            .build();
+        let line = super::line(&record);
+        assert!(!line.contains(['\x1b', '\r']), "{line}");
+        assert!(
+            line.starts_with("lowtide: warning: cannot spill tensor"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn directives_set_the_default_and_targets() {

@@ -88,6 +88,6 @@ pub(crate) fn one_line(err: &anyhow::Error) -> String {
 /// `line` safe to print on a terminal: newlines become spaces and every other control
 /// character is escaped (`\u{1b}`), so that no text from a file (a tensor name, a path) that
 /// an error quotes can move the cursor or rewrite the line.
-fn terminal_safe(line: &str) -> String {
+pub(crate) fn terminal_safe(line: &str) -> String {
     lowtide::Escaped(&line.replace('\n', " ")).to_string()
 }

@@ -186,8 +186,10 @@ impl Drop for Sampler {
     }
 }
 
-/// Resolves the workflow's models, generating synthetic ones (with a progress bar) if needed.
-pub(crate) fn prepare(workflow: &Workflow) -> anyhow::Result<Vec<ModelMeta>> {
+/// Resolves the workflow's models, generating synthetic ones (with a progress bar) if needed,
+/// and checks that its patches fit their models and its configuration its cap. Under a cap
+/// without a RAM budget of its own, the workflow gets the budget the cap leaves.
+pub(crate) fn prepare(workflow: &mut Workflow) -> anyhow::Result<Vec<ModelMeta>> {
     let mut bar: Option<(String, ProgressBar)> = None;
     let models = catalog::resolve(workflow, &mut |name, done, total| {
         if bar.as_ref().is_none_or(|(n, _)| n != name) {
@@ -209,7 +211,9 @@ pub(crate) fn prepare(workflow: &Workflow) -> anyhow::Result<Vec<ModelMeta>> {
         }
     })?;
     catalog::check_patches(workflow, &models)?;
-    crate::fit::check(workflow, &models)?;
+    if let Some(fit) = crate::fit::check(workflow, &models)? {
+        workflow.limits.ram_budget = Some(fit.ram_budget);
+    }
     Ok(models)
 }
 
@@ -343,8 +347,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.cgroup {
         compare::enter_cgroup(dir, parent)?;
     }
-    let workflow = Workflow::load(&args.workflow)?;
-    let models = prepare(&workflow)?;
+    let mut workflow = Workflow::load(&args.workflow)?;
+    let models = prepare(&mut workflow)?;
     let model_bytes = models.iter().map(ModelMeta::bytes).sum();
     let output = if args.compare {
         compare::compare(&args.workflow, &workflow, model_bytes, args.json)?

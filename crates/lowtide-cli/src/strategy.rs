@@ -165,9 +165,8 @@ pub(crate) struct LowtideBackend {
 impl LowtideBackend {
     pub(crate) fn new(workflow: &Workflow, models: Vec<ModelMeta>) -> anyhow::Result<Self> {
         let mut builder = Store::builder().reserve_ram(workflow.limits.reserve_ram);
-        // Under a cap without a budget of its own, the budget is what the cap leaves.
-        let fit = crate::fit::check(workflow, &models)?;
-        if let Some(budget) = workflow.limits.ram_budget.or(fit.map(|f| f.ram_budget)) {
+        // Under a cap, `run::prepare` has filled in the budget the cap leaves.
+        if let Some(budget) = workflow.limits.ram_budget {
             builder = builder.ram_budget(budget);
         }
         if let Some(dir) = &workflow.limits.spill_dir {

@@ -206,7 +206,11 @@ impl Source {
         file.read_exact_at(&mut prefix, 0)
             .map_err(io("read the header of"))?;
         let header_len = header::header_len(prefix, file_len).map_err(invalid)?;
-        let mut json = vec![0u8; header_len as usize];
+        // At most `MAX_HEADER_LEN` bytes, but allocated fallibly all the same.
+        let mut json = Vec::new();
+        json.try_reserve_exact(header_len as usize)
+            .map_err(|_| io("allocate the header of")(std::io::ErrorKind::OutOfMemory.into()))?;
+        json.resize(header_len as usize, 0);
         file.read_exact_at(&mut json, header::PREFIX_LEN)
             .map_err(io("read the header of"))?;
         let header = header::parse(&json, file_len).map_err(invalid)?;

@@ -177,7 +177,16 @@ impl ModelFiles {
             let mut shards = Vec::new();
             for entry in fs::read_dir(path).map_err(io("list"))? {
                 let entry = entry.map_err(io("list"))?;
-                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                let raw = entry.file_name();
+                let Some(name) = raw.to_str().map(str::to_owned) else {
+                    if raw.as_encoded_bytes().ends_with(b".safetensors") {
+                        // Never skipped: a model would open with a shard missing.
+                        return Err(SourceError::Io {
+                            path: entry.path(),
+                            op: "use as a shard (its name is not UTF-8)",
+                            source: std::io::ErrorKind::InvalidData.into(),
+                        });
+                    }
                     continue;
                 };
                 if name.ends_with(".safetensors.index.json") {

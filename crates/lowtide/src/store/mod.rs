@@ -432,9 +432,11 @@ impl Store {
     /// Pins an owned RAM copy of the tensor, reading it from the source (clean) or the spill
     /// file (dirty), or recomputing it from its recipe, when it has none.
     ///
-    /// Safe against any change to the model file: bytes are read with `pread` and `O_DIRECT`
-    /// (never through the mapping), and the file's size and modification time are checked before and after the copy, so a file truncated or rewritten
-    /// meanwhile is [`crate::SourceError::Changed`] instead of wrong bytes or `SIGBUS`.
+    /// Safe when the model file changes: bytes are read with `pread` and `O_DIRECT` (never
+    /// through the mapping), and the file's size and modification time are checked before and
+    /// after the copy, so a file truncated or rewritten with `write(2)` meanwhile is
+    /// [`crate::SourceError::Changed`] instead of other bytes or `SIGBUS` (writes through
+    /// another process's writable mapping may not move the mtime: docs/reliability.md).
     ///
     /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
     /// evicted in policy order to make room. Fails with [`StoreError::OverBudget`] or

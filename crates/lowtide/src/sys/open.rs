@@ -163,18 +163,20 @@ pub(crate) struct ModelDir {
     root: PathBuf,
 }
 
-/// For a hub cache snapshot (`<repo>/snapshots/<revision>` beside `<repo>/blobs`), the repository
-/// folder and the snapshot's place in it.
+/// For a directory inside a hub cache snapshot (`<repo>/snapshots/<revision>/...` with
+/// `<repo>/blobs` beside `snapshots`: the snapshot itself, or a component's subfolder such as
+/// a diffusers pipeline's `unet/`), the repository folder and the directory's place in it.
 fn hub_snapshot(real: &Path) -> Option<(PathBuf, PathBuf)> {
-    let revision = real.file_name()?;
-    let snapshots = real.parent()?;
-    if snapshots.file_name()? != "snapshots" {
-        return None;
-    }
-    let repo = snapshots.parent()?;
-    repo.join("blobs")
-        .is_dir()
-        .then(|| (repo.to_path_buf(), Path::new("snapshots").join(revision)))
+    // An ancestor is `<repo>/snapshots/<revision>` when its parent is named `snapshots`.
+    real.ancestors().find_map(|dir| {
+        let snapshots = dir.parent()?;
+        let repo = snapshots.parent()?;
+        if snapshots.file_name()? != "snapshots" || !repo.join("blobs").is_dir() {
+            return None;
+        }
+        let inner = real.strip_prefix(repo).ok()?;
+        Some((repo.to_path_buf(), inner.to_path_buf()))
+    })
 }
 
 /// How often an open beneath the directory is retried when the kernel reports that a rename
@@ -383,6 +385,17 @@ mod tests {
             .read_to_string(&mut text)
             .unwrap();
         assert_eq!(text, "blob");
+        assert!(matches!(
+            dir.open_regular(Path::new("escape.safetensors")),
+            Err(BeneathError::Outside)
+        ));
+        // A component's subfolder, as diffusers pipelines keep them: `../../../blobs`.
+        let unet = snapshot.join("unet");
+        std::fs::create_dir(&unet).unwrap();
+        symlink("../../../blobs/0f3e", unet.join("model.safetensors")).unwrap();
+        symlink("../../../../secret", unet.join("escape.safetensors")).unwrap();
+        let dir = ModelDir::open(&unet).unwrap();
+        assert!(dir.open_regular(Path::new("model.safetensors")).is_ok());
         assert!(matches!(
             dir.open_regular(Path::new("escape.safetensors")),
             Err(BeneathError::Outside)
