@@ -342,3 +342,52 @@ fn device_uploads_restore_like_ram_copies_and_leave_no_page_cache_copy() {
         "uploads left {after} of {len} bytes in the page cache (before: {before})"
     );
 }
+
+#[test]
+fn a_mapped_access_pulls_in_no_neighbour_and_a_cold_restore_still_leaves_no_copy() {
+    let dir = common::tempdir();
+    // 32 tensors of 1.5 KiB to 2 MiB, back to back: readahead around any of them would cover
+    // several neighbours.
+    let specs: Vec<TensorSpec> = (0..32)
+        .map(|i| {
+            let rows = if i % 2 == 0 { 3 } else { 2048 };
+            TensorSpec::new(format!("blocks.{i:02}.w"), Dtype::BF16, &[rows, 256 + i])
+        })
+        .collect();
+    let path = common::write(&dir.path().join("m.safetensors"), &specs);
+    let Some((file, _, _)) = cold(&path) else {
+        return;
+    };
+    let store = store();
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let page = 4096;
+    // The bytes of tensor `i` that share no page with another tensor.
+    let own = |i: usize| {
+        let info = store.info(ids[i]).unwrap();
+        let source = lowtide::Source::open(&path).unwrap();
+        let offset = source.tensor(&info.name).unwrap().offset;
+        let (start, end) = (
+            offset.div_ceil(page) * page,
+            (offset + info.len) / page * page,
+        );
+        (start, end.saturating_sub(start))
+    };
+    for target in [10, 17] {
+        store.fault_in(ids[target]).unwrap();
+        for neighbour in [target - 2, target - 1, target + 1, target + 2] {
+            let (start, len) = own(neighbour);
+            let cached = cached_bytes(&file, start, len).unwrap();
+            assert_eq!(
+                cached, 0,
+                "tensor {neighbour}: {cached} of its {len} own bytes cached after a mapped access of tensor {target}"
+            );
+        }
+    }
+    // A cold restore of a neighbour still reads it from the disk and leaves no copy.
+    let (start, len) = own(11);
+    let cold_before = store.stats().bytes_read_cold;
+    drop(store.acquire_ram(ids[11]).unwrap());
+    assert!(store.stats().bytes_read_cold - cold_before >= len);
+    assert_eq!(cached_bytes(&file, start, len).unwrap(), 0);
+}
