@@ -24,15 +24,10 @@ impl Mapping {
         }
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::FileTooLarge))?;
         // SAFETY: the mapping is read-only and shared, so no Rust reference aliases a mutable
-        // view. The remaining hazard is another process truncating or rewriting the file: its
-        // bytes reach callers only through `populate` (an error rather than a signal) and
-        // `Store::acquire_mapped`, whose `unsafe` contract hands that hazard to its caller.
+        // view. The remaining hazard is another process truncating or rewriting the file; the
+        // callers check the file identity before each use and fault pages in through
+        // `populate`, which reports a missing page as an error rather than a signal.
         let map = unsafe { MmapOptions::new().len(len).map(file)? };
-        // Faults read exactly the pages asked for: without this the kernel's readahead around
-        // a fault pulls neighbouring tensors into the page cache (measured: 4.6 MiB for a
-        // 1.5 KiB tensor), which their restores would then copy instead of reading directly.
-        // Advisory: where refused, only less tidy.
-        let _ = map.advise(Advice::Random);
         Ok(Self { map: Some(map) })
     }
 
