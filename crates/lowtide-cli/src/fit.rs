@@ -63,37 +63,32 @@ fn largest(models: &[ModelMeta]) -> Option<(&str, &str, u64)> {
         .map(|(model, t)| (model, t.name.as_str(), t.len))
 }
 
-/// The largest pair of LoRA factors a patch step reads into RAM at once, with its target.
-fn largest_factors(workflow: &Workflow, models: &[ModelMeta]) -> (String, u64) {
-    let mut most = (String::new(), 0u64);
-    for step in &workflow.steps {
-        let Op::Patch { lora, .. } = step.op else {
-            continue;
-        };
-        let l = &models[lora];
-        for pair in &l.lora {
-            let bytes = l.tensors[pair.down].len + l.tensors[pair.up].len;
-            if bytes > most.1 {
-                most = (format!("{}` of `{}", pair.target, l.name), bytes);
-            }
-        }
-    }
-    most
+/// What the `patch` steps need, over every LoRA pair they apply.
+#[derive(Default)]
+struct Patches {
+    /// The largest pair of factors read into RAM copies at once, and which target it patches.
+    factors: u64,
+    pair: String,
+    /// Bytes the command itself holds at most while patching: the weight's host copy and both
+    /// factors as f32 (the factors' RAM copies count against the budget).
+    held: u64,
 }
 
-/// Bytes the command itself holds while patching: the weight's host copy and both LoRA
-/// factors as f32 (the factors' RAM copies count against the budget).
-fn patch_bytes(workflow: &Workflow, models: &[ModelMeta]) -> u64 {
-    let mut most = 0u64;
+fn patches(workflow: &Workflow, models: &[ModelMeta]) -> Patches {
+    let mut most = Patches::default();
     for step in &workflow.steps {
         let Op::Patch { model, lora, .. } = step.op else {
             continue;
         };
         let (m, l) = (&models[model], &models[lora]);
         for pair in &l.lora {
-            let weight = m.index_of(&pair.target).map_or(0, |i| m.tensors[i].len);
             let factors = l.tensors[pair.down].len + l.tensors[pair.up].len;
-            most = most.max(weight + 2 * factors);
+            let weight = m.index_of(&pair.target).map_or(0, |i| m.tensors[i].len);
+            if factors > most.factors {
+                most.factors = factors;
+                most.pair = format!("{}` of `{}", pair.target, l.name);
+            }
+            most.held = most.held.max(weight + 2 * factors);
         }
     }
     most
@@ -103,7 +98,8 @@ fn patch_bytes(workflow: &Workflow, models: &[ModelMeta]) -> u64 {
 /// it. Returns the terms (with the RAM budget to use) when a cap is set.
 pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result<Option<Fit>> {
     let capacity = workflow.device.capacity;
-    if let Some((model, tensor, len)) = largest(models)
+    let largest = largest(models);
+    if let Some((model, tensor, len)) = largest
         && len > capacity
     {
         bail!(
@@ -130,11 +126,10 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
         return Ok(None);
     };
     let chunk = chunk_len(workflow.device.cuda);
-    let largest_len = largest(models).map_or(0, |(_, _, len)| len);
-    let overhead = BASE_OVERHEAD
-        + lowtide::scratch_bytes(largest_len, chunk)
-        + CHUNK as u64
-        + patch_bytes(workflow, models);
+    let largest_len = largest.map_or(0, |(_, _, len)| len);
+    let patches = patches(workflow, models);
+    let overhead =
+        BASE_OVERHEAD + lowtide::scratch_bytes(largest_len, chunk) + CHUNK as u64 + patches.held;
     let device = if workflow.device.cuda { 0 } else { capacity };
     let reserve = workflow.limits.reserve_ram;
     let fixed = device.saturating_add(reserve).saturating_add(overhead);
@@ -144,7 +139,7 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
         None => cap.saturating_sub(fixed),
     };
     // Patching reads both factors of a pair into RAM copies at once.
-    let (pair, factors) = largest_factors(workflow, models);
+    let (pair, factors) = (patches.pair, patches.factors);
     let least = factors.max(MIN_BUDGET);
     if ram_budget < least {
         let what = if factors >= MIN_BUDGET {
