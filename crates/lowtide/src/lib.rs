@@ -29,6 +29,7 @@ mod device;
 pub mod direct;
 mod dtype;
 mod governor;
+mod ids;
 pub mod policy;
 mod size;
 mod source;
@@ -43,14 +44,14 @@ pub use device::CudaDevice;
 pub use device::{Device, DeviceAlloc, DeviceError, SimDevice};
 pub use dtype::{Dtype, UnknownDtype};
 pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, PressureTrigger};
-pub use policy::{DefaultPolicy, EvictionPolicy, Priority};
+pub use policy::{DefaultPolicy, EvictionPolicy, Evicting, Fate, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
     Change, CreateOutcome, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles,
     Source, SourceError, SourceTensor, TensorLocation, TensorSpec, create_safetensors,
     write_safetensors,
 };
-pub use spill::SpillError;
+pub use spill::{DiskStorage, STORAGE_BLOCK, SpillError, Storage, StorageFile};
 pub use stats::StatsSnapshot;
 pub use store::{
     ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Prefetch,

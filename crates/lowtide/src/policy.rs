@@ -16,8 +16,15 @@
 //! 3. Ties: least recently used first.
 //!
 //! Copies under a guard are never candidates.
+//!
+//! Then the policy chooses each victim's **fate** ([`EvictionPolicy::fate`]): drop it (its
+//! bytes exist elsewhere), drop it and recompute it later from its recipe, spill it, download
+//! a device copy into RAM, or keep it. The default ([`default_fate`]) keeps the cost rule
+//! above: nothing is written that can be re-read or recomputed for less than a write and a
+//! read. The store never carries out a fate that would lose bytes: a drop of a tensor's only
+//! copy, or a recompute without a recipe, is treated as keep.
 
-use crate::store::TensorId;
+use crate::ids::TensorId;
 
 /// Cost per byte of reading a copy back (the unit).
 pub const READ_COST: f64 = 1.0;
@@ -50,14 +57,90 @@ pub struct Candidate {
     pub credit: f64,
     /// Bytes the eviction frees.
     pub len: u64,
-    /// Clean: dropping it costs nothing now.
+    /// Clean: its bytes equal its extent in the model file, so dropping it costs nothing now.
     pub clean: bool,
+    /// Which copy the eviction takes away.
+    pub copy: Evicting,
+    /// The spill file already holds its bytes.
+    pub spilled: bool,
+    /// It has a RAM copy (for a device candidate: dropping the device copy loses nothing).
+    pub in_ram: bool,
+    /// It has a device copy (for a RAM candidate: dropping the RAM copy loses nothing).
+    pub on_device: bool,
+    /// Its recipe's recompute cost per byte, if it has one.
+    pub recipe_cost: Option<f64>,
+    /// For a device candidate: RAM can take its bytes now (budget and reserve), without
+    /// evicting anything.
+    pub ram_room: bool,
 }
 
-/// Orders eviction candidates.
+impl Candidate {
+    /// Its bytes survive without the copy being evicted: dropping it loses nothing.
+    pub fn kept_elsewhere(&self) -> bool {
+        self.clean
+            || self.spilled
+            || match self.copy {
+                Evicting::Ram => self.on_device,
+                Evicting::Device => self.in_ram,
+            }
+    }
+}
+
+/// Which copy of a tensor an eviction takes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Evicting {
+    /// Its RAM copy (to stay within the RAM budget or reserve, or under pressure).
+    Ram,
+    /// Its device copy (to make room on the device, or an unload).
+    Device,
+}
+
+/// What happens to an eviction victim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Fate {
+    /// Free the copy, writing nothing: its bytes exist elsewhere (the file, the spill file,
+    /// another tier).
+    Drop,
+    /// Free the copy, writing nothing: it is recomputed from its recipe when needed.
+    Recompute,
+    /// Write the bytes to the spill file, then free the copy.
+    Spill,
+    /// Device copies only: download the bytes into a RAM copy, then free the device copy.
+    /// Where RAM cannot take them after all, they are spilled.
+    ToRam,
+    /// Leave it where it is.
+    Keep,
+}
+
+/// Orders eviction candidates and chooses their fates.
 pub trait EvictionPolicy: Send + Sync + std::fmt::Debug {
     /// Sorts `candidates` so that the first is evicted first.
     fn order(&self, candidates: &mut [Candidate]);
+
+    /// What to do with a victim. The default is [`default_fate`].
+    fn fate(&self, candidate: &Candidate) -> Fate {
+        default_fate(candidate)
+    }
+}
+
+/// The default fate: drop what exists elsewhere; recompute what its recipe rebuilds for less
+/// than a write and a read ([`WRITE_COST`] + [`READ_COST`]); a device copy goes to RAM when
+/// RAM has room for it; anything else is spilled.
+pub fn default_fate(candidate: &Candidate) -> Fate {
+    if candidate.kept_elsewhere() {
+        Fate::Drop
+    } else if candidate
+        .recipe_cost
+        .is_some_and(|cost| cost < WRITE_COST + READ_COST)
+    {
+        Fate::Recompute
+    } else if candidate.copy == Evicting::Device && candidate.ram_room {
+        Fate::ToRam
+    } else {
+        Fate::Spill
+    }
 }
 
 /// The documented default order: priority class, then credit, then recency.

@@ -9,20 +9,18 @@
 //! every read; freed extents have their blocks returned with hole punching.
 
 mod allocator;
+mod storage;
 
-use crate::size::Bytes;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
-use rustix::fs::FallocateFlags;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use allocator::{Allocator, blocks};
+pub use storage::{DiskStorage, STORAGE_BLOCK, Storage, StorageFile};
 
+use crate::size::Bytes;
 use crate::sys::AlignedBuf;
-use crate::sys::direct::{BLOCK, IoShape, read_at, reopen_direct, write_at};
+use crate::sys::direct::BLOCK;
 
 /// Errors of the spill file.
 #[derive(Debug, thiserror::Error)]
@@ -95,19 +93,29 @@ impl Extent {
 }
 
 /// The spill file, created on first use.
+///
+/// Shared by every thread of a store. Its space (which blocks are taken, how much is
+/// reserved) sits behind a small lock held only for allocator updates and the `fallocate`
+/// and hole-punching calls; the bytes of an extent are written and read outside it, at their
+/// own offsets, so a long spill stalls neither restores nor other spills. Each transfer in
+/// flight holds its own staging buffer (one is kept between uses).
 #[derive(Debug)]
 pub(crate) struct SpillFile {
     dir: PathBuf,
     max: Option<u64>,
-    file: Option<File>,
-    /// The same file opened with `O_DIRECT` (`None` where the file system refuses it).
-    direct: Option<File>,
+    storage: Arc<dyn Storage>,
+    space: Mutex<Space>,
     /// Block-aligned buffers kept between calls (fresh memory costs page faults on every
     /// use): for unaligned callers' bytes, and for streaming to and from devices.
-    bounce: Mutex<Option<AlignedBuf>>,
-    stream: Mutex<Option<AlignedBuf>>,
+    bounce: BufferSlot,
+    stream: BufferSlot,
+}
+
+#[derive(Debug, Default)]
+struct Space {
+    file: Option<Arc<dyn StorageFile>>,
     alloc: Allocator,
-    /// Bytes reserved by live extents (whole blocks).
+    /// Bytes reserved by live extents and by writes in flight (whole blocks).
     used: u64,
     /// Space is reserved (`fallocate`d) from the allocator's end up to here: extents that
     /// grow the file reserve [`AHEAD`] more at once, so that a run of spills costs one
@@ -118,24 +126,33 @@ pub(crate) struct SpillFile {
 /// How far past a growing extent space is reserved ahead (less where `spill_max` is near).
 const AHEAD: u64 = 256 << 20;
 
+/// A reserved extent being written: its file, offset and reserved length.
+struct Reservation {
+    file: Arc<dyn StorageFile>,
+    offset: u64,
+    reserved: u64,
+}
+
 impl SpillFile {
-    pub(crate) fn new(dir: PathBuf, max: Option<u64>) -> Self {
+    pub(crate) fn new(dir: PathBuf, max: Option<u64>, storage: Arc<dyn Storage>) -> Self {
         Self {
             dir,
             max,
-            file: None,
-            direct: None,
-            bounce: Mutex::default(),
-            stream: Mutex::default(),
-            alloc: Allocator::default(),
-            used: 0,
-            tail_reserved: 0,
+            storage,
+            space: Mutex::default(),
+            bounce: BufferSlot::default(),
+            stream: BufferSlot::default(),
         }
     }
 
-    /// Bytes reserved by live extents.
+    fn space(&self) -> MutexGuard<'_, Space> {
+        // Every update of the space completes before anything that can panic.
+        self.space.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes reserved by live extents (and writes in flight).
     pub(crate) fn used(&self) -> u64 {
-        self.used
+        self.space().used
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> SpillError + use<> {
@@ -143,127 +160,115 @@ impl SpillFile {
         move |source| SpillError::Io { dir, op, source }
     }
 
+    fn reserve_error(&self, len: u64, source: io::Error) -> SpillError {
+        if is_full(&source) {
+            SpillError::NoSpace {
+                dir: self.dir.clone(),
+                requested: len,
+            }
+        } else {
+            SpillError::Io {
+                dir: self.dir.clone(),
+                op: "reserve space in",
+                source,
+            }
+        }
+    }
+
+    /// The file, created on first use.
+    fn file<'a>(
+        &self,
+        space: &'a mut MutexGuard<'_, Space>,
+    ) -> Result<&'a Arc<dyn StorageFile>, SpillError> {
+        if space.file.is_none() {
+            space.file = Some(self.storage.create(&self.dir).map_err(self.io("create"))?);
+        }
+        Ok(space.file.as_ref().expect("created above"))
+    }
+
     /// Checks that spilling can work here: creates the spill file and reserves its first
     /// block, as the first spill would. On error nothing is kept, and the first spill tries
     /// again (the directory may be fixed meanwhile).
-    pub(crate) fn probe(&mut self) -> Result<(), SpillError> {
-        if self.file.is_some() {
+    pub(crate) fn probe(&self) -> Result<(), SpillError> {
+        let mut space = self.space();
+        if space.file.is_some() {
             return Ok(());
         }
-        let file = create_unnamed(&self.dir).map_err(self.io("create"))?;
-        rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, BLOCK).map_err(
-            |errno| match errno {
-                rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => SpillError::NoSpace {
-                    dir: self.dir.clone(),
-                    requested: BLOCK,
-                },
-                errno => SpillError::Io {
-                    dir: self.dir.clone(),
-                    op: "reserve space in",
-                    source: errno.into(),
-                },
-            },
-        )?;
-        self.direct = reopen_direct(&file, true);
-        self.file = Some(file);
+        let file = self.storage.create(&self.dir).map_err(self.io("create"))?;
+        file.allocate(0, BLOCK)
+            .map_err(|err| self.reserve_error(BLOCK, err))?;
+        space.file = Some(file);
         // The block is reserved at the allocator's end: the first extent starts in it.
-        self.tail_reserved = BLOCK;
+        space.tail_reserved = BLOCK;
         Ok(())
-    }
-
-    fn file(&mut self) -> Result<&File, SpillError> {
-        if self.file.is_none() {
-            let file = create_unnamed(&self.dir).map_err(self.io("create"))?;
-            self.direct = reopen_direct(&file, true);
-            self.file = Some(file);
-        }
-        Ok(self.file.as_ref().expect("created above"))
     }
 
     /// Reserves whole blocks for `len` bytes: checks `spill_max`, creates the file on first
     /// use, allocates an extent and `fallocate`s it. On error nothing stays reserved.
-    fn reserve(&mut self, len: u64) -> Result<(u64, u64), SpillError> {
+    fn reserve(&self, len: u64) -> Result<Reservation, SpillError> {
         let reserved = blocks(len);
+        let mut space = self.space();
         if let Some(max) = self.max
-            && self.used + reserved > max
+            && space.used + reserved > max
         {
             return Err(SpillError::Limit {
                 requested: len,
-                used: self.used,
+                used: space.used,
                 max,
             });
         }
-        self.file()?;
-        let tail = self.alloc.end();
-        let offset = self.alloc.allocate(reserved);
+        let file = Arc::clone(self.file(&mut space)?);
+        let tail = space.alloc.end();
+        let offset = space.alloc.allocate(reserved);
         let end = offset + reserved;
-        let file = self.file.as_ref().expect("created above");
-        let fallocate = |from: u64, to: u64| {
-            rustix::fs::fallocate(file, FallocateFlags::empty(), from, to - from)
-        };
         let result = if offset < tail {
             // A range freed earlier: it was punched then.
-            fallocate(offset, end)
-        } else if end <= self.tail_reserved {
+            file.allocate(offset, reserved)
+        } else if end <= space.tail_reserved {
             // Inside the space reserved ahead by an earlier extent.
             Ok(())
         } else {
-            let from = offset.max(self.tail_reserved);
+            let from = offset.max(space.tail_reserved);
             let room = self
                 .max
-                .map_or(AHEAD, |max| max.saturating_sub(self.used + reserved));
+                .map_or(AHEAD, |max| max.saturating_sub(space.used + reserved));
             let ahead = AHEAD.min(room) / BLOCK * BLOCK;
             // Ahead if the disk has room for it, else exactly what this extent needs.
-            let reached = if ahead > 0 && fallocate(from, end + ahead).is_ok() {
+            let reached = if ahead > 0 && file.allocate(from, end + ahead - from).is_ok() {
                 Ok(end + ahead)
             } else {
                 if ahead > 0 {
                     // A failed fallocate may leave part of the range allocated.
-                    punch(file, end, ahead);
+                    punch(&*file, end, ahead);
                 }
-                fallocate(from, end).map(|()| end)
+                file.allocate(from, end - from).map(|()| end)
             };
-            reached.map(|reached| self.tail_reserved = reached)
+            reached.map(|reached| space.tail_reserved = reached)
         };
-        if let Err(errno) = result {
-            self.abort(offset, reserved);
-            return Err(match errno {
-                rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => SpillError::NoSpace {
-                    dir: self.dir.clone(),
-                    requested: len,
-                },
-                errno => SpillError::Io {
-                    dir: self.dir.clone(),
-                    op: "reserve space in",
-                    source: errno.into(),
-                },
-            });
+        if let Err(err) = result {
+            punch(&*file, offset, reserved);
+            give_back(&mut space, offset, reserved);
+            return Err(self.reserve_error(len, err));
         }
-        Ok((offset, reserved))
+        space.used += reserved;
+        Ok(Reservation {
+            file,
+            offset,
+            reserved,
+        })
     }
 
     /// Gives back a reservation whose write failed. ext4 may leave a partial allocation behind
     /// a failed `fallocate`: punching the range frees it too.
-    fn abort(&mut self, offset: u64, reserved: u64) {
-        if let Some(file) = &self.file {
-            punch(file, offset, reserved);
-        }
-        self.give_back(offset, reserved);
-    }
-
-    /// Returns a punched range to the allocator. When that shrinks the file's used tail, the
-    /// tail is no longer all reserved: forget the space reserved ahead (reserving it again
-    /// later is harmless).
-    fn give_back(&mut self, offset: u64, reserved: u64) {
-        let tail = self.alloc.end();
-        self.alloc.free(offset, reserved);
-        if self.alloc.end() < tail {
-            self.tail_reserved = self.alloc.end();
-        }
+    fn abort(&self, reservation: &Reservation) {
+        let mut space = self.space();
+        punch(&*reservation.file, reservation.offset, reservation.reserved);
+        give_back(&mut space, reservation.offset, reservation.reserved);
+        space.used -= reservation.reserved;
     }
 
     fn write_error(&self, len: u64, source: io::Error) -> SpillError {
-        if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+        if is_full(&source) {
             SpillError::NoSpace {
                 dir: self.dir.clone(),
                 requested: len,
@@ -279,30 +284,31 @@ impl SpillFile {
 
     /// Writes `bytes` to a new extent: space reserved first, then written, then checksummed.
     /// On any error nothing is kept and the caller still holds its bytes.
-    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<Extent, SpillError> {
+    pub(crate) fn write(&self, bytes: &[u8]) -> Result<Extent, SpillError> {
         let len = bytes.len() as u64;
-        let (offset, reserved) = self.reserve(len)?;
+        let reservation = self.reserve(len)?;
         // Large tensors are checksummed on a second thread while they are written.
         let (written, checksum) = if bytes.len() >= HASH_ALONGSIDE_MIN {
             std::thread::scope(|scope| {
                 let hash = scope.spawn(|| checksum(bytes));
-                let written = self.put(offset, bytes);
+                let written = self.put(&*reservation.file, reservation.offset, bytes);
                 let checksum = hash
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                 (written, checksum)
             })
         } else {
-            (self.put(offset, bytes), checksum(bytes))
+            (
+                self.put(&*reservation.file, reservation.offset, bytes),
+                checksum(bytes),
+            )
         };
         if let Err(source) = written {
-            let err = self.write_error(len, source);
-            self.abort(offset, reserved);
-            return Err(err);
+            self.abort(&reservation);
+            return Err(self.write_error(len, source));
         }
-        self.used += reserved;
         Ok(Extent {
-            offset,
+            offset: reservation.offset,
             len,
             checksum,
         })
@@ -312,23 +318,20 @@ impl SpillFile {
     /// (at most `chunk_len` bytes) of the tensor, for example from a device. The checksum is
     /// computed as the chunks pass. On any error nothing is kept.
     pub(crate) fn write_with(
-        &mut self,
+        &self,
         len: u64,
         chunk_len: usize,
         mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), crate::device::DeviceError>,
     ) -> Result<Extent, SpillError> {
-        let (offset, reserved) = self.reserve(len)?;
-        match self.stream_out(offset, len, chunk_len, &mut fill) {
-            Ok(checksum) => {
-                self.used += reserved;
-                Ok(Extent {
-                    offset,
-                    len,
-                    checksum,
-                })
-            }
+        let reservation = self.reserve(len)?;
+        match self.stream_out(&reservation, len, chunk_len, &mut fill) {
+            Ok(checksum) => Ok(Extent {
+                offset: reservation.offset,
+                len,
+                checksum,
+            }),
             Err(err) => {
-                self.abort(offset, reserved);
+                self.abort(&reservation);
                 Err(err)
             }
         }
@@ -338,26 +341,42 @@ impl SpillFile {
     /// extent; returns their checksum.
     fn stream_out(
         &self,
-        offset: u64,
+        reservation: &Reservation,
         len: u64,
         chunk_len: usize,
         fill: &mut impl FnMut(u64, &mut [u8]) -> Result<(), crate::device::DeviceError>,
     ) -> Result<u64, SpillError> {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let size = chunk_size(chunk_len, len);
-        let mut slot = reuse(&self.stream, size)?;
-        let chunk = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            let buf = &mut chunk[..n];
-            fill(done, buf).map_err(|source| SpillError::Device { source })?;
-            self.put(offset + done, buf)
-                .map_err(|source| self.write_error(len, source))?;
-            hasher.update(buf);
-            done += n as u64;
-        }
-        Ok(hasher.digest())
+        let mut staging = self.stream.take(size).map_err(self.io("allocate a buffer for"))?;
+        let result = (|| {
+            let chunk = &mut staging.as_mut_slice()[..size];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(chunk.len() as u64) as usize;
+                let padded = n.div_ceil(BLOCK as usize) * BLOCK as usize;
+                let buf = &mut chunk[..padded];
+                fill(done, &mut buf[..n]).map_err(|source| SpillError::Device { source })?;
+                buf[n..].fill(0);
+                reservation
+                    .file
+                    .write_at(reservation.offset + done, buf)
+                    .map_err(|source| self.write_error(len, source))?;
+                hasher.update(&buf[..n]);
+                done += n as u64;
+            }
+            Ok(hasher.digest())
+        })();
+        self.stream.give(staging);
+        result
+    }
+
+    /// The file to read an extent from.
+    fn file_of(&self) -> io::Result<Arc<dyn StorageFile>> {
+        self.space()
+            .file
+            .clone()
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
 
     /// Reads an extent chunk by chunk into `sink(offset, chunk)` (for example a device) and
@@ -369,20 +388,26 @@ impl SpillFile {
         chunk_len: usize,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), crate::device::DeviceError>,
     ) -> Result<(), SpillError> {
+        let file = self.file_of().map_err(self.io("read"))?;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let size = chunk_size(chunk_len, extent.len);
-        let mut slot = reuse(&self.stream, size)?;
-        let chunk = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
-        let mut done = 0u64;
-        while done < extent.len {
-            let n = (extent.len - done).min(chunk.len() as u64) as usize;
-            let buf = &mut chunk[..n];
-            self.get(extent.offset + done, buf)
-                .map_err(self.io("read"))?;
-            hasher.update(buf);
-            sink(done, buf).map_err(|source| SpillError::Device { source })?;
-            done += n as u64;
-        }
+        let mut staging = self.stream.take(size).map_err(self.io("allocate a buffer for"))?;
+        let result = (|| {
+            let chunk = &mut staging.as_mut_slice()[..size];
+            let mut done = 0u64;
+            while done < extent.len {
+                let n = (extent.len - done).min(chunk.len() as u64) as usize;
+                let padded = n.div_ceil(BLOCK as usize) * BLOCK as usize;
+                let buf = &mut chunk[..padded];
+                read_exact(&*file, extent.offset + done, buf, n).map_err(self.io("read"))?;
+                hasher.update(&buf[..n]);
+                sink(done, &buf[..n]).map_err(|source| SpillError::Device { source })?;
+                done += n as u64;
+            }
+            Ok(())
+        })();
+        self.stream.give(staging);
+        result?;
         let actual = hasher.digest();
         if actual != extent.checksum {
             return Err(SpillError::Checksum {
@@ -398,7 +423,9 @@ impl SpillFile {
     /// Reads an extent into `dst` (exactly `extent.len` bytes) and verifies its checksum.
     pub(crate) fn read(&self, extent: &Extent, dst: &mut [u8]) -> Result<(), SpillError> {
         debug_assert_eq!(dst.len() as u64, extent.len);
-        self.get(extent.offset, dst).map_err(self.io("read"))?;
+        let file = self.file_of().map_err(self.io("read"))?;
+        self.get(&*file, extent.offset, dst)
+            .map_err(self.io("read"))?;
         let actual = checksum(dst);
         if actual != extent.checksum {
             return Err(SpillError::Checksum {
@@ -411,91 +438,143 @@ impl SpillFile {
         Ok(())
     }
 
-    /// Writes `bytes` at the block-aligned `offset` of a reserved extent: with `O_DIRECT`
-    /// straight from the caller's buffer when it is block-aligned (its last partial block,
-    /// and unaligned buffers, through a block-aligned bounce buffer, zero-padded inside the
-    /// reservation); with `pwrite` where direct I/O is unavailable.
-    fn put(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        let Some(direct) = &self.direct else {
-            let file = self.file.as_ref().ok_or(io::ErrorKind::NotFound)?;
-            return file.write_all_at(bytes, offset);
-        };
+    /// Writes `bytes` at the block-aligned `offset` of a reserved extent: straight from the
+    /// caller's buffer when it is block-aligned (its last partial block, and unaligned
+    /// buffers, through a block-aligned bounce buffer, zero-padded inside the reservation).
+    fn put(&self, file: &dyn StorageFile, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let body = if (bytes.as_ptr() as u64).is_multiple_of(BLOCK) {
             let body = bytes.len() / BLOCK as usize * BLOCK as usize;
-            write_at(direct, offset, &bytes[..body], IoShape::DEFAULT, None)?;
+            if body > 0 {
+                file.write_at(offset, &bytes[..body])?;
+            }
             body
         } else {
             0
         };
         let rest = &bytes[body..];
+        if rest.is_empty() {
+            return Ok(());
+        }
         // Large enough for several requests in flight per copy.
         let size = chunk_size(BOUNCE, rest.len() as u64);
-        let mut slot =
-            reuse(&self.bounce, size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        let bounce = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
+        let mut bounce = self.bounce.take(size)?;
         let at = offset + body as u64;
-        if rest.len() < OVERLAP_MIN {
+        let result = if rest.len() < OVERLAP_MIN {
             // One piece: `size` covers all of it.
             let padded = rest.len().div_ceil(BLOCK as usize) * BLOCK as usize;
-            let buf = &mut bounce[..padded];
+            let buf = &mut bounce.as_mut_slice()[..padded];
             fill_padded(buf, rest);
-            return write_at(direct, at, buf, IoShape::DEFAULT, None).map(drop);
-        }
-        overlapped_write(direct, at, rest, bounce)
+            file.write_at(at, buf)
+        } else {
+            overlapped_write(file, at, rest, &mut bounce.as_mut_slice()[..size])
+        };
+        self.bounce.give(bounce);
+        result
     }
 
     /// Reads `dst.len()` bytes at the block-aligned `offset` of an extent: the mirror of
     /// [`SpillFile::put`].
-    fn get(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
-        let Some(direct) = &self.direct else {
-            let file = self.file.as_ref().ok_or(io::ErrorKind::NotFound)?;
-            return file.read_exact_at(dst, offset);
-        };
-        let short = || io::Error::from(io::ErrorKind::UnexpectedEof);
+    fn get(&self, file: &dyn StorageFile, offset: u64, dst: &mut [u8]) -> io::Result<()> {
         let body = if (dst.as_ptr() as u64).is_multiple_of(BLOCK) {
             let body = dst.len() / BLOCK as usize * BLOCK as usize;
-            let (n, _) = read_at(direct, offset, &mut dst[..body], IoShape::DEFAULT, None)?;
-            if n < body {
-                return Err(short());
-            }
+            read_exact(file, offset, &mut dst[..body], body)?;
             body
         } else {
             0
         };
         let len = dst.len() - body;
-        let size = chunk_size(BOUNCE, len as u64);
-        let mut slot =
-            reuse(&self.bounce, size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        let bounce = &mut slot.as_mut().expect("reuse fills it").as_mut_slice()[..size];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(bounce.len());
-            let padded = (n as u64).div_ceil(BLOCK) * BLOCK;
-            let buf = &mut bounce[..padded as usize];
-            let (got, _) = read_at(
-                direct,
-                offset + (body + done) as u64,
-                buf,
-                IoShape::DEFAULT,
-                None,
-            )?;
-            if got < n {
-                return Err(short());
-            }
-            dst[body + done..body + done + n].copy_from_slice(&buf[..n]);
-            done += n;
+        if len == 0 {
+            return Ok(());
         }
-        Ok(())
+        let size = chunk_size(BOUNCE, len as u64);
+        let mut bounce = self.bounce.take(size)?;
+        let result = (|| {
+            let bounce = &mut bounce.as_mut_slice()[..size];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(bounce.len());
+                let padded = n.div_ceil(BLOCK as usize) * BLOCK as usize;
+                let buf = &mut bounce[..padded];
+                read_exact(file, offset + (body + done) as u64, buf, n)?;
+                dst[body + done..body + done + n].copy_from_slice(&buf[..n]);
+                done += n;
+            }
+            Ok(())
+        })();
+        self.bounce.give(bounce);
+        result
     }
 
     /// Frees an extent: its blocks go back to the file system and to the allocator.
-    pub(crate) fn free(&mut self, extent: Extent) {
+    pub(crate) fn free(&self, extent: Extent) {
         let reserved = extent.reserved();
-        if let Some(file) = &self.file {
-            punch(file, extent.offset, reserved);
+        let mut space = self.space();
+        if let Some(file) = space.file.clone() {
+            punch(&*file, extent.offset, reserved);
         }
-        self.give_back(extent.offset, reserved);
-        self.used -= reserved;
+        give_back(&mut space, extent.offset, reserved);
+        space.used -= reserved;
+    }
+}
+
+/// Returns a punched range to the allocator. When that shrinks the file's used tail, the
+/// tail is no longer all reserved: forget the space reserved ahead (reserving it again
+/// later is harmless).
+fn give_back(space: &mut Space, offset: u64, reserved: u64) {
+    let tail = space.alloc.end();
+    space.alloc.free(offset, reserved);
+    if space.alloc.end() < tail {
+        space.tail_reserved = space.alloc.end();
+    }
+}
+
+/// A full file system, as `fallocate` or a write reports it.
+fn is_full(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::StorageFull
+        || matches!(
+            rustix::io::Errno::from_io_error(err),
+            Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
+        )
+}
+
+/// Reads `buf` (block-padded) at `offset` and fails unless at least `need` bytes came.
+fn read_exact(file: &dyn StorageFile, offset: u64, buf: &mut [u8], need: usize) -> io::Result<()> {
+    let got = file.read_at(offset, buf)?;
+    if got < need {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("short read: {got} of {need} bytes at offset {offset}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A staging buffer kept between transfers. A transfer takes it (or, while another transfer
+/// holds it, a fresh one) and gives it back after; the lock is held only for the swap.
+#[derive(Debug, Default)]
+struct BufferSlot(Mutex<Option<AlignedBuf>>);
+
+impl BufferSlot {
+    fn take(&self, size: usize) -> io::Result<AlignedBuf> {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match kept {
+            Some(buf) if buf.as_slice().len() >= size => Ok(buf),
+            kept => {
+                drop(kept);
+                AlignedBuf::zeroed(size).ok_or_else(|| io::ErrorKind::OutOfMemory.into())
+            }
+        }
+    }
+
+    /// Keeps `buf` for the next transfer (the larger one when two come back).
+    fn give(&self, buf: AlignedBuf) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot
+            .as_ref()
+            .is_none_or(|kept| kept.as_slice().len() < buf.as_slice().len())
+        {
+            *slot = Some(buf);
+        }
     }
 }
 
@@ -505,13 +584,18 @@ fn fill_padded(buf: &mut [u8], bytes: &[u8]) {
     buf[bytes.len()..].fill(0);
 }
 
-/// Writes `bytes` (any alignment) at the block-aligned `offset` of a direct file through
-/// `SLOTS` slots of `bounce`: this thread copies the next piece into a free slot while
-/// `WRITERS` writer threads each write a filled one, so the copy hides behind the writes and
-/// one slot's requests are queued while another's complete. (On the development machine one
-/// to four writers measured the same within its noise; two is the smallest number that keeps
-/// a write queued across slot boundaries.)
-fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8]) -> io::Result<()> {
+/// Writes `bytes` (any alignment) at the block-aligned `offset` through `SLOTS` slots of
+/// `bounce`: this thread copies the next piece into a free slot while `WRITERS` writer
+/// threads each write a filled one, so the copy hides behind the writes and one slot's
+/// requests are queued while another's complete. (On the development machine one to four
+/// writers measured the same within its noise; two is the smallest number that keeps a write
+/// queued across slot boundaries.)
+fn overlapped_write(
+    file: &dyn StorageFile,
+    offset: u64,
+    bytes: &[u8],
+    bounce: &mut [u8],
+) -> io::Result<()> {
     const SLOTS: usize = 4;
     const WRITERS: usize = 2;
     let slot = bounce.len() / SLOTS / BLOCK as usize * BLOCK as usize;
@@ -529,8 +613,7 @@ fn overlapped_write(direct: &File, offset: u64, bytes: &[u8], bounce: &mut [u8])
                 loop {
                     let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
                     let Ok((buf, at, padded)) = job else { return };
-                    let result =
-                        write_at(direct, at, &buf[..padded], IoShape::DEFAULT, None).map(drop);
+                    let result = file.write_at(at, &buf[..padded]);
                     if to_copier.send((buf, result)).is_err() {
                         return;
                     }
@@ -582,7 +665,8 @@ const BOUNCE: usize = 32 << 20;
 
 /// The most memory the spill file's own buffers hold (kept between uses) for tensors of at
 /// most `largest` bytes moved in chunks of `chunk_len`: the bounce buffer for unaligned
-/// bytes and the stream buffer for device transfers.
+/// bytes and the stream buffer for device transfers. Transfers that run at the same time
+/// each hold buffers of their own.
 pub(crate) fn buffers_bound(largest: u64, chunk_len: usize) -> u64 {
     (chunk_size(BOUNCE, largest) + chunk_size(chunk_len, largest)) as u64
 }
@@ -594,23 +678,6 @@ fn chunk_size(chunk_len: usize, len: u64) -> usize {
     chunk.min(len.div_ceil(BLOCK) * BLOCK).max(BLOCK) as usize
 }
 
-/// The buffer kept in `slot`, grown to at least `size` bytes.
-fn reuse(
-    slot: &Mutex<Option<AlignedBuf>>,
-    size: usize,
-) -> Result<MutexGuard<'_, Option<AlignedBuf>>, SpillError> {
-    let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
-    if guard.as_ref().is_none_or(|buf| buf.as_slice().len() < size) {
-        *guard = None;
-        *guard = Some(AlignedBuf::zeroed(size).ok_or_else(|| SpillError::Io {
-            dir: PathBuf::new(),
-            op: "allocate a buffer for",
-            source: io::ErrorKind::OutOfMemory.into(),
-        })?);
-    }
-    Ok(guard)
-}
-
 /// Tensors at least this large are checksummed alongside their write.
 const HASH_ALONGSIDE_MIN: usize = 8 << 20;
 
@@ -619,66 +686,38 @@ fn checksum(bytes: &[u8]) -> u64 {
 }
 
 /// Returns `[offset, offset + len)` to the file system. Advisory: a failure only costs space.
-fn punch(file: &File, offset: u64, len: u64) {
-    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-    if let Err(err) = rustix::fs::fallocate(file, flags, offset, len) {
+fn punch(file: &dyn StorageFile, offset: u64, len: u64) {
+    if let Err(err) = file.punch(offset, len) {
         log::debug!("punching a hole in the spill file failed: {err}");
     }
 }
 
-/// An unnamed file in `dir`: `O_TMPFILE`, or where the file system lacks it, a file unlinked
-/// right after creation.
-fn create_unnamed(dir: &Path) -> io::Result<File> {
-    let tmpfile = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::TMPFILE.bits().cast_signed())
-        .open(dir);
-    match tmpfile {
-        Ok(file) => Ok(file),
-        Err(err)
-            if matches!(
-                rustix::io::Errno::from_io_error(&err),
-                Some(
-                    rustix::io::Errno::OPNOTSUPP
-                        | rustix::io::Errno::ISDIR
-                        | rustix::io::Errno::INVAL
-                )
-            ) =>
-        {
-            let path = dir.join(format!(
-                ".lowtide-spill-{}-{:x}",
-                std::process::id(),
-                nonce()
-            ));
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            std::fs::remove_file(&path)?;
-            Ok(file)
-        }
-        Err(err) => Err(err),
-    }
-}
-
-fn nonce() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{SpillError, SpillFile};
+    use std::sync::Arc;
+
+    use super::{DiskStorage, SpillError, SpillFile};
+
+    fn disk() -> Arc<dyn super::Storage> {
+        Arc::new(DiskStorage)
+    }
+
+    /// Disk storage that keeps a handle on the file it created, to look at its blocks.
+    #[derive(Debug, Default)]
+    struct Kept(std::sync::Mutex<Option<std::fs::File>>);
+
+    impl super::Storage for Kept {
+        fn create(&self, dir: &std::path::Path) -> std::io::Result<Arc<dyn super::StorageFile>> {
+            let file = DiskStorage::open(dir)?;
+            *self.0.lock().unwrap() = Some(file.file.try_clone()?);
+            Ok(Arc::new(file))
+        }
+    }
 
     #[test]
     fn round_trip_reuse_and_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spill = SpillFile::new(dir.path().to_path_buf(), Some(64 << 10));
+        let spill = SpillFile::new(dir.path().to_path_buf(), Some(64 << 10), disk());
         let a: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let extent = spill.write(&a).unwrap();
         assert_eq!(spill.used(), 12_288);
@@ -719,22 +758,25 @@ mod tests {
     fn space_is_reserved_ahead_and_kept_for_live_extents() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let mut spill = SpillFile::new(dir.path().to_path_buf(), Some(8 << 20));
-        let allocated = |spill: &SpillFile| {
-            let file = spill.file.as_ref().unwrap();
-            file.metadata().unwrap().blocks() * 512
+        let kept = Arc::new(Kept::default());
+        let spill = SpillFile::new(dir.path().to_path_buf(), Some(8 << 20), kept.clone());
+        let allocated = |_: &SpillFile| {
+            let file = kept.0.lock().unwrap();
+            file.as_ref().unwrap().metadata().unwrap().blocks() * 512
         };
         let piece = |i: u8| vec![i; 1 << 20];
         let mut extents: Vec<_> = (0..4).map(|i| spill.write(&piece(i)).unwrap()).collect();
         // The first extent reserved ahead up to the limit; the others fit inside.
-        assert_eq!(spill.tail_reserved, 8 << 20);
+        assert_eq!(spill.space().tail_reserved, 8 << 20);
         assert!(allocated(&spill) >= 8 << 20);
         // Free the tail and one in the middle: punched, the ahead space forgotten.
         let tail = extents.pop().unwrap();
         spill.free(tail);
         let middle = extents.remove(1);
         spill.free(middle);
-        assert_eq!(spill.tail_reserved, spill.alloc.end());
+        let space = spill.space();
+        assert_eq!(space.tail_reserved, space.alloc.end());
+        drop(space);
         assert!(allocated(&spill) >= spill.used());
         // New extents reuse the punched ranges and reserve them again.
         let refill: Vec<_> = (10..13).map(|i| spill.write(&piece(i)).unwrap()).collect();
@@ -749,23 +791,23 @@ mod tests {
     #[test]
     fn a_probe_reserves_the_first_block_and_the_first_extent_uses_it() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spill = SpillFile::new(dir.path().to_path_buf(), None);
+        let spill = SpillFile::new(dir.path().to_path_buf(), None, disk());
         spill.probe().unwrap();
-        assert_eq!(spill.tail_reserved, super::BLOCK);
+        assert_eq!(spill.space().tail_reserved, super::BLOCK);
         let extent = spill.write(b"abc").unwrap();
         assert_eq!(extent.offset, 0);
         let mut back = [0; 3];
         spill.read(&extent, &mut back).unwrap();
         assert_eq!(&back, b"abc");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        let mut missing = SpillFile::new("/nonexistent/spill".into(), None);
+        let missing = SpillFile::new("/nonexistent/spill".into(), None, disk());
         let err = missing.probe().unwrap_err();
         assert!(matches!(err, SpillError::Io { op: "create", .. }), "{err}");
     }
 
     #[test]
     fn missing_directory_is_an_io_error() {
-        let mut spill = SpillFile::new("/nonexistent/spill".into(), None);
+        let spill = SpillFile::new("/nonexistent/spill".into(), None, disk());
         let err = spill.write(b"abc").unwrap_err();
         assert!(matches!(err, SpillError::Io { op: "create", .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/spill"));

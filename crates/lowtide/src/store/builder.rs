@@ -1,13 +1,14 @@
 //! Store settings: limits, spill, policy and the pressure monitor.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use super::state::State;
 use super::{ConfigError, Shared, Store};
 use crate::governor::{self, Governor, PressureTrigger};
 use crate::policy::{DefaultPolicy, EvictionPolicy};
-use crate::spill::SpillFile;
+use crate::spill::{DiskStorage, SpillFile, Storage};
 use crate::stats::Stats;
 
 /// Settings for a [`Store`]. Every setter documents its default; [`StoreBuilder::build`]
@@ -19,6 +20,7 @@ pub struct StoreBuilder {
     spill_dir: Option<PathBuf>,
     spill_max: Option<u64>,
     policy: Option<Box<dyn EvictionPolicy>>,
+    storage: Option<Arc<dyn Storage>>,
     monitor: Option<bool>,
     trigger: PressureTrigger,
     interval: Option<Duration>,
@@ -68,6 +70,13 @@ impl StoreBuilder {
     /// Default: [`crate::DefaultPolicy`] (priority class, then cost-aware recency).
     pub fn policy(mut self, policy: impl EvictionPolicy + 'static) -> Self {
         self.policy = Some(Box::new(policy));
+        self
+    }
+
+    /// Where the spill file's bytes physically go. Default: [`DiskStorage`], an unnamed file
+    /// in `spill_dir` written with `O_DIRECT`. Tests plug in a [`Storage`] that injects faults.
+    pub fn spill_storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.storage = Some(storage);
         self
     }
 
@@ -124,7 +133,8 @@ impl StoreBuilder {
         if interval.is_zero() {
             return Err(ConfigError::ZeroInterval);
         }
-        let mut spill = SpillFile::new(spill_dir, self.spill_max);
+        let storage = self.storage.unwrap_or_else(|| Arc::new(DiskStorage));
+        let spill = Arc::new(SpillFile::new(spill_dir, self.spill_max, storage));
         if let Err(err) = spill.probe() {
             // Not an error of the settings: a store without a working spill file still
             // serves clean tensors, and the first spill tries again. But say so now, not at
@@ -138,8 +148,9 @@ impl StoreBuilder {
         let governor = Governor::new(ram_budget, self.reserve_ram);
         let pressure_files = governor.pressure_files();
         let shared = Arc::new(Shared {
-            state: Mutex::default(),
-            spill: Mutex::new(spill),
+            state: Mutex::new(State::new(Arc::clone(&spill))),
+            changed: Condvar::new(),
+            spill,
             stats: Stats::default(),
             governor,
             policy: self.policy.unwrap_or_else(|| Box::new(DefaultPolicy)),

@@ -6,32 +6,19 @@
 //! only copy is on the device is downloaded into RAM when the governor allows (budget and
 //! reserve), otherwise streamed into the spill file through a chunk-sized staging buffer
 //! (never a full RAM copy); if both fail the device copy stays and the unload reports it.
+//! The policy chooses these fates ([`crate::policy::Fate`]). Like RAM evictions, unloads plan
+//! under the lock, move bytes outside it (the victim marked busy), and commit under it.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
-use super::state::{DeviceCopy, Origin, RamBuf, State, TensorEntry};
-use super::{Recipe, Shared, Store, StoreError, TensorId};
+use super::copies::{CopySource, Target, alloc};
+use super::state::{DeviceCopy, RamBuf, State};
+use super::{Shared, Store, StoreError, TensorId, Tier};
 use crate::device::{Device, DeviceAlloc, DeviceError};
-use crate::policy::{Candidate, READ_COST, WRITE_COST};
-use crate::spill::{Extent, SpillError};
+use crate::governor::reserve_shortfall;
+use crate::ids::{DeviceId, ModelId};
+use crate::policy::{Candidate, Evicting, Fate};
 use crate::stats::Stats;
-use crate::sys::AlignedBuf;
-
-/// Bytes restored at once for a device upload (rounded to the device's chunks): two
-/// direct-I/O requests of the default size in flight, and little staging memory — the
-/// reader works on the next window while this one is uploaded. (Measured with `SimDevice`,
-/// 4-32 MiB windows loaded at the same speed within noise, warm or cold; the simulated
-/// device's own copy into fresh memory was the limit.)
-const UPLOAD_WINDOW: u64 = 8 << 20;
-
-/// The most host memory one upload from a source holds in window buffers: the window being
-/// uploaded, the one the reader fills, and one in the channel between them, each padded to
-/// whole blocks on both ends.
-pub(super) fn upload_windows_bound(largest: u64, chunk_len: usize) -> u64 {
-    let chunk = chunk_len.max(1) as u64;
-    let window = ((UPLOAD_WINDOW / chunk).max(1) * chunk).min(largest);
-    3 * (window.div_ceil(crate::sys::direct::BLOCK) + 2) * crate::sys::direct::BLOCK
-}
 
 /// A refused device allocation as the store reports it.
 fn allocation_error(err: DeviceError, name: &str, device: &dyn Device, len: u64) -> StoreError {
@@ -48,10 +35,6 @@ fn allocation_error(err: DeviceError, name: &str, device: &dyn Device, len: u64)
         },
     }
 }
-
-/// A device added to a store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(pub(super) u32);
 
 /// What [`Store::load`] placed where.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,6 +67,17 @@ pub struct UnloadOutcome {
     pub not_freed_bytes: u64,
     /// Copies left alone because a guard pins them.
     pub pinned: u32,
+}
+
+impl UnloadOutcome {
+    fn add(&mut self, other: UnloadOutcome) {
+        self.freed_bytes += other.freed_bytes;
+        self.clean_bytes += other.clean_bytes;
+        self.to_ram_bytes += other.to_ram_bytes;
+        self.to_spill_bytes += other.to_spill_bytes;
+        self.not_freed_bytes += other.not_freed_bytes;
+        self.pinned += other.pinned;
+    }
 }
 
 /// A pinned device copy of a tensor. While it lives the copy is never unloaded.
@@ -159,99 +153,258 @@ impl std::fmt::Debug for DeviceGuard {
     }
 }
 
-/// Where an upload takes its bytes from, chosen under the lock.
-enum UploadFrom {
-    Ram(Arc<RamBuf>),
-    Source {
-        source: Arc<crate::source::Source>,
-        offset: u64,
-    },
-    Spill {
-        extent: Extent,
-        recipe: Option<Recipe>,
-    },
-    Recipe(Recipe),
+
+/// Which device copies an unload may take.
+#[derive(Clone, Copy)]
+enum Victims {
+    /// Any on the device but this model's.
+    AllBut(Option<ModelId>),
+    /// This model's.
+    Of(ModelId),
+    /// This tensor's.
+    Only(TensorId),
 }
 
-impl UploadFrom {
-    /// Where the bytes of a tensor without a device copy come from, fastest first.
-    fn of(entry: &TensorEntry) -> UploadFrom {
-        match (&entry.ram, &entry.origin, entry.spilled, &entry.recipe) {
-            (Some(buf), ..) => UploadFrom::Ram(Arc::clone(buf)),
-            (None, Origin::Source { source, offset }, ..) => UploadFrom::Source {
-                source: Arc::clone(source),
-                offset: *offset,
-            },
-            (None, Origin::Derived, Some(extent), recipe) => UploadFrom::Spill {
-                extent,
-                recipe: recipe.clone(),
-            },
-            (None, Origin::Derived, None, Some(recipe)) => UploadFrom::Recipe(recipe.clone()),
-            (None, Origin::Derived, None, None) => {
-                unreachable!("a dirty tensor off the device has a RAM, spill or recipe copy")
-            }
-        }
-    }
+/// A device copy whose bytes must move before it can go.
+struct Move {
+    id: TensorId,
+    device: Arc<dyn Device>,
+    alloc: Arc<DeviceAlloc>,
+    /// Bytes reserved in RAM for a download (0: stream it to the spill file).
+    to_ram: u64,
 }
 
 impl Shared {
-    /// Unloads other copies from `device_id`, in policy order, until `len` bytes are free or
-    /// nothing else can go. `id` itself and the model `spare` stay.
-    fn make_device_room(
-        &self,
-        state: &mut State,
-        device: &dyn Device,
-        device_id: DeviceId,
-        id: TensorId,
-        len: u64,
-        spare: Option<super::ModelId>,
-    ) {
-        if device.free_bytes() >= len {
-            return;
-        }
-        let mut outcome = UnloadOutcome::default();
-        for victim in self.device_victims(state, device_id, None, spare) {
-            if device.free_bytes() >= len {
-                break;
-            }
-            if victim != id {
-                self.unload_copy(state, victim, &mut outcome);
-            }
-        }
-        self.check(state);
-    }
-
-    #[allow(clippy::unused_self)] // a method so that every lookup reads `shared.device(..)`
-    pub(super) fn device(
+    /// Device copies on `device` that may be unloaded, in policy order.
+    fn device_candidates(
         &self,
         state: &State,
         device: DeviceId,
-    ) -> Result<Arc<dyn Device>, StoreError> {
-        state
-            .devices
-            .get(device.0 as usize)
-            .cloned()
-            .ok_or(StoreError::UnknownDevice { device: device.0 })
+        victims: Victims,
+        available: Option<u64>,
+    ) -> Vec<Candidate> {
+        let budget = self.governor.ram_budget;
+        let reserve = self.governor.reserve_ram();
+        let mut candidates: Vec<Candidate> = state
+            .entries()
+            .filter(|(_, t)| {
+                t.pins == 0 && !t.busy && t.device.as_ref().is_some_and(|c| c.device == device)
+            })
+            .filter(|(id, t)| match victims {
+                Victims::AllBut(spare) => spare != Some(t.model),
+                Victims::Of(model) => t.model == model,
+                Victims::Only(only) => *id == only,
+            })
+            .map(|(id, t)| Candidate {
+                tensor: id,
+                priority: state.model(t.model).map(|m| m.priority).unwrap_or_default(),
+                last_use: t.last_use,
+                credit: t.credit,
+                len: t.len,
+                clean: t.is_clean(),
+                copy: Evicting::Device,
+                spilled: t.spilled.is_some(),
+                in_ram: t.ram.is_some(),
+                on_device: true,
+                recipe_cost: t.recipe.as_ref().map(super::Recipe::cost_per_byte),
+                ram_room: state.anon + state.reserved + t.len <= budget
+                    && (reserve == 0
+                        || available.is_some_and(|a| reserve_shortfall(a, t.len, reserve) == 0)),
+            })
+            .collect();
+        self.policy.order(&mut candidates);
+        candidates
+    }
+
+    /// Unloads device copies from `device` until `enough` says so or none is left, in policy
+    /// order, with no lock held while bytes move. Returns what it did.
+    fn unload_from(
+        &self,
+        device_id: DeviceId,
+        victims: Victims,
+        mut enough: impl FnMut(&UnloadOutcome) -> bool,
+    ) -> Result<UnloadOutcome, StoreError> {
+        let mut outcome = UnloadOutcome::default();
+        // Victims the policy keeps: not offered again in this unload.
+        let mut kept = std::collections::HashSet::new();
+        loop {
+            if enough(&outcome) {
+                return Ok(outcome);
+            }
+            let available = (self.governor.reserve_ram() > 0)
+                .then(|| self.governor.reading().available);
+            let mut state = self.lock();
+            let device = state.device(device_id)?;
+            let mut candidates = self.device_candidates(&state, device_id, victims, available);
+            candidates.retain(|c| !kept.contains(&c.tensor));
+            if candidates.is_empty() {
+                let waiting = state.entries().any(|(_, t)| {
+                    t.busy && t.device.as_ref().is_some_and(|c| c.device == device_id)
+                });
+                if !waiting {
+                    return Ok(outcome);
+                }
+                drop(self.wait_changed(state));
+                continue;
+            }
+            // One victim at a time: the next choice sees what this one freed.
+            let mut moved = None;
+            for candidate in candidates {
+                let id = candidate.tensor;
+                match self.policy.fate(&candidate) {
+                    Fate::Drop if candidate.kept_elsewhere() => {}
+                    Fate::Recompute if candidate.recipe_cost.is_some() => {}
+                    fate @ (Fate::ToRam | Fate::Spill) => {
+                        let to_ram = if fate == Fate::ToRam && candidate.ram_room {
+                            state.reserve(candidate.len);
+                            candidate.len
+                        } else {
+                            0
+                        };
+                        let entry = state.tensor_mut(id)?;
+                        entry.busy = true;
+                        let alloc = Arc::clone(&entry.device.as_ref().expect("a candidate").alloc);
+                        moved = Some(Move {
+                            id,
+                            device: Arc::clone(&device),
+                            alloc,
+                            to_ram,
+                        });
+                        break;
+                    }
+                    fate => {
+                        if fate != Fate::Keep {
+                            log::debug!(
+                                "policy chose {fate:?} for the device copy of tensor #{}, which \
+                                 would lose its bytes: kept",
+                                id.0
+                            );
+                        }
+                        kept.insert(id);
+                        continue;
+                    }
+                }
+                // Nothing to write.
+                let freed = self.release_device_copy(&mut state, id);
+                Stats::add(&self.stats.unloaded_clean_bytes, freed);
+                Stats::add(&self.stats.device_unloads, 1);
+                outcome.clean_bytes += freed;
+                outcome.freed_bytes += freed;
+                break;
+            }
+            self.check(&mut state);
+            let Some(moved) = moved else {
+                continue;
+            };
+            drop(state);
+            self.move_off_device(moved, &mut outcome);
+            if outcome.not_freed_bytes > 0 {
+                // A failed move: the copy stays; the next victims are not tried again now.
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Moves one dirty device copy's bytes to RAM (bytes reserved) or the spill file outside
+    /// the lock, then commits.
+    fn move_off_device(&self, moved: Move, outcome: &mut UnloadOutcome) {
+        let Move {
+            id,
+            device,
+            alloc: copy,
+            to_ram,
+        } = moved;
+        let len = copy.len();
+        let downloaded = (to_ram > 0)
+            .then(|| {
+                let mut buf = AlignedBufOrNone::new(len)?;
+                match device.download(&copy, 0, buf.0.as_mut_slice()) {
+                    Ok(()) => Some(buf.0),
+                    Err(err) => {
+                        log::warn!("download from {} failed: {err}", device.name());
+                        None
+                    }
+                }
+            })
+            .flatten();
+        let spilled = if downloaded.is_none() {
+            Some(
+                self.spill
+                    .write_with(len, device.chunk_len(), |offset, buf| {
+                        device.download(&copy, offset, buf)
+                    }),
+            )
+        } else {
+            None
+        };
+        drop(copy);
+        let mut state = self.lock();
+        if to_ram > 0 {
+            state.unreserve(to_ram);
+        }
+        let gone = state.tensor(id).is_err();
+        if let Ok(entry) = state.tensor_mut(id) {
+            entry.busy = false;
+        }
+        match (downloaded, spilled) {
+            (Some(buf), _) if !gone => {
+                Stats::add(&self.stats.bytes_downloaded, len);
+                state.install_ram(id, RamBuf::Aligned(buf));
+                outcome.to_ram_bytes += len;
+                self.commit_unload(&mut state, id, len, outcome);
+            }
+            (_, Some(Ok(extent))) if gone => self.spill.free(extent),
+            (_, Some(Ok(extent))) => {
+                Stats::add(&self.stats.bytes_downloaded, len);
+                Stats::add(&self.stats.bytes_spilled, len);
+                Stats::add(&self.stats.bytes_written, len);
+                state.set_spilled(id, extent);
+                outcome.to_spill_bytes += len;
+                self.commit_unload(&mut state, id, len, outcome);
+            }
+            (_, Some(Err(err))) => {
+                if let Ok(entry) = state.tensor(id) {
+                    log::warn!(
+                        "tensor `{}`: cannot unload from {}: {err}",
+                        crate::text::Escaped(&entry.name),
+                        device.name()
+                    );
+                }
+                Stats::add(&self.stats.spill_failures, 1);
+                outcome.not_freed_bytes += len;
+            }
+            _ => {}
+        }
+        self.check(&mut state);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// The bytes are safe elsewhere now: frees the device copy unless a guard pinned it
+    /// meanwhile (then it keeps both).
+    fn commit_unload(&self, state: &mut State, id: TensorId, len: u64, outcome: &mut UnloadOutcome) {
+        if state.tensor(id).is_ok_and(|t| t.pins > 0) {
+            outcome.pinned += 1;
+            return;
+        }
+        self.release_device_copy(state, id);
+        Stats::add(&self.stats.device_unloads, 1);
+        outcome.freed_bytes += len;
     }
 
     /// Frees a tensor's device copy without writing anything (the caller has made sure its
     /// bytes exist elsewhere, or they are stale).
     pub(super) fn release_device_copy(&self, state: &mut State, id: TensorId) -> u64 {
-        let Some(Some(entry)) = state.tensors.get_mut(id.0 as usize) else {
+        let Some((device, copy)) = state.take_device(id) else {
             return 0;
         };
-        let Some(copy) = entry.device.take() else {
-            return 0;
-        };
-        let len = copy.alloc.len();
-        if let Some(device) = state.devices.get(copy.device.0 as usize) {
-            match Arc::try_unwrap(copy.alloc) {
-                Ok(alloc) => device.release(alloc),
-                Err(_) => log::error!(
-                    "device copy of tensor #{} released while still shared",
-                    id.0
-                ),
-            }
+        let DeviceCopy { alloc, .. } = copy;
+        let len = alloc.len();
+        match Arc::try_unwrap(alloc) {
+            Ok(alloc) => device.release(alloc),
+            // Only a guard or a move holds another handle, and neither lets a copy be
+            // released meanwhile (pins and `busy` are checked first).
+            Err(_) => log::error!("device copy of tensor #{} released while still shared", id.0),
         }
         self.stats
             .device_bytes
@@ -260,118 +413,25 @@ impl Shared {
     }
 
     /// Whether the governor allows `len` more bytes of RAM copies right now, without evicting.
-    pub(super) fn ram_allows(&self, state: &State, len: u64) -> bool {
+    /// Reads the memory figures (outside the lock) only when a reserve is set.
+    pub(super) fn ram_allows(&self, len: u64) -> bool {
+        let reserve = self.governor.reserve_ram();
+        let available = (reserve > 0).then(|| self.governor.reading().available);
+        let state = self.lock();
         if state.anon + state.reserved + len > self.governor.ram_budget {
             return false;
         }
-        let reserve = self.governor.reserve_ram();
-        reserve == 0
-            || crate::governor::reserve_shortfall(self.governor.reading().available, len, reserve)
-                == 0
+        available.is_none_or(|a| reserve_shortfall(a.saturating_sub(state.reserved), len, reserve) == 0)
     }
+}
 
-    /// Unloads one tensor's device copy (see the module docs). Never touches pinned copies.
-    fn unload_copy(&self, state: &mut State, id: TensorId, outcome: &mut UnloadOutcome) {
-        let Ok(entry) = state.tensor(id) else { return };
-        let Some(copy) = &entry.device else { return };
-        if entry.pins > 0 {
-            outcome.pinned += 1;
-            return;
-        }
-        let len = entry.len;
-        let cheap_recipe = entry
-            .recipe
-            .as_ref()
-            .is_some_and(|r| r.cost_per_byte() < WRITE_COST + READ_COST);
-        if entry.recoverable_without_device() || cheap_recipe {
-            self.release_device_copy(state, id);
-            Stats::add(&self.stats.unloaded_clean_bytes, len);
-            Stats::add(&self.stats.device_unloads, 1);
-            outcome.clean_bytes += len;
-            outcome.freed_bytes += len;
-            return;
-        }
-        let Ok(device) = self.device(state, copy.device) else {
-            return;
-        };
-        let alloc = Arc::clone(&copy.alloc);
-        let name = entry.name.clone();
-        if self.ram_allows(state, len)
-            && let Some(mut buf) = AlignedBuf::zeroed(len as usize)
-        {
-            match device.download(&alloc, 0, buf.as_mut_slice()) {
-                Ok(()) => {
-                    drop(alloc);
-                    Stats::add(&self.stats.bytes_downloaded, len);
-                    state.tensor_mut(id).expect("present").ram =
-                        Some(Arc::new(RamBuf::Aligned(buf)));
-                    state.anon += len;
-                    self.release_device_copy(state, id);
-                    Stats::add(&self.stats.device_unloads, 1);
-                    outcome.to_ram_bytes += len;
-                    outcome.freed_bytes += len;
-                    return;
-                }
-                Err(err) => log::warn!(
-                    "tensor `{name}`: download from {} failed: {err}",
-                    device.name()
-                ),
-            }
-        }
-        let chunk = device.chunk_len();
-        let written = self.spill_lock().write_with(len, chunk, |offset, buf| {
-            device.download(&alloc, offset, buf)
-        });
-        drop(alloc);
-        match written {
-            Ok(extent) => {
-                Stats::add(&self.stats.bytes_downloaded, len);
-                Stats::add(&self.stats.bytes_spilled, len);
-                Stats::add(&self.stats.bytes_written, len);
-                state.tensor_mut(id).expect("present").spilled = Some(extent);
-                self.release_device_copy(state, id);
-                Stats::add(&self.stats.device_unloads, 1);
-                outcome.to_spill_bytes += len;
-                outcome.freed_bytes += len;
-            }
-            Err(err) => {
-                log::warn!(
-                    "tensor `{name}`: cannot unload from {}: {err}",
-                    device.name()
-                );
-                Stats::add(&self.stats.spill_failures, 1);
-                outcome.not_freed_bytes += len;
-            }
-        }
-    }
+/// A fresh RAM buffer for a download, or `None` when the host cannot give one (the bytes are
+/// then streamed to the spill file instead).
+struct AlignedBufOrNone(crate::sys::AlignedBuf);
 
-    /// Device copies on `device` that may be unloaded, in policy order, optionally limited to
-    /// one model's tensors or excluding one model's.
-    fn device_victims(
-        &self,
-        state: &State,
-        device: DeviceId,
-        only: Option<super::ModelId>,
-        spare: Option<super::ModelId>,
-    ) -> Vec<TensorId> {
-        let mut candidates: Vec<Candidate> = state
-            .tensors
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
-            .filter(|(_, t)| t.pins == 0 && t.device.as_ref().is_some_and(|c| c.device == device))
-            .filter(|(_, t)| only.is_none_or(|m| t.model == m) && spare != Some(t.model))
-            .map(|(id, t)| Candidate {
-                tensor: id,
-                priority: state.model(t.model).map(|m| m.priority).unwrap_or_default(),
-                last_use: t.last_use,
-                credit: t.credit,
-                len: t.len,
-                clean: t.recoverable_without_device(),
-            })
-            .collect();
-        self.policy.order(&mut candidates);
-        candidates.into_iter().map(|c| c.tensor).collect()
+impl AlignedBufOrNone {
+    fn new(len: u64) -> Option<Self> {
+        alloc("", len).ok().map(Self)
     }
 }
 
@@ -385,7 +445,7 @@ impl Store {
 
     /// The device behind a handle.
     pub fn device(&self, device: DeviceId) -> Result<Arc<dyn Device>, StoreError> {
-        self.shared.device(&self.shared.lock(), device)
+        self.shared.lock().device(device)
     }
 
     /// Pins a copy of the tensor on `device`, uploading it from wherever its bytes are (RAM,
@@ -403,200 +463,144 @@ impl Store {
         &self,
         id: TensorId,
         device_id: DeviceId,
-        spare: Option<super::ModelId>,
+        spare: Option<ModelId>,
     ) -> Result<DeviceGuard, StoreError> {
-        let (device, alloc, from, name) = {
+        let (device, name, len, elsewhere) = {
             let mut state = self.shared.lock();
-            let device = self.shared.device(&state, device_id)?;
-            let (now, inflation) = (state.tick(), state.inflation);
-            let entry = state.tensor_mut(id)?;
-            entry.touch(now, inflation);
+            let device = state.device(device_id)?;
+            let entry = state.touch(id)?;
+            if let Some(copy) = &entry.device
+                && copy.device == device_id
+            {
+                let alloc = Arc::clone(&copy.alloc);
+                entry.pins += 1;
+                return Ok(self.device_guard(id, device, alloc));
+            }
+            let elsewhere = entry.device.as_ref().map(|c| c.device);
+            if elsewhere.is_some() && entry.pins > 0 {
+                // A tensor has at most one device copy, and this one is in use.
+                return Err(StoreError::Pinned {
+                    name: entry.name.clone(),
+                    pins: entry.pins,
+                });
+            }
+            (device, entry.name.clone(), entry.len, elsewhere)
+        };
+        if let Some(other) = elsewhere {
+            // Move it off the other device first.
+            let outcome = self
+                .shared
+                .unload_from(other, Victims::Only(id), |o| o.freed_bytes > 0)?;
+            if outcome.freed_bytes == 0 {
+                return Err(StoreError::DeviceFull {
+                    name,
+                    device: device.name(),
+                    requested: len,
+                    available: 0,
+                });
+            }
+        }
+        if device.free_bytes() < len {
+            self.shared
+                .unload_from(device_id, Victims::AllBut(spare), |_| {
+                    device.free_bytes() >= len
+                })?;
+        }
+        if device.in_host_memory() {
+            // Its memory is the host's: keep the reserve as for a RAM copy.
+            drop(self.shared.admit(id, &name, len, false)?);
+        }
+        let (alloc, from) = {
+            let mut state = self.shared.lock_idle(id);
+            let entry = state.tensor(id)?;
             if let Some(copy) = &entry.device {
+                // Another thread uploaded it meanwhile.
                 if copy.device == device_id {
                     let alloc = Arc::clone(&copy.alloc);
-                    entry.pins += 1;
-                    return Ok(DeviceGuard {
-                        shared: Arc::clone(&self.shared),
-                        id,
-                        device,
-                        alloc,
-                    });
+                    state.pin(id)?;
+                    return Ok(self.device_guard(id, device, alloc));
                 }
-                // A tensor has at most one device copy: move it off the other device first.
-                if entry.pins > 0 {
-                    return Err(StoreError::Pinned {
-                        name: entry.name.clone(),
-                        pins: entry.pins,
-                    });
-                }
-                let mut outcome = UnloadOutcome::default();
-                self.shared.unload_copy(&mut state, id, &mut outcome);
-                if outcome.not_freed_bytes > 0 {
-                    let entry = state.tensor(id)?;
-                    return Err(StoreError::DeviceFull {
-                        name: entry.name.clone(),
-                        device: device.name(),
-                        requested: entry.len,
-                        available: 0,
-                    });
-                }
+                return Err(StoreError::Pinned {
+                    name,
+                    pins: entry.pins,
+                });
             }
-            let entry = state.tensor_mut(id)?;
-            let (name, len) = (entry.name.clone(), entry.len);
-            let from = UploadFrom::of(entry);
-            self.shared
-                .make_device_room(&mut state, &*device, device_id, id, len, spare);
-            if device.in_host_memory() {
-                // Its memory is the host's: keep the reserve as for a RAM copy.
-                self.shared.keep_reserve(&mut state, id, &name, len)?;
-            }
+            let from = CopySource::of(entry, Tier::Device, &state.devices)?;
             let alloc = device
                 .allocate(len)
                 .map_err(|err| allocation_error(err, &name, &*device, len))?;
-            state.tensor_mut(id)?.pins += 1;
-            (device, alloc, from, name)
+            let entry = state.pin(id)?;
+            if from.reads_spill() {
+                entry.spill_readers += 1;
+            }
+            (alloc, from)
         };
-        match self.upload(&device, &alloc, &name, &from) {
-            Ok(()) => {
-                let len = alloc.len();
-                Stats::add(&self.shared.stats.bytes_uploaded, len);
-                let mut state = self.shared.lock();
-                let entry = state.tensor_mut(id)?;
-                if let Some(copy) = &entry.device {
-                    // Another thread uploaded it meanwhile: keep that copy if it is on this
-                    // device, else give up ours (a tensor has one device copy at a time).
-                    let same = copy.device == device_id;
-                    let existing = Arc::clone(&copy.alloc);
-                    device.release(alloc);
-                    if same {
-                        return Ok(DeviceGuard {
-                            shared: Arc::clone(&self.shared),
-                            id,
-                            device,
-                            alloc: existing,
-                        });
-                    }
-                    entry.pins -= 1;
-                    return Err(StoreError::Pinned {
-                        name,
-                        pins: entry.pins,
-                    });
-                }
-                let alloc = Arc::new(alloc);
-                entry.device = Some(DeviceCopy {
-                    device: device_id,
-                    alloc: Arc::clone(&alloc),
-                });
-                Stats::add(&self.shared.stats.device_bytes, len);
-                self.shared.check(&mut state);
-                Ok(DeviceGuard {
-                    shared: Arc::clone(&self.shared),
-                    id,
-                    device,
-                    alloc,
+        let restored = self
+            .shared
+            .restore(
+                &name,
+                len,
+                &from,
+                Target::Device {
+                    device: &device,
+                    alloc: &alloc,
+                },
+            )
+            .and_then(|_| {
+                device.synchronize().map_err(|source| StoreError::Device {
+                    name: name.clone(),
+                    source,
                 })
-            }
-            Err(err) => {
-                device.release(alloc);
-                self.shared.unpin(id);
-                Err(err)
-            }
+            });
+        let mut state = self.shared.lock();
+        if from.reads_spill() {
+            state.end_spill_read(id, false);
         }
+        if let Err(err) = restored {
+            device.release(alloc);
+            state.unpin(id);
+            self.shared.check(&mut state);
+            return Err(err);
+        }
+        Stats::add(&self.shared.stats.bytes_uploaded, len);
+        let entry = state.tensor_mut(id)?;
+        if let Some(copy) = &entry.device {
+            // Another thread uploaded it meanwhile: keep that copy if it is on this device,
+            // else give up ours (a tensor has one device copy at a time).
+            let same = copy.device == device_id;
+            let existing = Arc::clone(&copy.alloc);
+            device.release(alloc);
+            if same {
+                return Ok(self.device_guard(id, device, existing));
+            }
+            entry.pins -= 1;
+            return Err(StoreError::Pinned {
+                name,
+                pins: entry.pins,
+            });
+        }
+        let alloc = Arc::new(alloc);
+        entry.device = Some(DeviceCopy {
+            device: device_id,
+            alloc: Arc::clone(&alloc),
+        });
+        Stats::add(&self.shared.stats.device_bytes, len);
+        self.shared.check(&mut state);
+        Ok(self.device_guard(id, device, alloc))
     }
 
-    /// Streams the bytes into `alloc` outside the lock (the tensor is pinned).
-    fn upload(
+    fn device_guard(
         &self,
-        device: &Arc<dyn Device>,
-        alloc: &DeviceAlloc,
-        name: &str,
-        from: &UploadFrom,
-    ) -> Result<(), StoreError> {
-        let len = alloc.len();
-        let device_err = |source| StoreError::Device {
-            name: name.to_owned(),
-            source,
-        };
-        let recompute = |recipe: &Recipe| -> Result<(), StoreError> {
-            let bytes = (recipe.compute)();
-            if bytes.len() as u64 != len {
-                return Err(StoreError::Recipe {
-                    name: name.to_owned(),
-                    expected: len,
-                    actual: bytes.len() as u64,
-                });
-            }
-            Stats::add(&self.shared.stats.recomputes, 1);
-            device.upload(alloc, 0, &bytes).map_err(device_err)
-        };
-        match from {
-            UploadFrom::Ram(buf) => device
-                .upload(alloc, 0, buf.as_slice())
-                .map_err(device_err)?,
-            UploadFrom::Source { source, offset } => {
-                // Restored window by window (cached parts copied, the rest read with
-                // O_DIRECT, as for RAM copies) on a reader thread while the previous window is
-                // uploaded in the device's chunks: no full host copy is kept, nothing is left
-                // in the page cache, and at most three windows of buffer exist at once.
-                let chunk = device.chunk_len().max(1) as u64;
-                let window = (UPLOAD_WINDOW / chunk).max(1) * chunk;
-                let (to_uploader, windows) = std::sync::mpsc::sync_channel(1);
-                let (to_reader, spares) = std::sync::mpsc::channel::<AlignedBuf>();
-                std::thread::scope(|scope| -> Result<(), StoreError> {
-                    scope.spawn(move || {
-                        let mut done = 0u64;
-                        while done < len {
-                            let n = (len - done).min(window);
-                            let restored = source.restore(offset + done, n, spares.try_recv().ok());
-                            let failed = restored.is_err();
-                            // The uploader stops receiving when it fails.
-                            if to_uploader.send((done, n, restored)).is_err() || failed {
-                                return;
-                            }
-                            done += n;
-                        }
-                    });
-                    for (done, n, restored) in windows {
-                        let (buf, cold) = restored?;
-                        self.shared.stats.restored_from_source(n, cold);
-                        for (i, piece) in buf.as_slice().chunks(chunk as usize).enumerate() {
-                            device
-                                .upload(alloc, done + i as u64 * chunk, piece)
-                                .map_err(device_err)?;
-                        }
-                        // The reader may have finished: then the buffer is simply freed.
-                        let _ = to_reader.send(buf.into_inner());
-                    }
-                    Ok(())
-                })?;
-            }
-            UploadFrom::Spill { extent, recipe } => {
-                let read = self.shared.spill_lock().read_with(
-                    extent,
-                    device.chunk_len(),
-                    |offset, chunk| device.upload(alloc, offset, chunk),
-                );
-                match read {
-                    Ok(()) => Stats::add(&self.shared.stats.bytes_restored_spill, len),
-                    Err(err) => {
-                        if matches!(err, SpillError::Checksum { .. }) {
-                            Stats::add(&self.shared.stats.checksum_failures, 1);
-                        }
-                        match recipe {
-                            Some(recipe) => recompute(recipe)?,
-                            None => {
-                                return Err(StoreError::Lost {
-                                    name: name.to_owned(),
-                                    source: err,
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            UploadFrom::Recipe(recipe) => recompute(recipe)?,
+        id: TensorId,
+        device: Arc<dyn Device>,
+        alloc: Arc<DeviceAlloc>,
+    ) -> DeviceGuard {
+        DeviceGuard {
+            shared: Arc::clone(&self.shared),
+            id,
+            device,
+            alloc,
         }
-        device.synchronize().map_err(device_err)
     }
 
     /// Loads a model onto a device within `budget` bytes (all of it when `None`): tensors are
@@ -605,7 +609,7 @@ impl Store {
     /// order to make room; this model's own are not.
     pub fn load(
         &self,
-        model: super::ModelId,
+        model: ModelId,
         device: DeviceId,
         budget: Option<u64>,
     ) -> Result<LoadOutcome, StoreError> {
@@ -669,40 +673,54 @@ impl Store {
             })?;
         Stats::add(&self.shared.stats.bytes_uploaded, bytes.len() as u64);
         drop(guard);
-        let mut state = self.shared.lock();
+        let mut state = self.shared.lock_idle(id);
+        state.unpinned(id)?;
+        self.commit_device_change(&mut state, id, device)
+    }
+
+    /// The tensor's bytes changed on `device`: its device copy there is now its only copy.
+    fn commit_device_change(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        id: TensorId,
+        device: DeviceId,
+    ) -> Result<(), StoreError> {
+        if state.tensor(id)?.device.as_ref().map(|c| c.device) != Some(device) {
+            // Unloaded meanwhile (the bytes written were moved off with it): nothing is lost,
+            // but the change is not where the caller wrote it.
+            let entry = state.tensor(id)?;
+            return Err(StoreError::NoCopy {
+                name: entry.name.clone(),
+                tier: Tier::Device,
+            });
+        }
         let released = state.drop_clean(id, false);
         self.record_drop(released);
         state.free_ram(id);
-        let (now, inflation) = (state.tick(), state.inflation);
-        let entry = state.tensor_mut(id)?;
-        entry.origin = Origin::Derived;
-        entry.recipe = None;
-        entry.touch(now, inflation);
-        let old_extent = entry.spilled.take();
-        if let Some(extent) = old_extent {
-            self.shared.spill_lock().free(extent);
-        }
-        self.shared.check(&mut state);
+        state.make_dirty(id)?;
+        state.touch(id)?;
+        self.shared.check(state);
         Ok(())
     }
 
     /// Frees at least `bytes` of device memory held by `model`'s tensors (on every device), in
     /// policy order, never a pinned copy. See the module docs for what is written.
-    pub fn unload(&self, model: super::ModelId, bytes: u64) -> Result<UnloadOutcome, StoreError> {
-        let mut state = self.shared.lock();
-        state.model(model)?;
+    pub fn unload(&self, model: ModelId, bytes: u64) -> Result<UnloadOutcome, StoreError> {
+        let devices = {
+            let state = self.shared.lock();
+            state.model(model)?;
+            state.devices.len() as u32
+        };
         let mut outcome = UnloadOutcome::default();
-        for device in 0..state.devices.len() as u32 {
-            for victim in self
+        for device in 0..devices {
+            let done = self
                 .shared
-                .device_victims(&state, DeviceId(device), Some(model), None)
-            {
-                if outcome.freed_bytes >= bytes {
-                    break;
-                }
-                self.shared.unload_copy(&mut state, victim, &mut outcome);
-            }
+                .unload_from(DeviceId(device), Victims::Of(model), |o| {
+                    outcome.freed_bytes + o.freed_bytes >= bytes
+                })?;
+            outcome.add(done);
         }
+        let mut state = self.shared.lock();
         outcome.pinned = state
             .model(model)?
             .tensors
@@ -715,7 +733,7 @@ impl Store {
     }
 
     /// Unloads every unpinned device copy of `model`.
-    pub fn unload_all(&self, model: super::ModelId) -> Result<UnloadOutcome, StoreError> {
+    pub fn unload_all(&self, model: ModelId) -> Result<UnloadOutcome, StoreError> {
         self.unload(model, u64::MAX)
     }
 }

@@ -155,10 +155,10 @@ pub enum StoreError {
         #[source]
         source: SpillError,
     },
-    /// A dirty tensor's bytes could not be brought back: its spill extent is unreadable or
-    /// corrupt and it has no recipe.
+    /// A dirty tensor's bytes could not be brought back: its spill extent is corrupt (the
+    /// checksum failed) and it has no recipe.
     #[error(
-        "tensor `{}` is lost: its spilled bytes cannot be restored",
+        "tensor `{}` is lost: its spilled bytes are corrupt and it has no recipe",
         Escaped(name)
     )]
     Lost {
@@ -167,6 +167,25 @@ pub enum StoreError {
         /// Why.
         #[source]
         source: SpillError,
+    },
+    /// Reading a dirty tensor's spill extent failed (an I/O error, a short read). The extent
+    /// is kept and the tensor is where it was: a retry may succeed.
+    #[error("tensor `{}`: cannot read its spilled bytes (retryable)", Escaped(name))]
+    SpillRead {
+        /// The tensor.
+        name: String,
+        /// Why.
+        #[source]
+        source: SpillError,
+    },
+    /// No copy of the tensor can serve the request: its only copy is in the tier asked for
+    /// (for example a device copy asked to move to the same kind of target).
+    #[error("tensor `{}`: no copy to restore a {tier:?} copy from", Escaped(name))]
+    NoCopy {
+        /// The tensor.
+        name: String,
+        /// The tier a copy was wanted in.
+        tier: super::Tier,
     },
     /// A recipe produced the wrong number of bytes.
     #[error(

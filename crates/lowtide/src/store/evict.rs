@@ -1,12 +1,25 @@
-//! Eviction: freeing RAM copies in policy order, spilling dirty ones, never a pinned one.
+//! Eviction of RAM copies, in two phases so that no lock is held across a write.
+//!
+//! 1. **Plan**, under the registry lock: candidates in policy order; the policy chooses each
+//!    victim's fate. Drops (clean copies, copies kept elsewhere, cheap recipes) happen at once
+//!    — they write nothing. Victims to spill are marked `busy` (no other eviction takes them,
+//!    and changes of their bytes wait) and their RAM copy is shared with the plan.
+//! 2. **Write**, outside the lock: each victim's bytes go to the spill file.
+//! 3. **Commit**, under the lock: the extent is recorded and the RAM copy freed — unless a
+//!    guard pinned the tensor meanwhile, then it keeps both copies. A failed write leaves the
+//!    copy in RAM.
+//!
+//! [`Shared::admit`] is how a new RAM copy gets its room: it loops over these phases until
+//! the budget and the reserve allow the bytes, and returns with them reserved.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
-use super::state::State;
-use super::{Shared, TensorId};
+use super::state::{RamBuf, State};
+use super::{Shared, StoreError};
 use crate::governor::{EvictReason, MemoryReading};
-use crate::policy::{Candidate, READ_COST, WRITE_COST};
+use crate::ids::TensorId;
+use crate::policy::{Candidate, Evicting, Fate};
 use crate::stats::Stats;
 
 /// What an eviction pass did.
@@ -19,34 +32,69 @@ pub struct FreeOutcome {
     pub dropped_bytes: u64,
     /// Of which dirty copies written to the spill file first.
     pub spilled_bytes: u64,
-    /// Of which dirty copies dropped because their recipe is cheaper than a spill.
+    /// Of which dirty copies dropped because their recipe is cheaper than a spill, or their
+    /// bytes were already in the spill file or on a device.
     pub recipe_bytes: u64,
     /// Dirty copies that could not be spilled (and so stayed in RAM).
     pub spill_failures: u32,
 }
 
+/// Victims chosen under the lock whose bytes must be written before their copy can go.
+#[derive(Default)]
+pub(super) struct Plan {
+    reason: Option<EvictReason>,
+    spills: Vec<(TensorId, Arc<RamBuf>, f64)>,
+    /// What the plan freed at once (drops).
+    pub(super) outcome: FreeOutcome,
+}
+
+impl Plan {
+    /// Whether the plan freed or will free anything.
+    pub(super) fn is_empty(&self) -> bool {
+        self.spills.is_empty() && self.outcome.freed_bytes == 0
+    }
+
+    /// Bytes freed now or once written.
+    fn planned(&self) -> u64 {
+        self.outcome.freed_bytes + self.spills.iter().map(|(_, b, _)| b.len()).sum::<u64>()
+    }
+}
+
 impl Shared {
-    /// Frees at least `need` bytes of RAM copies if it can, in policy order, skipping pinned
-    /// copies and `exclude`. Dirty copies are spilled (or dropped when their recipe is
-    /// cheaper); a failed spill leaves the copy in RAM and moves on to the next victim.
-    pub(super) fn free(
+    /// Evicts at least `need` bytes of RAM copies if it can, in policy order, skipping pinned
+    /// copies and `exclude`: the three phases of the module docs. Takes the lock itself.
+    pub(super) fn evict(
+        &self,
+        need: u64,
+        reason: EvictReason,
+        exclude: Option<TensorId>,
+    ) -> FreeOutcome {
+        let mut state = self.lock();
+        let plan = self.plan(&mut state, need, reason, exclude);
+        self.check(&mut state);
+        drop(state);
+        self.carry_out(plan)
+    }
+
+    /// Phase 1: chooses victims for `need` bytes and drops what needs no write.
+    pub(super) fn plan(
         &self,
         state: &mut State,
         need: u64,
         reason: EvictReason,
         exclude: Option<TensorId>,
-    ) -> FreeOutcome {
-        let mut outcome = FreeOutcome::default();
+    ) -> Plan {
+        let mut plan = Plan {
+            reason: Some(reason),
+            ..Plan::default()
+        };
         if need == 0 {
-            return outcome;
+            return plan;
         }
         let started = Instant::now();
         let mut candidates: Vec<Candidate> = state
-            .tensors
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
-            .filter(|(id, t)| Some(*id) != exclude && t.pins == 0 && t.ram.is_some())
+            .entries()
+            .filter(|(id, t)| Some(*id) != exclude && t.pins == 0 && !t.busy && t.ram.is_some())
             .map(|(id, t)| Candidate {
                 tensor: id,
                 priority: state.model(t.model).map(|m| m.priority).unwrap_or_default(),
@@ -54,167 +102,253 @@ impl Shared {
                 credit: t.credit,
                 len: t.len,
                 clean: t.is_clean(),
+                copy: Evicting::Ram,
+                spilled: t.spilled.is_some(),
+                in_ram: true,
+                on_device: t.device.is_some(),
+                recipe_cost: t.recipe.as_ref().map(super::Recipe::cost_per_byte),
+                ram_room: false,
             })
             .collect();
         self.policy.order(&mut candidates);
-        // Evicting to make room within the budget: the freed buffers are likely to be
-        // refilled at once, so keep them. For the reserve or pressure, give memory back.
-        let budget = self.governor.ram_budget;
-        let release = |state: &mut State, id: TensorId| {
-            if reason == EvictReason::Budget {
-                state.recycle_ram(id, budget)
-            } else {
-                state.free_ram(id)
-            }
-        };
         for candidate in candidates {
-            if outcome.freed_bytes >= need {
+            if plan.planned() >= need {
                 break;
             }
             let id = candidate.tensor;
-            let Ok(entry) = state.tensor(id) else {
-                continue;
-            };
-            let credit = entry.credit;
-            if entry.is_clean() {
-                outcome.dropped_bytes += release(state, id);
-            } else if entry
-                .recipe
-                .as_ref()
-                .is_some_and(|r| r.cost_per_byte() < WRITE_COST + READ_COST)
-                || entry.spilled.is_some()
-                || entry.device.is_some()
-            {
-                // Recomputing is cheaper than a write and a read, or the spill file or a
-                // device already holds these bytes: nothing to write now.
-                outcome.recipe_bytes += release(state, id);
-            } else {
-                let buf = Arc::clone(entry.ram.as_ref().expect("candidates have a RAM copy"));
-                let written = self.spill_lock().write(buf.as_slice());
-                match written {
-                    Ok(extent) => {
-                        Stats::add(&self.stats.bytes_spilled, extent.len);
-                        Stats::add(&self.stats.bytes_written, extent.len);
-                        state.tensor_mut(id).expect("present").spilled = Some(extent);
-                        outcome.spilled_bytes += release(state, id);
-                    }
-                    Err(err) => {
-                        log::warn!("cannot spill tensor `{}`: {err}", entry.name);
-                        Stats::add(&self.stats.spill_failures, 1);
-                        outcome.spill_failures += 1;
-                        continue;
+            match self.policy.fate(&candidate) {
+                Fate::Drop if candidate.kept_elsewhere() => {
+                    let freed = self.let_go(state, id, reason);
+                    if candidate.clean {
+                        plan.outcome.dropped_bytes += freed;
+                    } else {
+                        plan.outcome.recipe_bytes += freed;
                     }
                 }
+                Fate::Recompute if candidate.recipe_cost.is_some() => {
+                    plan.outcome.recipe_bytes += self.let_go(state, id, reason);
+                }
+                Fate::Spill if candidate.spilled => {
+                    plan.outcome.recipe_bytes += self.let_go(state, id, reason);
+                }
+                Fate::Spill if !candidate.clean => {
+                    let Ok(entry) = state.tensor_mut(id) else {
+                        continue;
+                    };
+                    let buf = Arc::clone(entry.ram.as_ref().expect("candidates have a RAM copy"));
+                    entry.busy = true;
+                    plan.spills.push((id, buf, candidate.credit));
+                    continue;
+                }
+                fate => {
+                    if fate != Fate::Keep {
+                        log::debug!(
+                            "policy chose {fate:?} for tensor #{}, which would lose its bytes: kept",
+                            id.0
+                        );
+                    }
+                    continue;
+                }
             }
-            outcome.freed_bytes =
-                outcome.dropped_bytes + outcome.spilled_bytes + outcome.recipe_bytes;
-            state.inflation = state.inflation.max(credit);
-            Stats::add(&self.stats.evictions, 1);
-            Stats::add(
-                match reason {
-                    EvictReason::Budget => &self.stats.evictions_budget,
-                    EvictReason::Reserve => &self.stats.evictions_reserve,
-                    EvictReason::Pressure => &self.stats.evictions_pressure,
-                    _ => &self.stats.evictions_request,
-                },
-                1,
-            );
+            plan.outcome.freed_bytes = plan.outcome.dropped_bytes + plan.outcome.recipe_bytes;
+            state.inflation = state.inflation.max(candidate.credit);
+            self.count_eviction(reason);
         }
-        Stats::add(&self.stats.ram_dropped_bytes, outcome.dropped_bytes);
+        Stats::add(&self.stats.ram_dropped_bytes, plan.outcome.dropped_bytes);
         Stats::add(&self.stats.evict_ns, started.elapsed().as_nanos() as u64);
+        plan
+    }
+
+    /// Phases 2 and 3: writes the planned spills outside the lock, then commits them.
+    pub(super) fn carry_out(&self, plan: Plan) -> FreeOutcome {
+        let mut outcome = plan.outcome;
+        let Some(reason) = plan.reason else {
+            return outcome;
+        };
+        if plan.spills.is_empty() {
+            return outcome;
+        }
+        let written: Vec<_> = plan
+            .spills
+            .into_iter()
+            .map(|(id, buf, credit)| {
+                let result = self.spill.write(buf.as_slice());
+                (id, buf, credit, result)
+            })
+            .collect();
+        let mut state = self.lock();
+        for (id, buf, credit, result) in written {
+            drop(buf);
+            let Ok(entry) = state.tensor_mut(id) else {
+                // Closed meanwhile: the extent has no owner.
+                if let Ok(extent) = result {
+                    self.spill.free(extent);
+                }
+                continue;
+            };
+            entry.busy = false;
+            let name = entry.name.clone();
+            let pinned = entry.pins > 0;
+            match result {
+                Ok(extent) => {
+                    Stats::add(&self.stats.bytes_spilled, extent.len);
+                    Stats::add(&self.stats.bytes_written, extent.len);
+                    state.set_spilled(id, extent);
+                    if pinned {
+                        // Used meanwhile: it keeps its RAM copy and now has a spilled one.
+                        continue;
+                    }
+                    outcome.spilled_bytes += self.let_go(&mut state, id, reason);
+                    outcome.freed_bytes += extent.len;
+                    state.inflation = state.inflation.max(credit);
+                    self.count_eviction(reason);
+                }
+                Err(err) => {
+                    log::warn!(
+                        "cannot spill tensor `{}`: {err}",
+                        crate::text::Escaped(&name)
+                    );
+                    Stats::add(&self.stats.spill_failures, 1);
+                    outcome.spill_failures += 1;
+                }
+            }
+        }
+        self.check(&mut state);
+        drop(state);
+        self.changed.notify_all();
         outcome
     }
 
-    /// Makes room within the budget for `bytes` more, evicting in policy order. Fails without
-    /// evicting anything when even evicting every unpinned copy could not make room.
-    pub(super) fn make_room(
-        &self,
-        state: &mut State,
-        for_tensor: TensorId,
-        name: &str,
-        bytes: u64,
-    ) -> Result<(), super::StoreError> {
-        let budget = self.governor.ram_budget;
-        if state.anon + state.reserved + state.releaser.pending() + bytes > budget {
-            // Copies dropped on purpose and still being freed: let them go first.
-            state.releaser.wait();
+    /// Frees a victim's RAM copy: kept in the pool when evicting for the budget (the room is
+    /// refilled at once), else handed to the releaser (the memory goes back to the system).
+    fn let_go(&self, state: &mut State, id: TensorId, reason: EvictReason) -> u64 {
+        if reason == EvictReason::Budget {
+            state.recycle_ram(id, self.governor.ram_budget)
+        } else {
+            state.release_ram(id)
         }
-        let held = state.anon + state.reserved;
-        if held + bytes <= budget {
-            return Ok(());
-        }
-        let evictable: u64 = state
-            .tensors
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|t| (i, t)))
-            .filter(|(i, t)| *i != for_tensor.0 as usize && t.pins == 0)
-            .filter_map(|(_, t)| t.ram.as_ref().map(|b| b.len()))
-            .sum();
-        let over_budget = |state: &State, evictable: u64| super::StoreError::OverBudget {
-            name: name.to_owned(),
-            requested: bytes,
-            available: budget.saturating_sub(state.anon + state.reserved) + evictable,
-            budget,
-        };
-        if held + bytes - evictable > budget {
-            return Err(over_budget(state, evictable));
-        }
-        self.free(
-            state,
-            held + bytes - budget,
-            EvictReason::Budget,
-            Some(for_tensor),
+    }
+
+    fn count_eviction(&self, reason: EvictReason) {
+        Stats::add(&self.stats.evictions, 1);
+        Stats::add(
+            match reason {
+                EvictReason::Budget => &self.stats.evictions_budget,
+                EvictReason::Reserve => &self.stats.evictions_reserve,
+                EvictReason::Pressure => &self.stats.evictions_pressure,
+                _ => &self.stats.evictions_request,
+            },
+            1,
         );
-        if state.anon + state.reserved + bytes > budget {
-            return Err(over_budget(state, 0));
-        }
-        Ok(())
     }
 
-    /// Keeps available memory above the reserve after `bytes` more are held, evicting if
-    /// needed. Reads `/proc/meminfo` (and the cgroup files) only when a reserve is set.
-    pub(super) fn keep_reserve(
+    /// Makes room for `len` more bytes of RAM for tensor `id` within the budget (when
+    /// `in_budget`) and above the reserve, evicting in policy order with no lock held across
+    /// a write, and returns the lock with the bytes reserved (`state.reserved`; the caller
+    /// un-reserves them when it installs the copy or fails). Memory readings and waits for
+    /// the releaser happen outside the lock. Fails when even evicting every unpinned copy
+    /// could not make room; nothing is evicted then for the budget.
+    pub(super) fn admit(
         &self,
-        state: &mut State,
-        for_tensor: TensorId,
+        id: TensorId,
         name: &str,
-        bytes: u64,
-    ) -> Result<(), super::StoreError> {
+        len: u64,
+        in_budget: bool,
+    ) -> Result<MutexGuard<'_, State>, StoreError> {
+        let budget = self.governor.ram_budget;
         let reserve = self.governor.reserve_ram();
-        if reserve == 0 {
-            return Ok(());
-        }
-        // What is still being freed is not available yet; it will be in a moment.
-        state.releaser.wait();
-        let mut available = self.governor.reading().available;
-        let mut short = crate::governor::reserve_shortfall(available, bytes, reserve);
-        if short > 0 && state.flush_pool() > 0 {
-            // Pooled buffers go back first: they hold no tensor.
-            self.check(state);
-            available = self.governor.reading().available;
-            short = crate::governor::reserve_shortfall(available, bytes, reserve);
-        }
-        if short == 0 {
-            return Ok(());
-        }
-        let freed = self
-            .free(state, short, EvictReason::Reserve, Some(for_tensor))
-            .freed_bytes;
-        if freed < short {
-            return Err(super::StoreError::UnderReserve {
-                name: name.to_owned(),
-                requested: bytes,
-                available: available + freed,
-                reserve,
+        let mut wait_releaser = reserve > 0;
+        loop {
+            if wait_releaser {
+                // Copies still being freed are not available yet; they will be in a moment.
+                let releaser = Arc::clone(&self.lock().releaser);
+                releaser.wait();
+            }
+            let reading: Option<MemoryReading> = (reserve > 0).then(|| self.governor.reading());
+            let mut state = self.lock();
+            let pending = state.releaser.pending();
+            if in_budget && pending > 0 && state.anon + state.reserved + pending + len > budget {
+                wait_releaser = true;
+                continue;
+            }
+            let over = if in_budget {
+                (state.anon + state.reserved + len).saturating_sub(budget)
+            } else {
+                0
+            };
+            if over > 0 {
+                let evictable: u64 = state
+                    .entries()
+                    .filter(|(other, t)| *other != id && t.pins == 0)
+                    .filter_map(|(_, t)| t.ram.as_ref().map(|b| b.len()))
+                    .sum();
+                if over > evictable {
+                    return Err(StoreError::OverBudget {
+                        name: name.to_owned(),
+                        requested: len,
+                        available: budget.saturating_sub(state.anon + state.reserved) + evictable,
+                        budget,
+                    });
+                }
+                let plan = self.plan(&mut state, over, EvictReason::Budget, Some(id));
+                self.evicted_or_wait(state, plan)?;
+                wait_releaser = false;
+                continue;
+            }
+            // Bytes promised to copies being filled are not in the reading yet.
+            let available = reading.map(|r| r.available.saturating_sub(state.reserved));
+            let short = available.map_or(0, |available| {
+                crate::governor::reserve_shortfall(available, len, reserve)
             });
+            if short > 0 {
+                if state.flush_pool() > 0 {
+                    // Pooled buffers go back first: they hold no tensor.
+                    self.check(&mut state);
+                    wait_releaser = true;
+                    continue;
+                }
+                let plan = self.plan(&mut state, short, EvictReason::Reserve, Some(id));
+                if plan.is_empty() && !state.entries().any(|(_, t)| t.busy) {
+                    return Err(StoreError::UnderReserve {
+                        name: name.to_owned(),
+                        requested: len,
+                        available: available.unwrap_or(0),
+                        reserve,
+                    });
+                }
+                self.evicted_or_wait(state, plan)?;
+                wait_releaser = true;
+                continue;
+            }
+            if in_budget {
+                state.reserve(len);
+            }
+            return Ok(state);
         }
+    }
+
+    /// Carries out a plan outside the lock; an empty plan while other evictions are in
+    /// flight waits for one of them to commit.
+    fn evicted_or_wait(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        plan: Plan,
+    ) -> Result<(), StoreError> {
+        if plan.is_empty() {
+            if state.entries().any(|(_, t)| t.busy) {
+                self.check(&mut state);
+                drop(self.wait_changed(state));
+            }
+            return Ok(());
+        }
+        self.check(&mut state);
+        drop(state);
+        self.carry_out(plan);
         Ok(())
     }
-}
 
-impl crate::governor::Relieve for Shared {
-    fn tick(&self, pressure: bool) {
+    /// Frees what the governor asks for: called by the monitor thread.
+    pub(super) fn relieve(&self, pressure: bool) {
         // Copies still being freed first, without holding the store's lock meanwhile.
         Arc::clone(&self.lock().releaser).wait();
         let reading: MemoryReading = self.governor.reading();
@@ -225,16 +359,25 @@ impl crate::governor::Relieve for Shared {
             // Pooled buffers hold no tensor: they go back first.
             state.flush_pool();
         }
-        if pressure {
+        let plan = if pressure {
             // Under pressure give back at least an eighth of what is held, and release the
             // mapped pages of idle models so the kernel can reclaim them first.
             let need = short.max(state.anon / 8);
-            self.free(&mut state, need, EvictReason::Pressure, None);
+            let plan = self.plan(&mut state, need, EvictReason::Pressure, None);
             let released = state.release_idle_mapped();
             Stats::add(&self.stats.mapped_released_bytes, released);
-        } else if short > 0 {
-            self.free(&mut state, short, EvictReason::Reserve, None);
-        }
+            plan
+        } else {
+            self.plan(&mut state, short, EvictReason::Reserve, None)
+        };
         self.check(&mut state);
+        drop(state);
+        self.carry_out(plan);
+    }
+}
+
+impl crate::governor::Relieve for Shared {
+    fn tick(&self, pressure: bool) {
+        self.relieve(pressure);
     }
 }

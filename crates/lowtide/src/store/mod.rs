@@ -1,11 +1,14 @@
 //! The store: models, tensors, their copies, guards, the budget and the spill file.
 //!
-//! One lock guards the registry (`State`); file reads (page faults, `pread`, spill restores)
-//! happen outside it while the tensor is pinned, so threads working on different tensors do
-//! not wait on each other's disk reads. Spill writes happen during eviction, under the lock.
-//! Lock order: registry, then spill file.
+//! One lock guards the registry (`State`), and it is never held across I/O: file reads (page
+//! faults, `pread`, `O_DIRECT`), spill reads and writes, device transfers and memory readings
+//! all happen outside it, while the tensor involved is pinned (a restore) or marked busy (an
+//! eviction, see `evict`). Dropping a guard takes the lock only to unpin. Lock order:
+//! registry, then the spill file's space lock; the releaser's and the staging buffers' locks
+//! are leaves. docs/design.md has the state machine and what each lock protects.
 
 mod builder;
+mod copies;
 mod device;
 mod error;
 mod evict;
@@ -16,10 +19,10 @@ mod state;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 pub use builder::StoreBuilder;
-pub use device::{DeviceGuard, DeviceId, LoadOutcome, UnloadOutcome};
+pub use device::{DeviceGuard, LoadOutcome, UnloadOutcome};
 pub use error::{ConfigError, StoreError};
 pub use evict::FreeOutcome;
 pub use guard::TensorGuard;
@@ -28,23 +31,15 @@ pub use state::DropOutcome;
 
 use crate::dtype::Dtype;
 use crate::governor::{EvictReason, Governor, MemoryReading, Monitor};
+pub use crate::ids::{DeviceId, ModelId, TensorId};
 use crate::policy::{EvictionPolicy, Priority};
 use crate::source::ModelFiles;
-use crate::spill::{SpillError, SpillFile};
+use crate::spill::SpillFile;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::sys::AlignedBuf;
-use crate::sys::direct::DirectBuf;
+use copies::{CopySource, Target};
 use guard::View;
 pub use state::TensorBytes;
-use state::{ModelEntry, Origin, RamBuf, State, TensorEntry};
-
-/// A model opened in a store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelId(u32);
-
-/// A tensor registered in a store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TensorId(u32);
+use state::{FileExtent, ModelEntry, State, TensorEntry};
 
 /// Where a copy of a tensor's bytes lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -56,6 +51,8 @@ pub enum Tier {
     Mapped,
     /// An extent of the spill file (dirty bytes only).
     Spilled,
+    /// Device memory.
+    Device,
 }
 
 /// How to recompute a derived tensor, so that evicting it may cost no write at all.
@@ -123,7 +120,9 @@ pub struct TensorInfo {
 
 pub(crate) struct Shared {
     state: Mutex<State>,
-    spill: Mutex<SpillFile>,
+    /// Signalled when an eviction commits (a `busy` tensor is free again).
+    changed: Condvar,
+    spill: Arc<SpillFile>,
     stats: Stats,
     governor: Governor,
     policy: Box<dyn EvictionPolicy>,
@@ -137,15 +136,34 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn spill_lock(&self) -> MutexGuard<'_, SpillFile> {
-        self.spill.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Waits (releasing the lock meanwhile) until an eviction in flight commits.
+    fn wait_changed<'a>(&'a self, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Locks the registry once no eviction is moving `id`'s bytes: changes of a tensor's
+    /// bytes wait for that (it takes as long as one write).
+    fn lock_idle(&self, id: TensorId) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        while state.tensor(id).is_ok_and(|t| t.busy) {
+            state = self.wait_changed(state);
+        }
+        state
+    }
+
+    /// Like [`Shared::lock_idle`] for every tensor of `model`.
+    fn lock_model_idle(&self, model: ModelId) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        while state.entries().any(|(_, t)| t.model == model && t.busy) {
+            state = self.wait_changed(state);
+        }
+        state
     }
 
     fn unpin(&self, id: TensorId) {
-        let mut state = self.lock();
-        if let Ok(entry) = state.tensor_mut(id) {
-            entry.pins = entry.pins.saturating_sub(1);
-        }
+        self.lock().unpin(id);
     }
 
     /// After every change: trims the pool to the budget, checks the invariants in strict
@@ -188,35 +206,6 @@ impl std::fmt::Debug for Store {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
-}
-
-/// What a restore needs, taken under the lock.
-enum Restore {
-    Ready(Arc<RamBuf>),
-    Read {
-        name: String,
-        len: u64,
-        from: CopyFrom,
-        /// A pooled buffer to restore into.
-        reuse: Option<AlignedBuf>,
-    },
-}
-
-enum CopyFrom {
-    Source {
-        source: Arc<crate::source::Source>,
-        offset: u64,
-    },
-    /// A dirty tensor whose bytes are on a device (kept there while the tensor is pinned).
-    Device {
-        device: Arc<dyn crate::device::Device>,
-        copy: Arc<crate::device::DeviceAlloc>,
-    },
-    Spill {
-        extent: crate::spill::Extent,
-        recipe: Option<Recipe>,
-    },
-    Recipe(Recipe),
 }
 
 impl Store {
@@ -269,26 +258,19 @@ impl Store {
             let source = &files.sources[location.source];
             let entry = &source.tensors()[location.index];
             let id = TensorId(state.tensors.len() as u32);
-            state.tensors.push(Some(TensorEntry {
+            let mut tensor = TensorEntry::new(
                 model,
-                name: name.clone(),
-                dtype: entry.dtype,
-                shape: entry.shape.clone(),
-                len: entry.len,
-                origin: Origin::Source {
-                    source: Arc::clone(source),
-                    offset: entry.offset,
-                },
-                ram: None,
-                mapped: false,
-                spilled: None,
-                recipe: None,
-                pins: 0,
-                last_use: 0,
-                credit: 0.0,
-                device: None,
-                base: Some((Arc::clone(source), entry.offset)),
-            }));
+                name.clone(),
+                entry.dtype,
+                entry.shape.clone(),
+                entry.len,
+            );
+            tensor.base = Some(FileExtent {
+                source: Arc::clone(source),
+                offset: entry.offset,
+            });
+            tensor.clean = true;
+            state.tensors.push(Some(tensor));
             tensors.push(id);
             by_name.insert(name.clone(), id);
         }
@@ -391,33 +373,31 @@ impl Store {
     /// [`Store::acquire_mapped`]'s work; the guard's bytes are only read by callers that keep
     /// its contract.
     fn pin_host_view(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
-        let (source, offset, len, was_mapped) = {
+        let (extent, len, was_mapped) = {
             let mut state = self.shared.lock();
-            let (now, inflation) = (state.tick(), state.inflation);
-            let entry = state.tensor_mut(id)?;
-            entry.touch(now, inflation);
+            let entry = state.touch(id)?;
             if let Some(buf) = &entry.ram {
                 let view = View::Ram(Arc::clone(buf));
                 entry.pins += 1;
                 return Ok(self.shared.guard(id, view));
             }
-            let Origin::Source { source, offset } = &entry.origin else {
+            let Some(extent) = entry.clean_extent().cloned() else {
                 drop(state);
                 return self.acquire_ram(id);
             };
-            let found = (Arc::clone(source), *offset, entry.len, entry.mapped);
-            entry.pins += 1;
+            let found = (extent, entry.len, entry.mapped);
+            let entry = state.pin(id)?;
             entry.mapped = true;
             found
         };
         let view = View::Mapped {
-            source: Arc::clone(&source),
-            offset: offset as usize,
+            source: Arc::clone(&extent.source),
+            offset: extent.offset as usize,
             len: len as usize,
         };
         // From here the guard owns the pin: on error its drop unpins.
         let guard = self.shared.guard(id, view);
-        if let Err(err) = source.fault_in(offset, len) {
+        if let Err(err) = extent.source.fault_in(extent.offset, len) {
             if !was_mapped && let Ok(entry) = self.shared.lock().tensor_mut(id) {
                 entry.mapped = false;
             }
@@ -439,193 +419,87 @@ impl Store {
     /// another process's writable mapping may not move the mtime: docs/reliability.md).
     ///
     /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
-    /// evicted in policy order to make room. Fails with [`StoreError::OverBudget`] or
-    /// [`StoreError::UnderReserve`] when even that is not enough: nothing is allocated past
-    /// the budget.
+    /// evicted in policy order to make room, with no lock held while they are written. Fails
+    /// with [`StoreError::OverBudget`] or [`StoreError::UnderReserve`] when even that is not
+    /// enough: nothing is allocated past the budget.
     pub fn acquire_ram(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
-        let restore = {
+        let (name, len) = {
             let mut state = self.shared.lock();
-            let (now, inflation) = (state.tick(), state.inflation);
-            let entry = state.tensor_mut(id)?;
-            entry.touch(now, inflation);
+            let entry = state.touch(id)?;
             if let Some(buf) = &entry.ram {
                 let buf = Arc::clone(buf);
                 entry.pins += 1;
-                Restore::Ready(buf)
-            } else {
-                let on_device = entry
-                    .device
-                    .as_ref()
-                    .map(|copy| (copy.device, Arc::clone(&copy.alloc)));
-                let from = match (&entry.origin, entry.spilled, &entry.recipe) {
-                    (Origin::Source { source, offset }, _, _) => Some(CopyFrom::Source {
-                        source: Arc::clone(source),
-                        offset: *offset,
-                    }),
-                    // A device copy comes back over the bus, faster than from the disk.
-                    (Origin::Derived, ..) if on_device.is_some() => None,
-                    (Origin::Derived, Some(extent), recipe) => Some(CopyFrom::Spill {
-                        extent,
-                        recipe: recipe.clone(),
-                    }),
-                    (Origin::Derived, None, Some(recipe)) => Some(CopyFrom::Recipe(recipe.clone())),
-                    (Origin::Derived, None, None) => None,
-                };
-                let (name, len) = (entry.name.clone(), entry.len);
-                let from = match (from, on_device) {
-                    (Some(from), _) => from,
-                    (None, Some((device, copy))) => CopyFrom::Device {
-                        device: self.shared.device(&state, device)?,
-                        copy,
-                    },
-                    (None, None) => unreachable!(
-                        "a dirty tensor always has a copy in RAM, the spill file or on a \
-                         device, or a recipe (strict mode checks)"
-                    ),
-                };
-                // Reserve the bytes now so that concurrent loads cannot overshoot together.
-                self.shared.make_room(&mut state, id, &name, len)?;
-                self.shared.keep_reserve(&mut state, id, &name, len)?;
-                state.reserved += len;
-                state.tensor_mut(id)?.pins += 1;
-                let reuse = match &from {
-                    CopyFrom::Source { offset, .. } => {
-                        state.take_pooled(DirectBuf::padded_len(*offset, len))
-                    }
-                    _ => None,
-                };
-                if reuse.is_some() {
-                    Stats::add(&self.shared.stats.pool_reuses, 1);
-                }
+                return Ok(self.shared.guard(id, View::Ram(buf)));
+            }
+            (entry.name.clone(), entry.len)
+        };
+        // The room is reserved before the read so that concurrent loads cannot overshoot
+        // together.
+        let mut state = self.shared.admit(id, &name, len, true)?;
+        let chosen = match state.tensor(id) {
+            // Another thread restored it meanwhile.
+            Ok(entry) if entry.ram.is_some() => None,
+            Ok(entry) => Some(CopySource::of(entry, Tier::Ram, &state.devices)),
+            Err(err) => Some(Err(err)),
+        };
+        let from = match chosen {
+            None => {
+                state.unreserve(len);
+                let entry = state.pin(id)?;
+                let buf = Arc::clone(entry.ram.as_ref().expect("checked above"));
                 self.shared.check(&mut state);
-                Restore::Read {
-                    name,
-                    len,
-                    from,
-                    reuse,
-                }
+                return Ok(self.shared.guard(id, View::Ram(buf)));
+            }
+            Some(Ok(from)) => from,
+            Some(Err(err)) => {
+                state.unreserve(len);
+                self.shared.check(&mut state);
+                return Err(err);
             }
         };
-        let (name, len, from, reuse) = match restore {
-            Restore::Ready(buf) => return Ok(self.shared.guard(id, View::Ram(buf))),
-            Restore::Read {
-                name,
-                len,
-                from,
-                reuse,
-            } => (name, len, from, reuse),
+        let entry = state.pin(id)?;
+        if from.reads_spill() {
+            entry.spill_readers += 1;
+        }
+        let reuse = match &from {
+            CopySource::File(extent) => {
+                state.take_pooled(crate::sys::direct::DirectBuf::padded_len(extent.offset, len))
+            }
+            _ => None,
         };
-        match self.read_copy(&name, len, &from, reuse) {
-            Ok(buf) => Ok(self.install(id, len, buf, &from)),
+        if reuse.is_some() {
+            Stats::add(&self.shared.stats.pool_reuses, 1);
+        }
+        self.shared.check(&mut state);
+        drop(state);
+        let restored = self
+            .shared
+            .restore(&name, len, &from, Target::Ram { reuse });
+        let mut state = self.shared.lock();
+        state.unreserve(len);
+        let result = match restored {
+            Ok(Some(buf)) => Ok(state.install_ram(id, buf)),
+            Ok(None) => Err(StoreError::NoCopy {
+                name: name.clone(),
+                tier: Tier::Ram,
+            }),
+            Err(err) => Err(err),
+        };
+        if from.reads_spill() {
+            state.end_spill_read(id, result.is_ok());
+        }
+        match result {
+            Ok(buf) => {
+                self.shared.check(&mut state);
+                drop(state);
+                Ok(self.shared.guard(id, View::Ram(buf)))
+            }
             Err(err) => {
-                let mut state = self.shared.lock();
-                state.reserved -= len;
-                if let Ok(entry) = state.tensor_mut(id) {
-                    entry.pins -= 1;
-                }
+                state.unpin(id);
                 self.shared.check(&mut state);
                 Err(err)
             }
         }
-    }
-
-    /// Reads a copy's bytes outside the lock.
-    fn read_copy(
-        &self,
-        name: &str,
-        len: u64,
-        from: &CopyFrom,
-        reuse: Option<AlignedBuf>,
-    ) -> Result<RamBuf, StoreError> {
-        let alloc = || {
-            AlignedBuf::zeroed(len as usize).ok_or_else(|| StoreError::Alloc {
-                name: name.to_owned(),
-                bytes: len,
-            })
-        };
-        let stats = &self.shared.stats;
-        let recompute = |recipe: &Recipe| {
-            let bytes = (recipe.compute)();
-            if bytes.len() as u64 != len {
-                return Err(StoreError::Recipe {
-                    name: name.to_owned(),
-                    expected: len,
-                    actual: bytes.len() as u64,
-                });
-            }
-            Stats::add(&stats.recomputes, 1);
-            Ok(RamBuf::Owned(bytes.into_boxed_slice()))
-        };
-        match from {
-            CopyFrom::Source { source, offset } => {
-                let (buf, cold) = source.restore(*offset, len, reuse)?;
-                stats.restored_from_source(len, cold);
-                Ok(RamBuf::Direct(buf))
-            }
-            CopyFrom::Spill { extent, recipe } => {
-                let mut buf = alloc()?;
-                match self.shared.spill_lock().read(extent, buf.as_mut_slice()) {
-                    Ok(()) => {
-                        Stats::add(&stats.bytes_restored_spill, len);
-                        Ok(RamBuf::Aligned(buf))
-                    }
-                    Err(err) => {
-                        if matches!(err, SpillError::Checksum { .. }) {
-                            Stats::add(&stats.checksum_failures, 1);
-                        }
-                        log::warn!("tensor `{name}`: {err}");
-                        match recipe {
-                            Some(recipe) => recompute(recipe),
-                            None => Err(StoreError::Lost {
-                                name: name.to_owned(),
-                                source: err,
-                            }),
-                        }
-                    }
-                }
-            }
-            CopyFrom::Recipe(recipe) => recompute(recipe),
-            CopyFrom::Device { device, copy } => {
-                let mut buf = alloc()?;
-                device
-                    .download(copy, 0, buf.as_mut_slice())
-                    .map_err(|source| StoreError::Device {
-                        name: name.to_owned(),
-                        source,
-                    })?;
-                Stats::add(&stats.bytes_downloaded, len);
-                Ok(RamBuf::Aligned(buf))
-            }
-        }
-    }
-
-    /// Installs a restored copy (unless another thread did first) and frees the spill extent
-    /// it came from.
-    fn install(&self, id: TensorId, len: u64, buf: RamBuf, from: &CopyFrom) -> TensorGuard {
-        let mut state = self.shared.lock();
-        state.reserved -= len;
-        let entry = state
-            .tensor_mut(id)
-            .expect("pinned tensors stay registered");
-        let buf = if let Some(existing) = &entry.ram {
-            Arc::clone(existing)
-        } else {
-            let buf = Arc::new(buf);
-            entry.ram = Some(Arc::clone(&buf));
-            let spilled = if matches!(from, CopyFrom::Spill { .. } | CopyFrom::Recipe(_)) {
-                entry.spilled.take()
-            } else {
-                None
-            };
-            state.anon += len;
-            if let Some(extent) = spilled {
-                self.shared.spill_lock().free(extent);
-            }
-            buf
-        };
-        self.shared.check(&mut state);
-        drop(state);
-        self.shared.guard(id, View::Ram(buf))
     }
 
     /// Registers a new dirty tensor in `model` from owned bytes (a cast, a quantization, a
@@ -665,39 +539,32 @@ impl Store {
         recipe: Option<Recipe>,
     ) -> Result<TensorId, StoreError> {
         check_len(name, dtype, shape, bytes.len())?;
-        let mut state = self.shared.lock();
-        let entry = state.model(model)?;
-        if entry.by_name.contains_key(name) {
-            return Err(StoreError::DuplicateName {
-                model: entry.path.clone(),
-                name: name.into(),
-            });
+        let len = bytes.len();
+        let duplicate = |state: &State| -> Result<(), StoreError> {
+            let entry = state.model(model)?;
+            if entry.by_name.contains_key(name) {
+                return Err(StoreError::DuplicateName {
+                    model: entry.path.clone(),
+                    name: name.into(),
+                });
+            }
+            Ok(())
+        };
+        duplicate(&self.shared.lock())?;
+        // The id the tensor will get; eviction only needs it to exclude nothing registered.
+        let pending = TensorId(u32::MAX);
+        let mut state = self.shared.admit(pending, name, len, true)?;
+        state.unreserve(len);
+        if let Err(err) = duplicate(&state) {
+            self.shared.check(&mut state);
+            return Err(err);
         }
         let id = TensorId(state.tensors.len() as u32);
-        let len = bytes.len();
-        self.shared.make_room(&mut state, id, name, len)?;
-        self.shared.keep_reserve(&mut state, id, name, len)?;
-        let (now, inflation) = (state.tick(), state.inflation);
-        let mut entry = TensorEntry {
-            model,
-            name: name.to_owned(),
-            dtype,
-            shape: shape.to_vec(),
-            len,
-            origin: Origin::Derived,
-            ram: Some(Arc::new(bytes.into_ram())),
-            mapped: false,
-            spilled: None,
-            recipe,
-            pins: 0,
-            last_use: 0,
-            credit: 0.0,
-            device: None,
-            base: None,
-        };
-        entry.touch(now, inflation);
+        let mut entry = TensorEntry::new(model, name.to_owned(), dtype, shape.to_vec(), len);
+        entry.recipe = recipe;
         state.tensors.push(Some(entry));
-        state.anon += len;
+        state.install_ram(id, bytes.into_ram());
+        state.touch(id)?;
         let model_entry = state.models[model.0 as usize]
             .as_mut()
             .expect("checked above");
@@ -712,38 +579,32 @@ impl Store {
     /// error the tensor is unchanged.
     pub fn replace(&self, id: TensorId, bytes: impl Into<TensorBytes>) -> Result<(), StoreError> {
         let bytes = bytes.into();
-        let mut state = self.shared.lock();
-        let entry = state.tensor(id)?;
-        let name = entry.name.clone();
-        check_len(&name, entry.dtype, &entry.shape, bytes.len())?;
-        if entry.pins > 0 {
-            return Err(StoreError::Pinned {
-                name,
-                pins: entry.pins,
-            });
+        let (name, held) = {
+            let state = self.shared.lock_idle(id);
+            let entry = state.unpinned(id)?;
+            check_len(&entry.name, entry.dtype, &entry.shape, bytes.len())?;
+            (entry.name.clone(), entry.ram.as_ref().map_or(0, |b| b.len()))
+        };
+        let extra = bytes.len().saturating_sub(held);
+        let mut state = self.shared.admit(id, &name, extra, true)?;
+        state.unreserve(extra);
+        // Evictions were waited for, but the lock was let go meanwhile: check again.
+        if let Err(err) = state.unpinned(id).map(drop) {
+            self.shared.check(&mut state);
+            return Err(err);
         }
-        let held = entry.ram.as_ref().map_or(0, |b| b.len());
-        let len = bytes.len();
-        self.shared
-            .make_room(&mut state, id, &name, len.saturating_sub(held))?;
-        self.shared
-            .keep_reserve(&mut state, id, &name, len.saturating_sub(held))?;
+        if state.tensor(id)?.busy {
+            drop(state);
+            return self.replace(id, bytes);
+        }
         // The file's pages and any device copy no longer hold this tensor's bytes.
         let released = state.drop_clean(id, false);
         self.record_drop(released);
         state.free_ram(id);
         self.shared.release_device_copy(&mut state, id);
-        let (now, inflation) = (state.tick(), state.inflation);
-        let entry = state.tensor_mut(id)?;
-        entry.origin = Origin::Derived;
-        entry.recipe = None;
-        let old_extent = entry.spilled.take();
-        entry.ram = Some(Arc::new(bytes.into_ram()));
-        entry.touch(now, inflation);
-        state.anon += len;
-        if let Some(extent) = old_extent {
-            self.shared.spill_lock().free(extent);
-        }
+        state.make_dirty(id)?;
+        state.install_ram(id, bytes.into_ram());
+        state.touch(id)?;
         self.shared.check(&mut state);
         Ok(())
     }
@@ -753,33 +614,20 @@ impl Store {
     /// costs no write. Fails for tensors that were derived rather than opened from a file, and
     /// while a guard pins it. Returns the bytes of copies freed.
     pub fn revert(&self, id: TensorId) -> Result<u64, StoreError> {
-        let mut state = self.shared.lock();
-        let entry = state.tensor(id)?;
-        if entry.pins > 0 {
-            return Err(StoreError::Pinned {
-                name: entry.name.clone(),
-                pins: entry.pins,
-            });
-        }
-        let Some((source, offset)) = entry.base.clone() else {
+        let mut state = self.shared.lock_idle(id);
+        let entry = state.unpinned(id)?;
+        if entry.base.is_none() {
             return Err(StoreError::NotFromFile {
                 name: entry.name.clone(),
             });
-        };
+        }
         if entry.is_clean() {
             return Ok(0);
         }
-        let mut freed = state.free_ram(id);
+        let mut freed = state.release_ram(id);
         freed += self.shared.release_device_copy(&mut state, id);
-        let (now, inflation) = (state.tick(), state.inflation);
-        let entry = state.tensor_mut(id)?;
-        entry.origin = Origin::Source { source, offset };
-        entry.recipe = None;
-        entry.mapped = false;
-        entry.touch(now, inflation);
-        if let Some(extent) = entry.spilled.take() {
-            self.shared.spill_lock().free(extent);
-        }
+        state.make_clean(id)?;
+        state.touch(id)?;
         self.shared.check(&mut state);
         Ok(freed)
     }
@@ -788,13 +636,7 @@ impl Store {
     /// the pages that belong to it alone). Writes nothing. A dirty tensor keeps its copy.
     pub fn drop_clean(&self, id: TensorId) -> Result<DropOutcome, StoreError> {
         let mut state = self.shared.lock();
-        let entry = state.tensor(id)?;
-        if entry.pins > 0 {
-            return Err(StoreError::Pinned {
-                name: entry.name.clone(),
-                pins: entry.pins,
-            });
-        }
+        state.unpinned(id)?;
         let outcome = state.drop_clean(id, true);
         self.record_drop(outcome);
         self.shared.check(&mut state);
@@ -815,85 +657,89 @@ impl Store {
     }
 
     /// Evicts at least `bytes` of RAM copies in policy order if it can: clean copies are
-    /// dropped, dirty ones spilled (or dropped when their recipe is cheaper).
+    /// dropped, dirty ones spilled (or dropped when their recipe is cheaper), as the policy's
+    /// fates say. No lock is held while spills are written.
     pub fn free_memory(&self, bytes: u64) -> FreeOutcome {
-        let mut state = self.shared.lock();
-        let outcome = self
-            .shared
-            .free(&mut state, bytes, EvictReason::Request, None);
-        self.shared.check(&mut state);
-        outcome
+        self.shared.evict(bytes, EvictReason::Request, None)
     }
 
     /// Spills one dirty tensor's RAM copy now. On error (disk full, `spill_max`) the tensor
-    /// keeps its RAM copy.
+    /// keeps its RAM copy. Returns the RAM bytes freed: none for a clean tensor, one already
+    /// spilled, or one a guard pinned while it was written (it then has both copies).
     pub fn spill(&self, id: TensorId) -> Result<u64, StoreError> {
-        let mut state = self.shared.lock();
-        let entry = state.tensor(id)?;
-        let name = entry.name.clone();
-        if entry.pins > 0 {
-            return Err(StoreError::Pinned {
-                name,
-                pins: entry.pins,
-            });
-        }
-        let Some(buf) = entry
-            .ram
-            .as_ref()
-            .filter(|_| !entry.is_clean() && entry.spilled.is_none())
-        else {
-            return Ok(0);
+        let (name, buf) = {
+            let mut state = self.shared.lock_idle(id);
+            let entry = state.unpinned(id)?;
+            let name = entry.name.clone();
+            let Some(buf) = entry.ram.clone().filter(|_| !entry.is_clean()) else {
+                return Ok(0);
+            };
+            if entry.spilled.is_some() {
+                // Already in the spill file: nothing to write.
+                let freed = state.release_ram(id);
+                self.shared.count_request_eviction();
+                self.shared.check(&mut state);
+                return Ok(freed);
+            }
+            state.tensor_mut(id)?.busy = true;
+            (name, buf)
         };
-        let buf = Arc::clone(buf);
-        let extent = self
-            .shared
-            .spill_lock()
-            .write(buf.as_slice())
-            .map_err(|source| {
-                Stats::add(&self.shared.stats.spill_failures, 1);
-                StoreError::Spill {
-                    name: name.clone(),
-                    source,
+        let written = self.shared.spill.write(buf.as_slice());
+        drop(buf);
+        let mut state = self.shared.lock();
+        let result = match state.tensor_mut(id) {
+            Err(err) => {
+                if let Ok(extent) = written {
+                    self.shared.spill.free(extent);
                 }
-            })?;
-        Stats::add(&self.shared.stats.bytes_spilled, extent.len);
-        Stats::add(&self.shared.stats.bytes_written, extent.len);
-        state.tensor_mut(id)?.spilled = Some(extent);
-        let freed = state.release_ram(id);
-        Stats::add(&self.shared.stats.evictions, 1);
-        Stats::add(&self.shared.stats.evictions_request, 1);
+                Err(err)
+            }
+            Ok(entry) => {
+                entry.busy = false;
+                let pinned = entry.pins > 0;
+                match written {
+                    Ok(extent) => {
+                        Stats::add(&self.shared.stats.bytes_spilled, extent.len);
+                        Stats::add(&self.shared.stats.bytes_written, extent.len);
+                        state.set_spilled(id, extent);
+                        if pinned {
+                            Ok(0)
+                        } else {
+                            self.shared.count_request_eviction();
+                            Ok(state.release_ram(id))
+                        }
+                    }
+                    Err(source) => {
+                        Stats::add(&self.shared.stats.spill_failures, 1);
+                        Err(StoreError::Spill { name, source })
+                    }
+                }
+            }
+        };
         self.shared.check(&mut state);
-        Ok(freed)
+        drop(state);
+        self.shared.changed.notify_all();
+        result
     }
 
     /// Bytes the spill file holds now.
     pub fn spill_used(&self) -> u64 {
-        self.shared.spill_lock().used()
+        self.shared.spill.used()
     }
 
     /// Closes a model: frees its copies and spill extents and forgets its tensors. Fails while
     /// any is pinned.
     pub fn close_model(&self, model: ModelId) -> Result<(), StoreError> {
-        let mut state = self.shared.lock();
+        let mut state = self.shared.lock_model_idle(model);
         let ids = state.model(model)?.tensors.clone();
         for &id in &ids {
-            let entry = state.tensor(id)?;
-            if entry.pins > 0 {
-                return Err(StoreError::Pinned {
-                    name: entry.name.clone(),
-                    pins: entry.pins,
-                });
-            }
+            state.unpinned(id)?;
         }
         for id in ids {
             let outcome = state.drop_clean(id, true);
             self.record_drop(outcome);
             state.release_ram(id);
-            if let Some(Some(entry)) = state.tensors.get_mut(id.0 as usize)
-                && let Some(extent) = entry.spilled.take()
-            {
-                self.shared.spill_lock().free(extent);
-            }
+            state.free_spilled(id);
             self.shared.release_device_copy(&mut state, id);
             state.tensors[id.0 as usize] = None;
         }
@@ -923,11 +769,19 @@ impl Store {
     }
 
     fn record_drop(&self, outcome: DropOutcome) {
-        Stats::add(&self.shared.stats.ram_dropped_bytes, outcome.ram_bytes);
-        Stats::add(
-            &self.shared.stats.mapped_released_bytes,
-            outcome.mapped_bytes,
-        );
+        self.shared.record_drop(outcome);
+    }
+}
+
+impl Shared {
+    fn count_request_eviction(&self) {
+        Stats::add(&self.stats.evictions, 1);
+        Stats::add(&self.stats.evictions_request, 1);
+    }
+
+    fn record_drop(&self, outcome: DropOutcome) {
+        Stats::add(&self.stats.ram_dropped_bytes, outcome.ram_bytes);
+        Stats::add(&self.stats.mapped_released_bytes, outcome.mapped_bytes);
     }
 }
 
@@ -938,7 +792,7 @@ impl Store {
 /// in host memory, the device's capacity, it bounds the memory a store makes its process
 /// hold; a memory limit below that sum cannot be kept (docs/reliability.md).
 pub fn scratch_bytes(largest: u64, device_chunk: usize) -> u64 {
-    device::upload_windows_bound(largest, device_chunk)
+    copies::upload_windows_bound(largest, device_chunk)
         + crate::spill::buffers_bound(largest, device_chunk)
 }
 

@@ -92,20 +92,15 @@ impl Store {
                 outcome.cancelled = true;
                 break;
             }
-            let (len, has_copy, room) = {
+            let (len, has_copy) = {
                 let state = self.shared.lock();
                 let entry = state.tensor(id)?;
-                let has_copy = entry.ram.is_some() || entry.device.is_some();
-                (
-                    entry.len,
-                    has_copy,
-                    self.shared.ram_allows(&state, entry.len),
-                )
+                (entry.len, entry.ram.is_some() || entry.device.is_some())
             };
             if has_copy {
                 continue;
             }
-            if !room {
+            if !self.shared.ram_allows(len) {
                 outcome.skipped_bytes += len;
                 continue;
             }

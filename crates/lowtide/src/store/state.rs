@@ -1,19 +1,25 @@
 //! The registry behind the store's lock: models, tensors, their copies and the accounting.
 //!
-//! Invariant (checked after every operation in `strict` builds): `anon` equals the sum of the
-//! lengths of all RAM copies, and `anon + reserved + pooled + being freed` never exceeds the
-//! budget.
+//! Every change of a tensor's copies goes through a transition method here (`install_ram`,
+//! `take_ram`, `set_spilled`, `take_device`, `make_dirty`, `make_clean`, `pin`, `unpin`),
+//! and only those methods touch the counters (`anon`, `reserved`, pins), so the accounting
+//! cannot drift from the copies. Invariants (checked after every operation in `strict`
+//! builds): `anon` equals the sum of the lengths of all RAM copies; `anon + reserved + pooled
+//! + being freed` never exceeds the budget; a dirty tensor always has a copy somewhere or a
+//! recipe; only dirty tensors have spill extents.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::release::Releaser;
-use super::{ModelId, Recipe, StoreError, TensorId};
+use super::{Recipe, StoreError};
+use crate::device::{Device, DeviceAlloc};
 use crate::dtype::Dtype;
+use crate::ids::{DeviceId, ModelId, TensorId};
 use crate::policy::{Priority, restore_cost};
 use crate::source::Source;
-use crate::spill::Extent;
+use crate::spill::{Extent, SpillFile};
 use crate::sys::AlignedBuf;
 use crate::sys::direct::DirectBuf;
 
@@ -73,13 +79,18 @@ impl RamBuf {
     }
 }
 
-/// Where a tensor's canonical bytes come from.
+/// A tensor's extent in its model file.
 #[derive(Debug, Clone)]
-pub(super) enum Origin {
-    /// Clean: the bytes equal this extent of the file and can always be restored from it.
-    Source { source: Arc<Source>, offset: u64 },
-    /// Dirty: the bytes exist only where lowtide keeps them.
-    Derived,
+pub(super) struct FileExtent {
+    pub(super) source: Arc<Source>,
+    pub(super) offset: u64,
+}
+
+/// A tensor's bytes on a device.
+#[derive(Debug)]
+pub(super) struct DeviceCopy {
+    pub(super) device: DeviceId,
+    pub(super) alloc: Arc<DeviceAlloc>,
 }
 
 #[derive(Debug)]
@@ -89,7 +100,11 @@ pub(super) struct TensorEntry {
     pub(super) dtype: Dtype,
     pub(super) shape: Vec<u64>,
     pub(super) len: u64,
-    pub(super) origin: Origin,
+    /// The file extent the tensor was opened from, kept after patching so that it can be
+    /// reverted to its original bytes without writing anything.
+    pub(super) base: Option<FileExtent>,
+    /// The bytes equal `base` (which is then `Some`): they can always be restored from it.
+    pub(super) clean: bool,
     pub(super) ram: Option<Arc<RamBuf>>,
     /// The mapped pages were faulted in by lowtide and not released since.
     pub(super) mapped: bool,
@@ -97,27 +112,55 @@ pub(super) struct TensorEntry {
     pub(super) spilled: Option<Extent>,
     /// How to recompute a dirty tensor instead of spilling it.
     pub(super) recipe: Option<Recipe>,
+    /// A copy in device memory.
+    pub(super) device: Option<DeviceCopy>,
     pub(super) pins: u32,
     pub(super) last_use: u64,
     /// GreedyDual credit (see `policy`).
     pub(super) credit: f64,
-    /// A copy in device memory.
-    pub(super) device: Option<DeviceCopy>,
-    /// The file extent the tensor was opened from, kept after patching so that it can be
-    /// reverted to its original bytes without writing anything.
-    pub(super) base: Option<(Arc<Source>, u64)>,
-}
-
-/// A tensor's bytes on a device.
-#[derive(Debug)]
-pub(super) struct DeviceCopy {
-    pub(super) device: super::DeviceId,
-    pub(super) alloc: Arc<crate::device::DeviceAlloc>,
+    /// An eviction is moving this tensor's bytes outside the lock (a spill write, a device
+    /// download): no other eviction takes it, and changes of its bytes wait for it.
+    pub(super) busy: bool,
+    /// Restores reading its spill extent outside the lock: the extent stays until they end.
+    pub(super) spill_readers: u32,
 }
 
 impl TensorEntry {
+    pub(super) fn new(
+        model: ModelId,
+        name: String,
+        dtype: Dtype,
+        shape: Vec<u64>,
+        len: u64,
+    ) -> Self {
+        Self {
+            model,
+            name,
+            dtype,
+            shape,
+            len,
+            base: None,
+            clean: false,
+            ram: None,
+            mapped: false,
+            spilled: None,
+            recipe: None,
+            device: None,
+            pins: 0,
+            last_use: 0,
+            credit: 0.0,
+            busy: false,
+            spill_readers: 0,
+        }
+    }
+
     pub(super) fn is_clean(&self) -> bool {
-        matches!(self.origin, Origin::Source { .. })
+        self.clean
+    }
+
+    /// The file extent a clean tensor's bytes equal.
+    pub(super) fn clean_extent(&self) -> Option<&FileExtent> {
+        self.base.as_ref().filter(|_| self.clean)
     }
 
     /// Cost per byte of bringing the bytes back after evicting the RAM copy.
@@ -137,11 +180,6 @@ impl TensorEntry {
     /// The bytes survive somewhere other than RAM.
     pub(super) fn recoverable_without_ram(&self) -> bool {
         self.is_clean() || self.spilled.is_some() || self.recipe.is_some() || self.device.is_some()
-    }
-
-    /// The bytes survive somewhere other than the device.
-    pub(super) fn recoverable_without_device(&self) -> bool {
-        self.is_clean() || self.spilled.is_some() || self.ram.is_some()
     }
 }
 
@@ -172,7 +210,6 @@ impl std::ops::AddAssign for DropOutcome {
     }
 }
 
-#[derive(Default)]
 pub(super) struct State {
     pub(super) models: Vec<Option<ModelEntry>>,
     pub(super) tensors: Vec<Option<TensorEntry>>,
@@ -185,7 +222,7 @@ pub(super) struct State {
     /// GreedyDual inflation value `L`: the credit of the last evicted copy.
     pub(super) inflation: f64,
     /// Devices added with `Store::add_device`, indexed by `DeviceId`.
-    pub(super) devices: Vec<Arc<dyn crate::device::Device>>,
+    pub(super) devices: Vec<Arc<dyn Device>>,
     /// Buffers of RAM copies evicted to make room within the budget, kept for the restores
     /// that follow: their pages are already touched, so reusing them avoids the cost of fresh
     /// memory. Counted against the budget (`anon + reserved + pool_bytes <= budget`); flushed
@@ -198,12 +235,31 @@ pub(super) struct State {
     /// Frees copies dropped on purpose in the background; what it holds counts against the
     /// budget until it is freed (`anon + reserved + pool_bytes + pending <= budget`).
     pub(super) releaser: Arc<Releaser>,
+    /// The spill file, to free extents whose tensor no longer needs them (its own small lock
+    /// is taken after this one).
+    pub(super) spill: Arc<SpillFile>,
 }
 
 /// RAM copies smaller than this are not pooled (the allocator reuses small blocks itself).
 const POOL_MIN: u64 = 1 << 20;
 
 impl State {
+    pub(super) fn new(spill: Arc<SpillFile>) -> Self {
+        Self {
+            models: Vec::new(),
+            tensors: Vec::new(),
+            anon: 0,
+            reserved: 0,
+            clock: 0,
+            inflation: 0.0,
+            devices: Vec::new(),
+            pool: Vec::new(),
+            pool_bytes: 0,
+            releaser: Arc::default(),
+            spill,
+        }
+    }
+
     pub(super) fn tensor(&self, id: TensorId) -> Result<&TensorEntry, StoreError> {
         self.tensors
             .get(id.0 as usize)
@@ -225,12 +281,87 @@ impl State {
             .ok_or(StoreError::UnknownModel { model: id.0 })
     }
 
-    pub(super) fn tick(&mut self) -> u64 {
-        self.clock += 1;
-        self.clock
+    pub(super) fn device(&self, device: DeviceId) -> Result<Arc<dyn Device>, StoreError> {
+        self.devices
+            .get(device.0 as usize)
+            .cloned()
+            .ok_or(StoreError::UnknownDevice { device: device.0 })
     }
 
-    /// Frees a tensor's RAM copy and un-accounts it. Returns the bytes freed.
+    /// Tensors registered now, with their ids.
+    pub(super) fn entries(&self) -> impl Iterator<Item = (TensorId, &TensorEntry)> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
+    }
+
+    /// Records a use of `id` now.
+    pub(super) fn touch(&mut self, id: TensorId) -> Result<&mut TensorEntry, StoreError> {
+        self.clock += 1;
+        let (now, inflation) = (self.clock, self.inflation);
+        let entry = self.tensor_mut(id)?;
+        entry.touch(now, inflation);
+        Ok(entry)
+    }
+
+    /// Pins `id`: none of its copies is evicted until [`State::unpin`].
+    pub(super) fn pin(&mut self, id: TensorId) -> Result<&mut TensorEntry, StoreError> {
+        let entry = self.tensor_mut(id)?;
+        entry.pins += 1;
+        Ok(entry)
+    }
+
+    pub(super) fn unpin(&mut self, id: TensorId) {
+        if let Ok(entry) = self.tensor_mut(id) {
+            entry.pins = entry.pins.saturating_sub(1);
+        }
+    }
+
+    /// Fails while a guard pins `id`.
+    pub(super) fn unpinned(&self, id: TensorId) -> Result<&TensorEntry, StoreError> {
+        let entry = self.tensor(id)?;
+        if entry.pins > 0 {
+            return Err(StoreError::Pinned {
+                name: entry.name.clone(),
+                pins: entry.pins,
+            });
+        }
+        Ok(entry)
+    }
+
+    /// Promises `len` bytes to a RAM copy being filled outside the lock.
+    pub(super) fn reserve(&mut self, len: u64) {
+        self.reserved += len;
+    }
+
+    pub(super) fn unreserve(&mut self, len: u64) {
+        self.reserved -= len;
+    }
+
+    /// Gives `id` the RAM copy `buf` (counted from now on), unless it has one already: then
+    /// that one is kept and returned, and `buf` is freed.
+    pub(super) fn install_ram(&mut self, id: TensorId, buf: RamBuf) -> Arc<RamBuf> {
+        let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
+            return Arc::new(buf);
+        };
+        if let Some(existing) = &entry.ram {
+            return Arc::clone(existing);
+        }
+        let buf = Arc::new(buf);
+        entry.ram = Some(Arc::clone(&buf));
+        self.anon += buf.len();
+        buf
+    }
+
+    /// Takes a tensor's RAM copy out of the entry and the accounting.
+    pub(super) fn take_ram(&mut self, id: TensorId) -> Option<Arc<RamBuf>> {
+        let buf = self.tensors.get_mut(id.0 as usize)?.as_mut()?.ram.take()?;
+        self.anon -= buf.len();
+        Some(buf)
+    }
+
+    /// Frees a tensor's RAM copy now. Returns the bytes freed.
     pub(super) fn free_ram(&mut self, id: TensorId) -> u64 {
         self.take_ram(id).map_or(0, |buf| buf.len())
     }
@@ -243,13 +374,6 @@ impl State {
             self.releaser.release(buf);
             len
         })
-    }
-
-    /// Takes a tensor's RAM copy out of the entry and the accounting.
-    fn take_ram(&mut self, id: TensorId) -> Option<Arc<RamBuf>> {
-        let buf = self.tensors.get_mut(id.0 as usize)?.as_mut()?.ram.take()?;
-        self.anon -= buf.len();
-        Some(buf)
     }
 
     /// Like [`State::free_ram`], but keeps the copy's buffer in the pool when it is large and
@@ -274,6 +398,72 @@ impl State {
         }
         self.trim_pool(budget);
         len
+    }
+
+    /// Records that the spill file holds `id`'s bytes in `extent` (freeing any older one).
+    pub(super) fn set_spilled(&mut self, id: TensorId, extent: Extent) {
+        let spill = Arc::clone(&self.spill);
+        match self.tensor_mut(id) {
+            Ok(entry) => {
+                if let Some(old) = entry.spilled.replace(extent) {
+                    spill.free(old);
+                }
+            }
+            Err(_) => spill.free(extent),
+        }
+    }
+
+    /// Frees `id`'s spill extent, unless a restore is still reading it (then the last one
+    /// frees it when it ends, see [`State::end_spill_read`]).
+    pub(super) fn free_spilled(&mut self, id: TensorId) {
+        let spill = Arc::clone(&self.spill);
+        if let Ok(entry) = self.tensor_mut(id)
+            && entry.spill_readers == 0
+            && let Some(extent) = entry.spilled.take()
+        {
+            spill.free(extent);
+        }
+    }
+
+    /// A restore from `id`'s spill extent ended: with a RAM copy installed (`restored`) the
+    /// extent is no longer needed once no other restore reads it.
+    pub(super) fn end_spill_read(&mut self, id: TensorId, restored: bool) {
+        let Ok(entry) = self.tensor_mut(id) else {
+            return;
+        };
+        entry.spill_readers -= 1;
+        if restored && entry.ram.is_some() {
+            self.free_spilled(id);
+        }
+    }
+
+    /// Takes `id`'s device copy out of the entry; the caller frees it on its device.
+    pub(super) fn take_device(&mut self, id: TensorId) -> Option<(Arc<dyn Device>, DeviceCopy)> {
+        let copy = self.tensor_mut(id).ok()?.device.take()?;
+        let device = self.devices.get(copy.device.0 as usize).cloned()?;
+        Some((device, copy))
+    }
+
+    /// The tensor's bytes changed: its file pages, recipe and spill extent no longer hold
+    /// them. The caller installs the new copy.
+    pub(super) fn make_dirty(&mut self, id: TensorId) -> Result<(), StoreError> {
+        let entry = self.tensor_mut(id)?;
+        entry.clean = false;
+        entry.recipe = None;
+        self.free_spilled(id);
+        Ok(())
+    }
+
+    /// The tensor's bytes are its file's again: every other copy is stale and must already be
+    /// gone (the caller freed RAM and device copies).
+    pub(super) fn make_clean(&mut self, id: TensorId) -> Result<(), StoreError> {
+        self.free_spilled(id);
+        let entry = self.tensor_mut(id)?;
+        debug_assert!(entry.ram.is_none() && entry.device.is_none());
+        entry.clean = entry.base.is_some();
+        entry.recipe = None;
+        entry.mapped = false;
+        Ok(())
     }
 
     /// Takes a pooled buffer of at least `len` bytes and at most 1/16 more, if there is one.
@@ -306,10 +496,12 @@ impl State {
         }
     }
 
-    /// Frees every pooled buffer; returns the bytes given back.
+    /// Hands every pooled buffer to the releaser; returns the bytes given back.
     pub(super) fn flush_pool(&mut self) -> u64 {
         let bytes = self.pool_bytes;
-        self.pool.clear();
+        for (buf, _) in self.pool.drain(..) {
+            self.releaser.release(Arc::new(RamBuf::Aligned(buf)));
+        }
         self.pool_bytes = 0;
         bytes
     }
@@ -328,7 +520,7 @@ impl State {
                 ..DropOutcome::default()
             };
         }
-        let Origin::Source { source, offset } = &entry.origin else {
+        let Some(FileExtent { source, offset }) = entry.clean_extent().cloned() else {
             let kept = u32::from(entry.ram.is_some());
             return DropOutcome {
                 kept,
@@ -336,7 +528,7 @@ impl State {
             };
         };
         let mapped_bytes = if std::mem::take(&mut entry.mapped) {
-            source.release(*offset, entry.len)
+            source.release(offset, entry.len)
         } else {
             0
         };
@@ -355,10 +547,7 @@ impl State {
     /// Releases the mapped pages of unpinned tensors of idle models. Returns bytes released.
     pub(super) fn release_idle_mapped(&mut self) -> u64 {
         let idle: Vec<TensorId> = self
-            .tensors
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
+            .entries()
             .filter(|(_, t)| t.mapped && t.pins == 0)
             .filter(|(_, t)| {
                 self.model(t.model)
@@ -368,11 +557,11 @@ impl State {
             .collect();
         let mut released = 0;
         for id in idle {
-            let Some(Some(entry)) = self.tensors.get_mut(id.0 as usize) else {
+            let Ok(entry) = self.tensor_mut(id) else {
                 continue;
             };
-            if let Origin::Source { source, offset } = &entry.origin {
-                released += source.release(*offset, entry.len);
+            if let Some(FileExtent { source, offset }) = entry.clean_extent().cloned() {
+                released += source.release(offset, entry.len);
                 entry.mapped = false;
             }
         }
@@ -424,6 +613,11 @@ impl State {
             assert!(
                 t.spilled.is_none() || !t.is_clean(),
                 "clean tensor `{}` was spilled",
+                t.name
+            );
+            assert!(
+                !t.clean || t.base.is_some(),
+                "clean tensor `{}` has no file extent",
                 t.name
             );
         }

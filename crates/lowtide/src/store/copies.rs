@@ -1,0 +1,340 @@
+//! Where a tensor's bytes come from, and the one restore that brings them into RAM or onto a
+//! device.
+//!
+//! [`CopySource::of`] is the only place that decides which copy a restore reads: for a RAM
+//! copy the file (clean), else a device copy, the spill file, the recipe; for a device copy
+//! a RAM copy first, then the same list. [`Shared::restore`] is the only function that moves
+//! those bytes, into a RAM buffer or a device allocation in the device's chunks. Both run
+//! outside the registry lock; the tensor is pinned meanwhile, so none of the copies they use
+//! goes away.
+
+use std::sync::Arc;
+
+use super::state::{FileExtent, RamBuf, TensorEntry};
+use super::{Recipe, Shared, StoreError, Tier};
+use crate::device::{Device, DeviceAlloc};
+use crate::spill::{Extent, SpillError};
+use crate::stats::Stats;
+use crate::sys::AlignedBuf;
+
+/// Bytes restored at once for a device upload (rounded to the device's chunks): two
+/// direct-I/O requests of the default size in flight, and little staging memory — the
+/// reader works on the next window while this one is uploaded. (Measured with `SimDevice`,
+/// 4-32 MiB windows loaded at the same speed within noise, warm or cold; the simulated
+/// device's own copy into fresh memory was the limit.)
+const UPLOAD_WINDOW: u64 = 8 << 20;
+
+/// The most host memory one upload from a source holds in window buffers: the window being
+/// uploaded, the one the reader fills, and one in the channel between them, each padded to
+/// whole blocks on both ends.
+pub(super) fn upload_windows_bound(largest: u64, chunk_len: usize) -> u64 {
+    let chunk = chunk_len.max(1) as u64;
+    let window = ((UPLOAD_WINDOW / chunk).max(1) * chunk).min(largest);
+    3 * (window.div_ceil(crate::sys::direct::BLOCK) + 2) * crate::sys::direct::BLOCK
+}
+
+/// A copy a restore reads from, chosen under the lock.
+pub(super) enum CopySource {
+    Ram(Arc<RamBuf>),
+    File(FileExtent),
+    /// A dirty tensor's device copy (kept while the tensor is pinned).
+    Device {
+        device: Arc<dyn Device>,
+        alloc: Arc<DeviceAlloc>,
+    },
+    /// The spill file, with the recipe to fall back on if the extent cannot be read.
+    Spill {
+        extent: Extent,
+        recipe: Option<Recipe>,
+    },
+    Recipe(Recipe),
+}
+
+/// Where a restore puts the bytes.
+pub(super) enum Target<'a> {
+    /// A new RAM copy, in `reuse` when given (a pooled buffer).
+    Ram { reuse: Option<AlignedBuf> },
+    /// A device allocation.
+    Device {
+        device: &'a Arc<dyn Device>,
+        alloc: &'a DeviceAlloc,
+    },
+}
+
+impl CopySource {
+    /// Where the bytes for a new copy in `into` (RAM or a device) come from, fastest first.
+    /// `devices` are the store's devices, indexed by id.
+    pub(super) fn of(
+        entry: &TensorEntry,
+        into: Tier,
+        devices: &[Arc<dyn Device>],
+    ) -> Result<Self, StoreError> {
+        if into != Tier::Ram
+            && let Some(buf) = &entry.ram
+        {
+            return Ok(Self::Ram(Arc::clone(buf)));
+        }
+        if let Some(extent) = entry.clean_extent() {
+            return Ok(Self::File(extent.clone()));
+        }
+        // A device copy comes back over the bus, faster than from the disk.
+        if into != Tier::Device
+            && let Some(copy) = &entry.device
+            && let Some(device) = devices.get(copy.device.0 as usize)
+        {
+            return Ok(Self::Device {
+                device: Arc::clone(device),
+                alloc: Arc::clone(&copy.alloc),
+            });
+        }
+        if let Some(extent) = entry.spilled {
+            return Ok(Self::Spill {
+                extent,
+                recipe: entry.recipe.clone(),
+            });
+        }
+        if let Some(recipe) = &entry.recipe {
+            return Ok(Self::Recipe(recipe.clone()));
+        }
+        // Strict builds check that a dirty tensor always has a copy; this only answers a
+        // request that the tensor's one copy cannot serve (it is the target tier itself).
+        Err(StoreError::NoCopy {
+            name: entry.name.clone(),
+            tier: into,
+        })
+    }
+
+    pub(super) fn reads_spill(&self) -> bool {
+        matches!(self, Self::Spill { .. })
+    }
+}
+
+impl Shared {
+    /// Fills `into` with the tensor's `len` bytes from `from`. Returns the RAM copy for a
+    /// RAM target. A spill extent that cannot be read falls back on the recipe if there is
+    /// one; without one, a checksum mismatch is [`StoreError::Lost`] and an I/O error
+    /// [`StoreError::SpillRead`] (the extent is kept: a retry may succeed).
+    pub(super) fn restore(
+        &self,
+        name: &str,
+        len: u64,
+        from: &CopySource,
+        into: Target<'_>,
+    ) -> Result<Option<RamBuf>, StoreError> {
+        match from {
+            CopySource::Spill { extent, recipe } => {
+                let read = self.restore_spill(name, len, extent, into_ref(&into));
+                match read {
+                    Ok(buf) => {
+                        Stats::add(&self.stats.bytes_restored_spill, len);
+                        Ok(buf)
+                    }
+                    Err(err) => {
+                        if matches!(err, SpillError::Checksum { .. }) {
+                            Stats::add(&self.stats.checksum_failures, 1);
+                        }
+                        log::warn!("tensor `{}`: {err}", crate::text::Escaped(name));
+                        match recipe {
+                            Some(recipe) => self.recompute(name, len, recipe, into),
+                            None => Err(spill_read_error(name, err)),
+                        }
+                    }
+                }
+            }
+            CopySource::Recipe(recipe) => self.recompute(name, len, recipe, into),
+            CopySource::Ram(buf) => match into {
+                // `of` never picks a RAM copy for a RAM copy.
+                Target::Ram { .. } => Err(StoreError::NoCopy {
+                    name: name.to_owned(),
+                    tier: Tier::Ram,
+                }),
+                Target::Device { device, alloc } => {
+                    upload(device, alloc, name, 0, buf.as_slice())?;
+                    Ok(None)
+                }
+            },
+            CopySource::Device { device, alloc: src } => match into {
+                Target::Ram { .. } => {
+                    let mut buf = alloc(name, len)?;
+                    device
+                        .download(src, 0, buf.as_mut_slice())
+                        .map_err(|source| StoreError::Device {
+                            name: name.to_owned(),
+                            source,
+                        })?;
+                    Stats::add(&self.stats.bytes_downloaded, len);
+                    Ok(Some(RamBuf::Aligned(buf)))
+                }
+                Target::Device { .. } => Err(StoreError::NoCopy {
+                    name: name.to_owned(),
+                    tier: Tier::Device,
+                }),
+            },
+            CopySource::File(FileExtent { source, offset }) => match into {
+                Target::Ram { reuse } => {
+                    let (buf, cold) = source.restore(*offset, len, reuse)?;
+                    self.stats.restored_from_source(len, cold);
+                    Ok(Some(RamBuf::Direct(buf)))
+                }
+                Target::Device { device, alloc } => {
+                    self.stream_file(source, *offset, name, device, alloc)?;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn restore_spill(
+        &self,
+        name: &str,
+        len: u64,
+        extent: &Extent,
+        into: TargetRef<'_>,
+    ) -> Result<Option<RamBuf>, SpillError> {
+        match into {
+            TargetRef::Ram => {
+                let mut buf = alloc(name, len).map_err(|_| SpillError::Io {
+                    dir: std::path::PathBuf::new(),
+                    op: "allocate a buffer for",
+                    source: std::io::ErrorKind::OutOfMemory.into(),
+                })?;
+                self.spill.read(extent, buf.as_mut_slice())?;
+                Ok(Some(RamBuf::Aligned(buf)))
+            }
+            TargetRef::Device { device, alloc } => {
+                self.spill
+                    .read_with(extent, device.chunk_len(), |offset, chunk| {
+                        device.upload(alloc, offset, chunk)
+                    })?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn recompute(
+        &self,
+        name: &str,
+        len: u64,
+        recipe: &Recipe,
+        into: Target<'_>,
+    ) -> Result<Option<RamBuf>, StoreError> {
+        let bytes = (recipe.compute)();
+        if bytes.len() as u64 != len {
+            return Err(StoreError::Recipe {
+                name: name.to_owned(),
+                expected: len,
+                actual: bytes.len() as u64,
+            });
+        }
+        Stats::add(&self.stats.recomputes, 1);
+        match into {
+            Target::Ram { .. } => Ok(Some(RamBuf::Owned(bytes.into_boxed_slice()))),
+            Target::Device { device, alloc } => {
+                upload(device, alloc, name, 0, &bytes)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Restores a file extent window by window (cached parts copied, the rest read with
+    /// O_DIRECT, as for RAM copies) on a reader thread while the previous window is uploaded
+    /// in the device's chunks: no full host copy is kept, nothing is left in the page cache,
+    /// and at most three windows of buffer exist at once.
+    fn stream_file(
+        &self,
+        source: &crate::source::Source,
+        offset: u64,
+        name: &str,
+        device: &Arc<dyn Device>,
+        alloc: &DeviceAlloc,
+    ) -> Result<(), StoreError> {
+        let len = alloc.len();
+        let chunk = device.chunk_len().max(1) as u64;
+        let window = (UPLOAD_WINDOW / chunk).max(1) * chunk;
+        let (to_uploader, windows) = std::sync::mpsc::sync_channel(1);
+        let (to_reader, spares) = std::sync::mpsc::channel::<AlignedBuf>();
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            scope.spawn(move || {
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(window);
+                    let restored = source.restore(offset + done, n, spares.try_recv().ok());
+                    let failed = restored.is_err();
+                    // The uploader stops receiving when it fails.
+                    if to_uploader.send((done, n, restored)).is_err() || failed {
+                        return;
+                    }
+                    done += n;
+                }
+            });
+            for (done, n, restored) in windows {
+                let (buf, cold) = restored?;
+                self.stats.restored_from_source(n, cold);
+                for (i, piece) in buf.as_slice().chunks(chunk as usize).enumerate() {
+                    upload(device, alloc, name, done + i as u64 * chunk, piece)?;
+                }
+                // The reader may have finished: then the buffer is simply freed.
+                let _ = to_reader.send(buf.into_inner());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A borrowed view of a [`Target`], for the spill path that may fall back on the recipe.
+enum TargetRef<'a> {
+    Ram,
+    Device {
+        device: &'a Arc<dyn Device>,
+        alloc: &'a DeviceAlloc,
+    },
+}
+
+fn into_ref<'a>(into: &Target<'a>) -> TargetRef<'a> {
+    match into {
+        Target::Ram { .. } => TargetRef::Ram,
+        Target::Device { device, alloc } => TargetRef::Device { device, alloc },
+    }
+}
+
+fn upload(
+    device: &Arc<dyn Device>,
+    alloc: &DeviceAlloc,
+    name: &str,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    device
+        .upload(alloc, offset, bytes)
+        .map_err(|source| StoreError::Device {
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// A fresh, zeroed, page-aligned RAM buffer (fallible: a host that cannot hold it is an
+/// error, not an abort).
+pub(super) fn alloc(name: &str, len: u64) -> Result<AlignedBuf, StoreError> {
+    usize::try_from(len)
+        .ok()
+        .and_then(AlignedBuf::zeroed)
+        .ok_or_else(|| StoreError::Alloc {
+            name: name.to_owned(),
+            bytes: len,
+        })
+}
+
+/// A spill extent that could not be read: lost when its bytes are corrupt, retryable when
+/// the read itself failed.
+fn spill_read_error(name: &str, err: SpillError) -> StoreError {
+    match err {
+        SpillError::Checksum { .. } => StoreError::Lost {
+            name: name.to_owned(),
+            source: err,
+        },
+        err => StoreError::SpillRead {
+            name: name.to_owned(),
+            source: err,
+        },
+    }
+}
