@@ -105,6 +105,11 @@ pub(crate) struct SpillFile {
     max: Option<u64>,
     storage: Arc<dyn Storage>,
     space: Mutex<Space>,
+    /// Extents freed but not yet punched: freeing happens under the store's registry lock,
+    /// so it only queues the range here (a leaf lock); the next reservation, or
+    /// [`SpillFile::reclaim`] called outside the registry lock, punches them and gives them
+    /// back to the allocator.
+    freed: Mutex<Vec<(u64, u64)>>,
     /// Block-aligned buffers kept between calls (fresh memory costs page faults on every
     /// use): for unaligned callers' bytes, and for streaming to and from devices.
     bounce: BufferSlot,
@@ -140,6 +145,7 @@ impl SpillFile {
             max,
             storage,
             space: Mutex::default(),
+            freed: Mutex::default(),
             bounce: BufferSlot::default(),
             stream: BufferSlot::default(),
         }
@@ -152,7 +158,34 @@ impl SpillFile {
 
     /// Bytes reserved by live extents (and writes in flight).
     pub(crate) fn used(&self) -> u64 {
-        self.space().used
+        let space = self.space();
+        let queued: u64 = self.queued().iter().map(|(_, len)| len).sum();
+        space.used - queued
+    }
+
+    fn queued(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
+        self.freed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Punches the extents freed since the last call and returns them to the allocator.
+    pub(crate) fn reclaim(&self) {
+        let mut space = self.space();
+        self.reclaim_locked(&mut space);
+    }
+
+    fn reclaim_locked(&self, space: &mut Space) {
+        let freed = std::mem::take(&mut *self.queued());
+        if freed.is_empty() {
+            return;
+        }
+        let file = space.file.clone();
+        for (offset, reserved) in freed {
+            if let Some(file) = &file {
+                punch(&**file, offset, reserved);
+            }
+            give_back(space, offset, reserved);
+            space.used -= reserved;
+        }
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> SpillError + use<> {
@@ -208,6 +241,7 @@ impl SpillFile {
     fn reserve(&self, len: u64) -> Result<Reservation, SpillError> {
         let reserved = blocks(len);
         let mut space = self.space();
+        self.reclaim_locked(&mut space);
         if let Some(max) = self.max
             && space.used + reserved > max
         {
@@ -505,15 +539,11 @@ impl SpillFile {
         result
     }
 
-    /// Frees an extent: its blocks go back to the file system and to the allocator.
+    /// Frees an extent: it no longer counts as used at once; its blocks go back to the file
+    /// system and to the allocator at the next reservation or [`SpillFile::reclaim`]. Takes
+    /// only a leaf lock: callers may hold the store's registry lock.
     pub(crate) fn free(&self, extent: Extent) {
-        let reserved = extent.reserved();
-        let mut space = self.space();
-        if let Some(file) = space.file.clone() {
-            punch(&*file, extent.offset, reserved);
-        }
-        give_back(&mut space, extent.offset, reserved);
-        space.used -= reserved;
+        self.queued().push((extent.offset, extent.reserved()));
     }
 }
 
@@ -774,6 +804,7 @@ mod tests {
         spill.free(tail);
         let middle = extents.remove(1);
         spill.free(middle);
+        spill.reclaim();
         let space = spill.space();
         assert_eq!(space.tail_reserved, space.alloc.end());
         drop(space);

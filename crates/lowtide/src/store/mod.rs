@@ -488,7 +488,7 @@ impl Store {
         if from.reads_spill() {
             state.end_spill_read(id, result.is_ok());
         }
-        match result {
+        let result = match result {
             Ok(buf) => {
                 self.shared.check(&mut state);
                 drop(state);
@@ -497,9 +497,15 @@ impl Store {
             Err(err) => {
                 state.unpin(id);
                 self.shared.check(&mut state);
+                drop(state);
                 Err(err)
             }
+        };
+        if from.reads_spill() {
+            // The extent it came from, punched outside the registry lock.
+            self.shared.spill.reclaim();
         }
+        result
     }
 
     /// Registers a new dirty tensor in `model` from owned bytes (a cast, a quantization, a
@@ -606,6 +612,8 @@ impl Store {
         state.install_ram(id, bytes.into_ram());
         state.touch(id)?;
         self.shared.check(&mut state);
+        drop(state);
+        self.shared.spill.reclaim();
         Ok(())
     }
 
@@ -629,6 +637,8 @@ impl Store {
         state.make_clean(id)?;
         state.touch(id)?;
         self.shared.check(&mut state);
+        drop(state);
+        self.shared.spill.reclaim();
         Ok(freed)
     }
 
@@ -745,6 +755,8 @@ impl Store {
         }
         state.models[model.0 as usize] = None;
         self.shared.check(&mut state);
+        drop(state);
+        self.shared.spill.reclaim();
         Ok(())
     }
 
