@@ -1,7 +1,7 @@
 //! End-to-end check of the CUDA tier on a real GPU: load a synthetic model onto GPU 0, patch
 //! some tensors on the device, unload everything while host RAM is "under the reserve" (so the
 //! patched tensors stream to the spill file and the clean ones are simply freed), reload, verify
-//! every byte, and print upload and download throughput.
+//! every byte, and print upload and download throughput and the device pointer of a tensor.
 //!
 //! Run with `scripts/gpu-check.sh` (or `cargo run --release -p lowtide --features cuda --example
 //! gpu_check -- [SIZE]`; SIZE defaults to 2GiB). Exits 0 on success, 1 on a mismatch or error,
@@ -12,7 +12,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lowtide::{ByteSize, CudaDevice, Device, Dtype, Store, TensorSpec, write_safetensors};
+use lowtide::{
+    ByteSize, CudaDevice, Device, DeviceId, Dtype, Store, TensorId, TensorSpec, write_safetensors,
+};
 
 /// Tensor shape: 4096 x 4096 BF16, 32 MiB each (a large attention projection).
 const SIDE: u64 = 4096;
@@ -69,6 +71,25 @@ fn write_model(dir: &std::path::Path, count: usize) -> anyhow::Result<std::path:
     Ok(path)
 }
 
+/// The memory itself, for kernels or a `DLPack` export: downcasts the guard's device and prints
+/// the address of the tensor's allocation.
+fn print_device_pointer(store: &Store, id: TensorId, gpu: DeviceId) -> anyhow::Result<()> {
+    let guard = store.acquire_device(id, gpu)?;
+    let cuda = guard
+        .device()
+        .downcast_ref::<CudaDevice>()
+        .ok_or_else(|| anyhow::anyhow!("the store's device is not the CudaDevice added"))?;
+    let ptr = cuda.device_ptr(guard.alloc())?;
+    anyhow::ensure!(ptr != 0, "a non-empty tensor has a device address");
+    println!(
+        "device pointer: {} at {ptr:#x} on GPU {}, lowtide's stream {:#x}",
+        ByteSize(guard.alloc().len()),
+        cuda.ordinal(),
+        cuda.raw_stream()
+    );
+    Ok(())
+}
+
 fn run() -> anyhow::Result<()> {
     let size: ByteSize = std::env::args()
         .nth(1)
@@ -112,6 +133,8 @@ fn run() -> anyhow::Result<()> {
         loaded.host_tensors,
         gbps(total, start)
     );
+
+    print_device_pointer(&store, ids[0], gpu)?;
 
     // Patch every fourth tensor on the device.
     let patched: Vec<usize> = (0..count).step_by(4).collect();

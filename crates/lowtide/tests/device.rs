@@ -1,11 +1,15 @@
 //! The device tier with `SimDevice`: the ComfyUI proposal's unload scenario, partial unloads,
-//! loading within a device budget.
+//! loading within a device budget; reaching a device copy's memory in place (downcasting the
+//! store's device, the sim's byte accessors and their errors).
 
 mod common;
 
 use std::sync::Arc;
 
-use lowtide::{DeviceId, Dtype, ModelId, SimDevice, Store, StoreError, TensorId, TensorSpec};
+use lowtide::{
+    Device, DeviceAlloc, DeviceError, DeviceId, Dtype, ModelId, SimDevice, Store, StoreError,
+    TensorId, TensorSpec,
+};
 
 const KIB: u64 = 1024;
 
@@ -305,4 +309,197 @@ fn a_patched_tensor_whose_only_copy_is_on_a_device_reads_back_on_the_host() {
     assert_eq!(&store.acquire_ram(id).unwrap()[..], &patched[..]);
     assert_eq!(sim.bytes_downloaded() - downloaded, patched.len() as u64);
     assert_eq!(store.stats().bytes_written, 0);
+}
+
+/// A device of another kind, for downcasts that must fail.
+#[derive(Debug)]
+struct OtherDevice;
+
+impl Device for OtherDevice {
+    fn name(&self) -> String {
+        "other".to_owned()
+    }
+    fn capacity(&self) -> u64 {
+        0
+    }
+    fn free_bytes(&self) -> u64 {
+        0
+    }
+    fn allocate(&self, len: u64) -> Result<DeviceAlloc, DeviceError> {
+        Err(DeviceError::OutOfMemory {
+            device: self.name(),
+            requested: len,
+            free: 0,
+        })
+    }
+    fn release(&self, _alloc: DeviceAlloc) {}
+    fn upload(&self, dst: &DeviceAlloc, _offset: u64, _src: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::UnknownAlloc {
+            device: self.name(),
+            id: dst.id(),
+        })
+    }
+    fn download(
+        &self,
+        src: &DeviceAlloc,
+        _offset: u64,
+        _dst: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        Err(DeviceError::UnknownAlloc {
+            device: self.name(),
+            id: src.id(),
+        })
+    }
+}
+
+#[test]
+fn the_stores_device_downcasts_to_the_sim_device_it_was_given() {
+    let dir = common::tempdir();
+    let (store, sim, gpu, _m) = setup(dir.path());
+    let device = store.device(gpu).unwrap();
+    let found = device.downcast_ref::<SimDevice>().expect("a SimDevice");
+    assert!(
+        std::ptr::eq(found, Arc::as_ptr(&sim)),
+        "the very device added"
+    );
+    assert!(device.as_any().is::<SimDevice>());
+    assert!(device.downcast_ref::<OtherDevice>().is_none());
+    let shared = device.downcast_arc::<SimDevice>().expect("a SimDevice");
+    assert!(Arc::ptr_eq(&shared, &sim));
+
+    let other = store.add_device(Arc::new(OtherDevice));
+    let other = store.device(other).unwrap();
+    assert!(other.downcast_ref::<SimDevice>().is_none());
+    let back = other
+        .downcast_arc::<SimDevice>()
+        .expect_err("not a SimDevice");
+    assert!(
+        back.downcast_ref::<OtherDevice>().is_some(),
+        "the Arc comes back"
+    );
+}
+
+#[test]
+fn a_device_copy_changes_in_place_and_reads_back_changed() {
+    let dir = common::tempdir();
+    let (store, sim, gpu, m) = setup(dir.path());
+    let id = store.tensors(m).unwrap()[0];
+    let original = expected(&store, id);
+    let guard = store.acquire_device(id, gpu).unwrap();
+    let device = guard
+        .device()
+        .downcast_ref::<SimDevice>()
+        .expect("a SimDevice");
+    let (uploaded, downloaded) = (sim.bytes_uploaded(), sim.bytes_downloaded());
+
+    // The slice is the device memory itself: it holds the tensor's bytes as uploaded.
+    let same = device
+        .with_bytes(guard.alloc(), |bytes| bytes == &original[..])
+        .unwrap();
+    assert!(same);
+    let len = device
+        .with_bytes_mut(guard.alloc(), |bytes| {
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = b.wrapping_add((i % 7) as u8 + 1);
+            }
+            bytes.len()
+        })
+        .unwrap();
+    assert_eq!(len as u64, guard.alloc().len());
+    // A sub-range: the last 4 bytes.
+    let end = guard.alloc().len();
+    device
+        .with_range_mut(guard.alloc(), end - 4, 4, |bytes| {
+            bytes.copy_from_slice(b"tail");
+        })
+        .unwrap();
+    assert_eq!(
+        (sim.bytes_uploaded(), sim.bytes_downloaded()),
+        (uploaded, downloaded),
+        "in place: no transfer"
+    );
+
+    let mut truth = patch(&original);
+    let n = truth.len();
+    truth[n - 4..].copy_from_slice(b"tail");
+    assert!(
+        guard.download().unwrap() == truth,
+        "download sees the change"
+    );
+    let mut head = [0u8; 16];
+    sim.download(guard.alloc(), 0, &mut head).unwrap();
+    assert_eq!(head[..], truth[..16]);
+    let tail = device
+        .with_range(guard.alloc(), end - 4, 4, <[u8]>::to_vec)
+        .unwrap();
+    assert_eq!(tail, b"tail");
+}
+
+#[test]
+fn accessors_refuse_a_foreign_or_released_handle_and_a_range_outside() {
+    let a = SimDevice::new("simA", 1 << 20);
+    let b = SimDevice::new("simB", 1 << 20);
+    let in_b = b.allocate(64).unwrap();
+    let in_a = a.allocate(64).unwrap();
+    let mut called = false;
+
+    // A handle of another device: its id is unknown here, whatever B holds.
+    let err = b
+        .with_bytes_mut(&in_a, |_| called = true)
+        .expect_err("a handle of another device");
+    assert!(
+        matches!(&err, DeviceError::UnknownAlloc { device, id } if device == "simB" && *id == in_a.id()),
+        "{err:?}"
+    );
+    assert!(matches!(
+        b.with_bytes(&in_a, |_| called = true),
+        Err(DeviceError::UnknownAlloc { .. })
+    ));
+    assert!(matches!(
+        b.download(&in_a, 0, &mut [0; 8]),
+        Err(DeviceError::UnknownAlloc { .. })
+    ));
+
+    // Ranges outside the allocation, including ones whose end overflows.
+    for (offset, len) in [(60, 5), (65, 0), (0, 65), (u64::MAX, 2), (1, u64::MAX)] {
+        let err = a
+            .with_range_mut(&in_a, offset, len, |_| called = true)
+            .expect_err("outside");
+        assert!(
+            matches!(err, DeviceError::Range { offset: o, len: l, alloc_len: 64, .. } if (o, l) == (offset, len)),
+            "{err:?}"
+        );
+        assert!(matches!(
+            a.with_range(&in_a, offset, len, |_| called = true),
+            Err(DeviceError::Range { .. })
+        ));
+    }
+    assert_eq!(a.with_range(&in_a, 64, 0, <[u8]>::len).unwrap(), 0);
+
+    // A handle made up with the right id and a wrong length cannot reach past the memory.
+    let forged = DeviceAlloc::new(in_a.id(), 4096);
+    assert!(matches!(
+        a.with_bytes(&forged, |_| called = true),
+        Err(DeviceError::Range { alloc_len: 64, .. })
+    ));
+    assert!(matches!(
+        a.upload(&forged, 100, b"beyond"),
+        Err(DeviceError::Range { .. })
+    ));
+    assert!(matches!(
+        a.download(&forged, 0, &mut [0; 128]),
+        Err(DeviceError::Range { .. })
+    ));
+
+    // A released handle (its twin kept to ask with).
+    let twin = DeviceAlloc::new(in_a.id(), in_a.len());
+    a.release(in_a);
+    assert!(matches!(
+        a.with_bytes_mut(&twin, |_| called = true),
+        Err(DeviceError::UnknownAlloc { .. })
+    ));
+    assert_eq!(a.used(), 0);
+    assert!(!called, "no closure ran on a refused handle or range");
+    b.release(in_b);
+    assert_eq!(b.used(), 0);
 }

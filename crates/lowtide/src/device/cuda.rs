@@ -8,23 +8,43 @@
 //! the ring and queues its host-to-device copy, then moves on: it waits only when it comes back
 //! round to a buffer whose copy has not finished yet. So `upload` returns while the last few
 //! chunks are still on their way, and the caller reads the next chunk from disk in the meantime.
+//!
+//! Consumers compute on the allocations themselves: [`CudaDevice::device_ptr`] gives the
+//! `CUdeviceptr` of an allocation, [`CudaDevice::ordinal`] the GPU it lives on and
+//! [`CudaDevice::raw_stream`] the stream lowtide's copies are queued on (see the `device`
+//! module's docs for the whole in-place sequence). Raw driver calls, with their contracts, live
+//! in `sys::cuda`.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use cudarc::driver::result::{self, DriverError};
-use cudarc::driver::sys::{self, CUmemPool_attribute, CUresult};
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::result::DriverError;
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 
-use super::{Device, DeviceAlloc, DeviceError, check_range};
+use super::{Device, DeviceAlloc, DeviceError, check_range, next_alloc_id};
+use crate::sys::cuda::{driver_library_present, pinned_zeroed, pool_free};
 
 /// An NVIDIA GPU, through the CUDA driver loaded at run time.
 ///
 /// Allocations are zeroed device memory of the device's primary context. Uploads and downloads
 /// go through [`CudaDevice::RING_LEN`] pinned staging buffers of [`CudaDevice::CHUNK_LEN`] bytes
 /// each (by default): that pinned host memory is held for the device's lifetime.
+///
+/// # Using the memory from other CUDA code
+///
+/// [`CudaDevice::device_ptr`] is the address of an allocation in the primary context of GPU
+/// [`CudaDevice::ordinal`], the context the CUDA runtime uses too, so kernels, cuBLAS or a
+/// framework (through `DLPack`) can read and write it. Every allocation, copy and free of this
+/// device is queued, in issue order, on one stream ([`CudaDevice::raw_stream`]):
+///
+/// - before other work reads or writes an allocation, call [`Device::synchronize`] (or make
+///   that work's stream wait for this one), since an upload may still be on its way;
+/// - before the store reads the bytes again (an unload, a download) or the allocation is
+///   released (its guard dropped), wait for that work to finish: lowtide's copies and its
+///   stream-ordered free do not wait for other streams.
 pub struct CudaDevice {
     name: String,
     capacity: u64,
@@ -43,7 +63,6 @@ pub struct CudaDevice {
 struct Allocs {
     /// `None` for an empty allocation (the driver does not allocate zero bytes).
     slices: HashMap<u64, Option<CudaSlice<u8>>>,
-    next_id: u64,
     /// Bytes allocated through this device.
     used: u64,
 }
@@ -88,10 +107,7 @@ impl CudaDevice {
         let label = format!("cuda:{ordinal}");
         // cudarc panics on the first driver call when it cannot load the library: look for it
         // first, so that a machine without CUDA gets an error rather than a panic message.
-        // SAFETY: this loads (and unloads again) the CUDA driver library under the names cudarc
-        // itself loads it by on the first driver call; loading it runs only the driver's own
-        // initialisers, as in every CUDA program, and no symbol of it is called.
-        if !unsafe { sys::is_culib_present() } {
+        if !driver_library_present() {
             return Err(DeviceError::Driver {
                 device: label,
                 op: "load the CUDA driver library",
@@ -127,16 +143,8 @@ impl CudaDevice {
         let stream = ctx.new_stream().map_err(err("create a stream"))?;
         let mut slots = Vec::with_capacity(ring_len);
         for _ in 0..ring_len {
-            // Plain pinned memory, not write-combined: downloads read it back on the host.
-            // SAFETY: the buffer's bytes are uninitialised: they are zeroed right below, through
-            // the raw pointer, before anything reads them or forms a reference to them.
-            let mut buffer = unsafe { ctx.alloc_pinned_with_flags::<u8>(chunk_len, 0) }
-                .map_err(err("allocate pinned staging memory"))?;
-            let ptr = buffer
-                .as_mut_ptr()
-                .map_err(err("allocate pinned staging memory"))?;
-            // SAFETY: `ptr` points to the `chunk_len` bytes `buffer` owns, which no copy uses.
-            unsafe { std::ptr::write_bytes(ptr, 0, chunk_len) };
+            let buffer =
+                pinned_zeroed(&ctx, chunk_len).map_err(err("allocate pinned staging memory"))?;
             let done = ctx.new_event(None).map_err(err("create an event"))?;
             slots.push(Slot { buffer, done });
         }
@@ -195,31 +203,57 @@ impl CudaDevice {
         }
     }
 
-    /// The bytes free in the memory pool that allocations come from: freed memory stays in the
-    /// pool (and out of the driver's free count) until the pool is trimmed, but it is free for
-    /// this device's next allocations, which are queued on the same stream.
-    fn pool_free(&self) -> Result<u64, DriverError> {
-        if !self.ctx.has_async_alloc() {
-            return Ok(0);
+    /// The ordinal of the GPU (0 for the first), as `CUDA_VISIBLE_DEVICES` numbers them for
+    /// this process: the `device_id` of a `DLPack` tensor of type `kDLCUDA`.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The `CUstream` every allocation, copy and free of this device is queued on, as an
+    /// address (what `torch.cuda.ExternalStream` or a `DLPack` `stream` argument takes).
+    ///
+    /// Valid while the device lives. Other code may queue work on it, or make its own streams
+    /// wait for it (an event recorded on it), so that the work runs after lowtide's uploads
+    /// without blocking the host; it must not destroy it.
+    pub fn raw_stream(&self) -> usize {
+        self.stream.cu_stream().addr()
+    }
+
+    /// The `CUdeviceptr` of `alloc`'s first byte, in the primary context of GPU
+    /// [`CudaDevice::ordinal`]; 0 for an empty allocation (no memory behind it).
+    ///
+    /// The address stays valid until the allocation is released: hold the store's guard of
+    /// the tensor while work uses it. Copies to the allocation may still be queued when it
+    /// returns: order work after them as the type's docs say. Writing through it changes the
+    /// device copy: tell the store (its in-place update call) so that it keeps those bytes.
+    ///
+    /// Fails with [`DeviceError::UnknownAlloc`] when `alloc` is not a live allocation of this
+    /// device (one of another device, or one released), and with [`DeviceError::Range`] when
+    /// its length is not the length of the memory its id names.
+    pub fn device_ptr(&self, alloc: &DeviceAlloc) -> Result<u64, DeviceError> {
+        let allocs = self.allocs();
+        let slice = allocs
+            .slices
+            .get(&alloc.id())
+            .ok_or_else(|| self.unknown(alloc.id()))?;
+        let len = slice.as_ref().map_or(0, |slice| slice.len() as u64);
+        if len != alloc.len() {
+            return Err(DeviceError::Range {
+                device: self.name.clone(),
+                offset: 0,
+                len: alloc.len(),
+                alloc_len: len,
+            });
         }
-        // SAFETY: `cu_device` is the handle cudarc got from the driver for the context's device.
-        let pool = unsafe { result::device::get_mem_pool(self.ctx.cu_device()) }?;
-        let (mut reserved, mut used) = (0u64, 0u64);
-        // SAFETY: `pool` is the device's current pool; both attributes are `cuuint64_t` values
-        // and each pointer points to a live `u64`.
-        unsafe {
-            result::mem_pool::get_attribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-                (&raw mut reserved).cast(),
-            )?;
-            result::mem_pool::get_attribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-                (&raw mut used).cast(),
-            )?;
-        }
-        Ok(reserved.saturating_sub(used))
+        Ok(match slice {
+            Some(slice) => {
+                // Recorded as a read on lowtide's own stream (cudarc's bookkeeping); other
+                // streams are the caller's to order.
+                let (ptr, _read) = slice.device_ptr(&self.stream);
+                ptr
+            }
+            None => 0,
+        })
     }
 
     /// Queues the copy of `len` bytes of `slot` into `dst` at `offset`, and records the slot's
@@ -320,7 +354,7 @@ impl Device for CudaDevice {
 
     fn free_bytes(&self) -> u64 {
         match self.ctx.mem_get_info() {
-            Ok((free, _)) => (free as u64 + self.pool_free().unwrap_or(0)).min(self.capacity),
+            Ok((free, _)) => (free as u64 + pool_free(&self.ctx).unwrap_or(0)).min(self.capacity),
             Err(_) => self.capacity.saturating_sub(self.allocs().used),
         }
     }
@@ -355,9 +389,8 @@ impl Device for CudaDevice {
                 Err(err) => return Err(self.driver("allocate")(err)),
             }
         };
+        let id = next_alloc_id();
         let mut allocs = self.allocs();
-        let id = allocs.next_id;
-        allocs.next_id += 1;
         allocs.slices.insert(id, slice);
         allocs.used += len;
         Ok(DeviceAlloc::new(id, len))
@@ -367,8 +400,9 @@ impl Device for CudaDevice {
         let slice = {
             let mut allocs = self.allocs();
             let slice = allocs.slices.remove(&alloc.id());
-            if slice.is_some() {
-                allocs.used -= alloc.len();
+            if let Some(memory) = &slice {
+                // The length of the memory the id named, whatever the handle says.
+                allocs.used -= memory.as_ref().map_or(0, |memory| memory.len() as u64);
             }
             slice
         };

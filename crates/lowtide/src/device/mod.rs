@@ -4,8 +4,39 @@
 //! the demo) and `CudaDevice` (behind the `cuda` cargo feature). Transfers are by byte range so
 //! the store can stream a tensor through a small staging buffer: a model never needs a second
 //! full copy in host RAM on its way to or from the device.
+//!
+//! # Working on device memory in place
+//!
+//! A consumer that computes on a tensor's device copy (a kernel, a LoRA patch applied on the
+//! GPU, a `DLPack` export) reaches the memory itself, without a host round trip:
+//!
+//! 1. Pin the copy with the store's `DeviceGuard`: while it lives the allocation is neither
+//!    unloaded nor freed, so the pointer or slice below stays valid.
+//! 2. Downcast the guard's `Arc<dyn Device>` to the concrete device with
+//!    `<dyn Device>::downcast_ref` (or `downcast_arc`, or `as_any`).
+//! 3. Reach the bytes of the guard's [`DeviceAlloc`]:
+//!    - [`SimDevice::with_bytes_mut`] (or [`SimDevice::with_range_mut`]) runs a closure on the
+//!      allocation's bytes, as a `&mut [u8]`, under the device's lock: nothing else reads or
+//!      writes them meanwhile. [`SimDevice::with_bytes`] and [`SimDevice::with_range`] read.
+//!    - `CudaDevice::device_ptr` gives the allocation's `CUdeviceptr`, in the primary context
+//!      of the GPU `CudaDevice::ordinal`, which the CUDA runtime (and frameworks built on it)
+//!      shares. lowtide queues its copies on a stream of its own (`CudaDevice::raw_stream`):
+//!      call [`Device::synchronize`] before work on another stream touches the bytes, and wait
+//!      for that work to finish before the store reads the tensor again or the guard drops.
+//! 4. Tell the store the tensor changed, with the store's in-place update call for the
+//!    guard: the store then treats the device copy as the tensor's bytes (no longer equal to
+//!    the file's), so unloading it keeps them rather than freeing them as clean.
+//!
+//! Every accessor checks that the handle names a live allocation of *this* device and that
+//! the range lies inside it: a wrong handle or range is a [`DeviceError`], never a panic.
+//! lowtide's devices draw allocation ids from one process-wide sequence, so a handle of one
+//! device is [`DeviceError::UnknownAlloc`] to every other.
 
 mod sim;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::size::Bytes;
 
@@ -19,6 +50,8 @@ pub use cuda::CudaDevice;
 
 /// An allocation on a device, returned by [`Device::allocate`] and given back with
 /// [`Device::release`].
+///
+/// Not `Clone`: one handle per allocation, so that it is released once.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct DeviceAlloc {
     id: u64,
@@ -104,10 +137,19 @@ pub enum DeviceError {
 
 /// Accelerator memory: allocate, free, and copy byte ranges in and out.
 ///
-/// Implementations must be thread-safe. `upload` may return before the copy completes (the
+/// Implementations must be thread-safe and `'static` (so that `dyn Device` downcasts to the
+/// concrete type: `<dyn Device>::downcast_ref`). `upload` may return before the copy completes (the
 /// implementation owns any staging it needs: `src` may be reused as soon as it returns);
 /// `download` returns once `dst` holds the bytes; `synchronize` waits for every queued copy.
-pub trait Device: Send + Sync + std::fmt::Debug {
+///
+/// # Changing a device copy in place
+///
+/// Without a host round trip: while the store's `DeviceGuard` pins the copy, downcast its
+/// device (`guard.device().downcast_ref::<SimDevice>()`, or `CudaDevice` with the `cuda`
+/// feature), reach the allocation's bytes ([`SimDevice::with_bytes_mut`]) or its address
+/// (`CudaDevice::device_ptr`, ordered against lowtide's stream as `CudaDevice`'s docs say),
+/// write, then tell the store the tensor changed with its in-place update call.
+pub trait Device: Any + Send + Sync + std::fmt::Debug {
     /// A name for messages, such as `"sim0"` or `"cuda:0 (NVIDIA H100)"`.
     fn name(&self) -> String;
     /// Total bytes of device memory lowtide may use.
@@ -136,6 +178,41 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn in_host_memory(&self) -> bool {
         false
     }
+}
+
+impl dyn Device {
+    /// The device as [`Any`], to downcast to its concrete type.
+    pub fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    /// The device as a `T` (such as [`SimDevice`] or `CudaDevice`), or `None` when it is
+    /// another kind of device.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use lowtide::{Device, SimDevice};
+    ///
+    /// let device: Arc<dyn Device> = Arc::new(SimDevice::new("sim0", 1 << 20));
+    /// assert!(device.downcast_ref::<SimDevice>().is_some());
+    /// ```
+    pub fn downcast_ref<T: Device>(&self) -> Option<&T> {
+        self.as_any().downcast_ref()
+    }
+
+    /// The shared device as an `Arc<T>`, or the `Arc` back when it is another kind of device.
+    pub fn downcast_arc<T: Device>(self: Arc<Self>) -> Result<Arc<T>, Arc<Self>> {
+        let any: Arc<dyn Any + Send + Sync> = self.clone();
+        any.downcast().map_err(|_| self)
+    }
+}
+
+/// The id of a new allocation of one of lowtide's devices: one process-wide sequence, so that
+/// no two allocations of different devices share an id and a handle given to the wrong device
+/// is [`DeviceError::UnknownAlloc`] rather than another allocation's bytes.
+pub(crate) fn next_alloc_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Checks that `[offset, offset + len)` lies inside `alloc`.

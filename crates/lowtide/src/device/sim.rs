@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Device, DeviceAlloc, DeviceError, check_range};
+use super::{Device, DeviceAlloc, DeviceError, check_range, next_alloc_id};
 use crate::sys::AlignedBuf;
 
 /// Device memory simulated in host memory: a fixed capacity, byte counters, and optionally a
@@ -16,6 +16,9 @@ use crate::sys::AlignedBuf;
 /// it against the RAM reserve ([`Device::in_host_memory`]). Allocations of 256 KiB and more
 /// are mappings of their own, given back to the kernel when released; a refused allocation
 /// is [`DeviceError::HostMemory`], never an abort.
+///
+/// Its memory can be read and changed in place, as a kernel would on a real device:
+/// [`SimDevice::with_bytes_mut`] and its siblings lend an allocation's bytes to a closure.
 #[derive(Debug)]
 pub struct SimDevice {
     name: String,
@@ -30,7 +33,6 @@ pub struct SimDevice {
 struct SimState {
     allocs: HashMap<u64, AlignedBuf>,
     used: u64,
-    next_id: u64,
 }
 
 impl SimDevice {
@@ -65,6 +67,94 @@ impl SimDevice {
     /// Bytes allocated now.
     pub fn used(&self) -> u64 {
         self.lock().used
+    }
+
+    /// Runs `f` on the bytes of `alloc`, under the device's lock, and returns what it returns.
+    ///
+    /// The slice is the allocation's memory itself, not a copy: nothing else reads or writes
+    /// it while `f` runs (uploads, downloads and other accessors of this device wait), and no
+    /// transfer is counted. `f` must not call this device (it would wait for itself).
+    ///
+    /// Fails with [`DeviceError::UnknownAlloc`] when `alloc` is not a live allocation of this
+    /// device (one of another device, or one released), without calling `f`.
+    pub fn with_bytes<R>(
+        &self,
+        alloc: &DeviceAlloc,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, DeviceError> {
+        self.access(alloc, 0, alloc.len(), |bytes| f(bytes))
+    }
+
+    /// Runs `f` on the bytes of `alloc`, which it may change in place, under the device's
+    /// lock; as [`SimDevice::with_bytes`] otherwise.
+    ///
+    /// A change made here is the device copy's new content: tell the store the tensor changed
+    /// (its in-place update call) so that it keeps those bytes.
+    pub fn with_bytes_mut<R>(
+        &self,
+        alloc: &DeviceAlloc,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, DeviceError> {
+        self.access(alloc, 0, alloc.len(), f)
+    }
+
+    /// Runs `f` on the `len` bytes at `offset` of `alloc`; as [`SimDevice::with_bytes`]
+    /// otherwise. A range outside the allocation is [`DeviceError::Range`], without calling
+    /// `f`.
+    pub fn with_range<R>(
+        &self,
+        alloc: &DeviceAlloc,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, DeviceError> {
+        self.access(alloc, offset, len, |bytes| f(bytes))
+    }
+
+    /// Runs `f` on the `len` bytes at `offset` of `alloc`, which it may change in place; as
+    /// [`SimDevice::with_bytes_mut`] otherwise. A range outside the allocation is
+    /// [`DeviceError::Range`], without calling `f`.
+    pub fn with_range_mut<R>(
+        &self,
+        alloc: &DeviceAlloc,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, DeviceError> {
+        self.access(alloc, offset, len, f)
+    }
+
+    /// Checks the handle and the range, then runs `f` on those bytes under the lock.
+    ///
+    /// The range is checked against the handle's length and against the memory the id names,
+    /// so a handle made up with [`DeviceAlloc::new`] cannot reach past an allocation.
+    fn access<R>(
+        &self,
+        alloc: &DeviceAlloc,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, DeviceError> {
+        check_range(self, alloc, offset, len)?;
+        let mut state = self.lock();
+        let Some(memory) = state.allocs.get_mut(&alloc.id()) else {
+            return Err(DeviceError::UnknownAlloc {
+                device: self.name.clone(),
+                id: alloc.id(),
+            });
+        };
+        let bytes = memory.as_mut_slice();
+        // Inside the handle (checked above), so `offset + len` does not overflow; inside the
+        // memory (checked here), so both fit in `usize`.
+        if offset + len > bytes.len() as u64 {
+            return Err(DeviceError::Range {
+                device: self.name.clone(),
+                offset,
+                len,
+                alloc_len: bytes.len() as u64,
+            });
+        }
+        Ok(f(&mut bytes[offset as usize..(offset + len) as usize]))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
@@ -113,8 +203,7 @@ impl Device for SimDevice {
                 device: self.name.clone(),
                 requested: len,
             })?;
-        let id = state.next_id;
-        state.next_id += 1;
+        let id = next_alloc_id();
         state.allocs.insert(id, memory);
         state.used += len;
         Ok(DeviceAlloc::new(id, len))
@@ -122,8 +211,8 @@ impl Device for SimDevice {
 
     fn release(&self, alloc: DeviceAlloc) {
         let mut state = self.lock();
-        if state.allocs.remove(&alloc.id()).is_some() {
-            state.used -= alloc.len();
+        if let Some(memory) = state.allocs.remove(&alloc.id()) {
+            state.used -= memory.as_slice().len() as u64;
         }
     }
 
@@ -132,37 +221,20 @@ impl Device for SimDevice {
     }
 
     fn upload(&self, dst: &DeviceAlloc, offset: u64, src: &[u8]) -> Result<(), DeviceError> {
-        check_range(self, dst, offset, src.len() as u64)?;
         let started = Instant::now();
-        {
-            let mut state = self.lock();
-            let Some(memory) = state.allocs.get_mut(&dst.id()) else {
-                return Err(DeviceError::UnknownAlloc {
-                    device: self.name.clone(),
-                    id: dst.id(),
-                });
-            };
-            memory.as_mut_slice()[offset as usize..offset as usize + src.len()]
-                .copy_from_slice(src);
-        }
+        self.access(dst, offset, src.len() as u64, |bytes| {
+            bytes.copy_from_slice(src);
+        })?;
         self.uploaded.fetch_add(src.len() as u64, Ordering::Relaxed);
         self.throttle(started, src.len());
         Ok(())
     }
 
     fn download(&self, src: &DeviceAlloc, offset: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
-        check_range(self, src, offset, dst.len() as u64)?;
         let started = Instant::now();
-        {
-            let state = self.lock();
-            let Some(memory) = state.allocs.get(&src.id()) else {
-                return Err(DeviceError::UnknownAlloc {
-                    device: self.name.clone(),
-                    id: src.id(),
-                });
-            };
-            dst.copy_from_slice(&memory.as_slice()[offset as usize..offset as usize + dst.len()]);
-        }
+        self.access(src, offset, dst.len() as u64, |bytes| {
+            dst.copy_from_slice(bytes);
+        })?;
         self.downloaded
             .fetch_add(dst.len() as u64, Ordering::Relaxed);
         self.throttle(started, dst.len());

@@ -4,6 +4,8 @@
 //! talks to the kernel through the safe types below.
 
 mod buf;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod direct;
 mod mapping;
 pub(crate) mod open;
