@@ -342,3 +342,82 @@ fn device_uploads_restore_like_ram_copies_and_leave_no_page_cache_copy() {
         "uploads left {after} of {len} bytes in the page cache (before: {before})"
     );
 }
+
+#[test]
+fn a_mapped_acquire_reads_no_neighbour_and_a_cold_restore_still_leaves_no_copy() {
+    let dir = common::tempdir();
+    // Tiny tensors (1.5 KiB) between ones of 2 and 5 MiB, back to back: the kernel's
+    // read-around of any of them (the readahead window, up to 8 MiB, centred on the fault)
+    // would cover several neighbours.
+    let specs: Vec<TensorSpec> = (0..13)
+        .map(|i| {
+            let rows = match i % 4 {
+                0 | 2 => 3,
+                1 => 1024,
+                _ => 2560,
+            };
+            TensorSpec::new(format!("blocks.{i:02}.w"), Dtype::BF16, &[rows, 256 + i])
+        })
+        .collect();
+    let path = common::write(&dir.path().join("m.safetensors"), &specs);
+    let Some((file, _, _)) = cold(&path) else {
+        return;
+    };
+    let source = lowtide::Source::open(&path).unwrap();
+    let store = store();
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let page = 4096;
+    // The pages of tensor `i` that it shares with no other tensor.
+    let own = |i: usize| {
+        let t = source.tensor(&specs[i].name).unwrap();
+        let start = t.offset.div_ceil(page) * page;
+        let end = (t.offset + t.len) / page * page;
+        (start, end.saturating_sub(start))
+    };
+    let mut acquired = Vec::new();
+    // A tiny tensor between two large ones, then a 5 MiB one next to it.
+    for target in [6, 7] {
+        let t = source.tensor(&specs[target].name).unwrap().clone();
+        let guard = common::mapped(&store, ids[target]).unwrap();
+        assert_eq!(&guard[..], &common::expected(&t.name, t.len)[..]);
+        drop(guard);
+        acquired.push(target);
+        let (start, len) = own(target);
+        assert_eq!(
+            cached_bytes(&file, start, len).unwrap(),
+            len,
+            "tensor {target} is in the page cache"
+        );
+        for other in (0..specs.len()).filter(|i| !acquired.contains(i)) {
+            let (start, len) = own(other);
+            let cached = cached_bytes(&file, start, len).unwrap();
+            assert_eq!(
+                cached, 0,
+                "tensor {other}: {cached} of its {len} own bytes cached after a mapped \
+                 acquire of tensor {target}"
+            );
+        }
+    }
+    // Cold restores of the neighbours still read from the disk and leave no copy.
+    for neighbour in [5, 8] {
+        let (start, len) = own(neighbour);
+        let cold_before = store.stats().bytes_read_cold;
+        let guard = store.acquire_ram(ids[neighbour]).unwrap();
+        assert_eq!(
+            &guard[..],
+            &common::expected(&specs[neighbour].name, guard.len() as u64)[..]
+        );
+        drop(guard);
+        let cold = store.stats().bytes_read_cold - cold_before;
+        assert!(
+            cold >= len,
+            "tensor {neighbour}: {cold} of {len} bytes read cold"
+        );
+        assert_eq!(
+            cached_bytes(&file, start, len).unwrap(),
+            0,
+            "tensor {neighbour}: a cold restore left a page-cache copy"
+        );
+    }
+}

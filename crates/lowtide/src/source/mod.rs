@@ -294,7 +294,9 @@ impl Source {
     }
 
     /// Checks the file's identity, then faults `[offset, offset + len)` of the mapping in with
-    /// `MADV_POPULATE_READ`, which reports a missing page as an error instead of SIGBUS.
+    /// `MADV_POPULATE_READ`, which reports a missing page as an error instead of SIGBUS. Only
+    /// the range's pages are read into the page cache (rounded out to whole pages), in large
+    /// requests: no neighbouring tensor is pulled in.
     pub(crate) fn fault_in(&self, offset: u64, len: u64) -> Result<(), SourceError> {
         self.check_unchanged()?;
         debug_assert!(
@@ -302,7 +304,7 @@ impl Source {
             "extents are validated at open"
         );
         self.mapping
-            .populate(offset as usize, len as usize)
+            .populate(&self.file, offset as usize, len as usize)
             .map(drop)
             .map_err(|source| SourceError::Io {
                 path: self.path.clone(),

@@ -4,6 +4,22 @@
 //! access to the missing pages raises SIGBUS. lowtide checks the file's identity before it hands
 //! out mapped bytes and faults ranges in with `MADV_POPULATE_READ`, which fails with `EFAULT`
 //! instead of raising a signal; what it cannot prevent is documented in `docs/reliability.md`.
+//!
+//! Mappings are advised random, so that a fault reads only the page it needs: with the
+//! default advice the kernel's read-around reads the readahead window (8 MiB on a disk with
+//! `read_ahead_kb` 8192) centred on each missed page, and its asynchronous readahead runs on
+//! past the range, pulling neighbouring tensors into the page cache — measured: 4 MiB for a
+//! 1.5 KiB tensor, 52-60 MiB for a 44.7 MiB one. Their restores would then copy those pages
+//! instead of reading them directly, and leave them cached. Page by page, though, a cold
+//! fault-in reaches a hundredth of the disk's speed, so [`Mapping::populate`] first asks the
+//! kernel to read the range's pages (`POSIX_FADV_WILLNEED`, exactly those pages, each call as
+//! large as the kernel will read at once, all submitted before the first is waited for), and
+//! only then faults them in, mostly as minor faults.
+//!
+//! The cost: the kernel reads such requests into single pages, not the large folios of its
+//! own readahead, so the disk sees requests of about 1 MiB instead of about 4 MiB; measured
+//! with `lowtide bench --size 512MiB` on a virtio disk, a cold fault-in reached 0.86-1.01 GB/s
+//! against 1.34-1.55 GB/s with the default advice.
 
 use std::fs::File;
 use std::io;
@@ -14,13 +30,20 @@ use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
 #[derive(Debug)]
 pub(crate) struct Mapping {
     map: Option<Mmap>,
+    /// Bytes per `POSIX_FADV_WILLNEED` call: what the kernel reads of one call at most.
+    read_step: usize,
 }
 
 impl Mapping {
-    /// Maps the first `len` bytes of `file` read-only and shared.
+    /// Maps the first `len` bytes of `file` read-only and shared, advised random (see the
+    /// module docs).
     pub(crate) fn map(file: &File, len: u64) -> io::Result<Self> {
+        let read_step = read_step(file);
         if len == 0 {
-            return Ok(Self { map: None });
+            return Ok(Self {
+                map: None,
+                read_step,
+            });
         }
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::FileTooLarge))?;
         // SAFETY: the mapping is read-only and shared, so no Rust reference aliases a mutable
@@ -28,7 +51,12 @@ impl Mapping {
         // callers check the file identity before each use and fault pages in through
         // `populate`, which reports a missing page as an error rather than a signal.
         let map = unsafe { MmapOptions::new().len(len).map(file)? };
-        Ok(Self { map: Some(map) })
+        // Advisory: where refused, faults read around as before, only less tidy.
+        let _ = map.advise(Advice::Random);
+        Ok(Self {
+            map: Some(map),
+            read_step,
+        })
     }
 
     /// The mapped bytes. Touching them may fault pages in from the file.
@@ -36,15 +64,34 @@ impl Mapping {
         self.map.as_deref().unwrap_or(&[])
     }
 
-    /// Faults `[offset, offset + len)` in without risking SIGBUS (`MADV_POPULATE_READ`).
+    /// Faults `[offset, offset + len)` in without risking SIGBUS (`MADV_POPULATE_READ`),
+    /// after asking the kernel to read exactly its pages from `file` (the file mapped), in
+    /// large requests that are all in flight before the first fault waits for one.
     ///
-    /// Returns `Ok(false)` when the kernel does not support it (before Linux 5.14).
-    pub(crate) fn populate(&self, offset: usize, len: usize) -> io::Result<bool> {
+    /// The page cache gains the range's pages and nothing else: faults on a mapping advised
+    /// random read no neighbour, and fault-around only maps pages that are already cached.
+    /// Returns `Ok(false)` when the kernel does not support populating (before Linux 5.14).
+    pub(crate) fn populate(&self, file: &File, offset: usize, len: usize) -> io::Result<bool> {
         let Some(map) = &self.map else {
             return Ok(true);
         };
         if len == 0 {
             return Ok(true);
+        }
+        let page = super::page_size();
+        let (first, end) = (offset / page * page, offset + len);
+        let mut at = first;
+        while at < end {
+            let n = self.read_step.min(end - at);
+            // Advisory: where refused, the faults below read the pages themselves (slower).
+            // Pages already cached are skipped by the kernel; the file's end bounds the read.
+            let _ = rustix::fs::fadvise(
+                file,
+                at as u64,
+                std::num::NonZeroU64::new(n as u64),
+                rustix::fs::Advice::WillNeed,
+            );
+            at += n;
         }
         match map.advise_range(Advice::PopulateRead, offset, len) {
             Ok(()) => Ok(true),
@@ -130,6 +177,39 @@ impl Mapping {
         // No Rust reference observes different bytes afterwards.
         unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) }
     }
+}
+
+/// The most the kernel reads for one `POSIX_FADV_WILLNEED` call on `file`:
+/// `max(read_ahead_kb, max_sectors_kb)` of the block device under its file system
+/// (`force_page_cache_ra` stops there; a larger call would leave the rest to page-by-page
+/// faults). Where sysfs does not say (no block device, e.g. network or FUSE file systems), the
+/// kernel's default readahead window, 128 KiB, below which no backing device reads.
+fn read_step(file: &File) -> usize {
+    const DEFAULT: usize = 128 << 10;
+    let Ok(stat) = rustix::fs::fstat(file) else {
+        return DEFAULT;
+    };
+    let (major, minor) = (
+        rustix::fs::major(stat.st_dev),
+        rustix::fs::minor(stat.st_dev),
+    );
+    let device = format!("/sys/dev/block/{major}:{minor}");
+    // A partition's queue is its disk's, one folder up.
+    let kib = |name: &str| -> Option<usize> {
+        [
+            format!("{device}/queue/{name}"),
+            format!("{device}/../queue/{name}"),
+        ]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok()?.trim().parse().ok())
+    };
+    let step = kib("read_ahead_kb")
+        .unwrap_or(0)
+        .max(kib("max_sectors_kb").unwrap_or(0))
+        .saturating_mul(1024);
+    // Whole pages, and never below the default: a device that reports less still reads it.
+    let page = super::page_size();
+    (step / page * page).max(DEFAULT)
 }
 
 /// `cachestat(2)`'s number (Linux 6.5), the same on every architecture Rust targets.
@@ -230,7 +310,7 @@ fn cache_runs(
 
 #[cfg(test)]
 mod tests {
-    use super::{CacheRun, cache_runs};
+    use super::{CacheRun, cache_runs, read_step};
 
     fn run(offset: usize, len: usize, cached: bool) -> CacheRun {
         CacheRun {
@@ -238,6 +318,14 @@ mod tests {
             len,
             cached,
         }
+    }
+
+    #[test]
+    fn read_steps_are_whole_pages_of_at_least_the_default_window() {
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let step = read_step(&file);
+        assert!(step >= 128 << 10, "{step}");
+        assert_eq!(step % crate::sys::page_size(), 0);
     }
 
     #[test]
