@@ -44,7 +44,7 @@ pub use device::CudaDevice;
 pub use device::{Device, DeviceAlloc, DeviceError, SimDevice};
 pub use dtype::{Dtype, UnknownDtype};
 pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, PressureTrigger};
-pub use policy::{DefaultPolicy, EvictionPolicy, Evicting, Fate, Priority};
+pub use policy::{DefaultPolicy, Evicting, EvictionPolicy, Fate, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
     Change, CreateOutcome, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles,

@@ -382,7 +382,10 @@ impl SpillFile {
     ) -> Result<u64, SpillError> {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let size = chunk_size(chunk_len, len);
-        let mut staging = self.stream.take(size).map_err(self.io("allocate a buffer for"))?;
+        let mut staging = self
+            .stream
+            .take(size)
+            .map_err(self.io("allocate a buffer for"))?;
         let result = (|| {
             let chunk = &mut staging.as_mut_slice()[..size];
             let mut done = 0u64;
@@ -425,7 +428,10 @@ impl SpillFile {
         let file = self.file_of().map_err(self.io("read"))?;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let size = chunk_size(chunk_len, extent.len);
-        let mut staging = self.stream.take(size).map_err(self.io("allocate a buffer for"))?;
+        let mut staging = self
+            .stream
+            .take(size)
+            .map_err(self.io("allocate a buffer for"))?;
         let result = (|| {
             let chunk = &mut staging.as_mut_slice()[..size];
             let mut done = 0u64;

@@ -153,7 +153,6 @@ impl std::fmt::Debug for DeviceGuard {
     }
 }
 
-
 /// Which device copies an unload may take.
 #[derive(Clone, Copy)]
 enum Victims {
@@ -231,8 +230,8 @@ impl Shared {
             if enough(&outcome) {
                 return Ok(outcome);
             }
-            let available = (self.governor.reserve_ram() > 0)
-                .then(|| self.governor.reading().available);
+            let available =
+                (self.governor.reserve_ram() > 0).then(|| self.governor.reading().available);
             let mut state = self.lock();
             let device = state.device(device_id)?;
             let mut candidates = self.device_candidates(&state, device_id, victims, available);
@@ -382,7 +381,13 @@ impl Shared {
 
     /// The bytes are safe elsewhere now: frees the device copy unless a guard pinned it
     /// meanwhile (then it keeps both).
-    fn commit_unload(&self, state: &mut State, id: TensorId, len: u64, outcome: &mut UnloadOutcome) {
+    fn commit_unload(
+        &self,
+        state: &mut State,
+        id: TensorId,
+        len: u64,
+        outcome: &mut UnloadOutcome,
+    ) {
         if state.tensor(id).is_ok_and(|t| t.pins > 0) {
             outcome.pinned += 1;
             return;
@@ -404,7 +409,10 @@ impl Shared {
             Ok(alloc) => device.release(alloc),
             // Only a guard or a move holds another handle, and neither lets a copy be
             // released meanwhile (pins and `busy` are checked first).
-            Err(_) => log::error!("device copy of tensor #{} released while still shared", id.0),
+            Err(_) => log::error!(
+                "device copy of tensor #{} released while still shared",
+                id.0
+            ),
         }
         self.stats
             .device_bytes
@@ -421,7 +429,8 @@ impl Shared {
         if state.anon + state.reserved + len > self.governor.ram_budget {
             return false;
         }
-        available.is_none_or(|a| reserve_shortfall(a.saturating_sub(state.reserved), len, reserve) == 0)
+        available
+            .is_none_or(|a| reserve_shortfall(a.saturating_sub(state.reserved), len, reserve) == 0)
     }
 }
 

@@ -170,7 +170,10 @@ pub enum StoreError {
     },
     /// Reading a dirty tensor's spill extent failed (an I/O error, a short read). The extent
     /// is kept and the tensor is where it was: a retry may succeed.
-    #[error("tensor `{}`: cannot read its spilled bytes (retryable)", Escaped(name))]
+    #[error(
+        "tensor `{}`: cannot read its spilled bytes (retryable)",
+        Escaped(name)
+    )]
     SpillRead {
         /// The tensor.
         name: String,

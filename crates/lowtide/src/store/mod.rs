@@ -462,9 +462,9 @@ impl Store {
             entry.spill_readers += 1;
         }
         let reuse = match &from {
-            CopySource::File(extent) => {
-                state.take_pooled(crate::sys::direct::DirectBuf::padded_len(extent.offset, len))
-            }
+            CopySource::File(extent) => state.take_pooled(
+                crate::sys::direct::DirectBuf::padded_len(extent.offset, len),
+            ),
             _ => None,
         };
         if reuse.is_some() {
@@ -589,7 +589,10 @@ impl Store {
             let state = self.shared.lock_idle(id);
             let entry = state.unpinned(id)?;
             check_len(&entry.name, entry.dtype, &entry.shape, bytes.len())?;
-            (entry.name.clone(), entry.ram.as_ref().map_or(0, |b| b.len()))
+            (
+                entry.name.clone(),
+                entry.ram.as_ref().map_or(0, |b| b.len()),
+            )
         };
         let extra = bytes.len().saturating_sub(held);
         let mut state = self.shared.admit(id, &name, extra, true)?;
