@@ -5,7 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
-use lowtide::{DeviceId, Dtype, ModelId, SimDevice, Store, StoreError, TensorId, TensorSpec};
+use common::TensorSpec;
+use lowtide::{DeviceId, Dtype, ModelId, SimDevice, Store, StoreError, TensorId};
 
 const KIB: u64 = 1024;
 

@@ -7,7 +7,6 @@ mod buf;
 pub(crate) mod direct;
 mod mapping;
 pub(crate) mod open;
-pub(crate) mod procfs;
 
 pub(crate) use buf::AlignedBuf;
 pub(crate) use mapping::{CacheRun, Mapping};
