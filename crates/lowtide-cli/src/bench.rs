@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use lowtide::direct::{AlignedBytes, IoShape, cached_bytes, drop_cached};
-use lowtide::{ByteSize, Dtype, MemoryReading, ProcIo, Store, TensorSpec, write_safetensors};
+use lowtide::direct::{IoShape, cached_bytes, drop_cached};
+use lowtide::{AlignedBytes, ByteSize, Dtype, MemoryReading, Store};
+use lowtide_testkit::{ProcIo, TensorSpec, write_safetensors};
 use serde::Serialize;
 
 /// Arguments of `lowtide bench`.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use lowtide::ByteSize;
 
-use crate::synth::{self, Kind};
+use lowtide_testkit::synth::{self, Kind};
 
 /// Arguments of `lowtide demo`.
 #[derive(Debug, clap::Args)]

@@ -35,7 +35,7 @@ impl<'a> Listing<'a> {
     fn new(models: &'a [ModelFiles]) -> Self {
         let mut seen = HashSet::new();
         let mut files = Vec::new();
-        for source in models.iter().flat_map(|m| &m.sources) {
+        for source in models.iter().flat_map(ModelFiles::sources) {
             // The same file named twice (or a directory and a file in it) is listed once.
             let identity = source.identity();
             if seen.insert((identity.dev, identity.ino)) {

@@ -1,15 +1,10 @@
 //! The `lowtide` command.
 
 mod bench;
-mod catalog;
-mod compare;
 mod demo;
-mod fit;
 mod inspect;
 mod logger;
 mod run;
-mod strategy;
-mod synth;
 mod workflow;
 
 use std::process::ExitCode;

@@ -7,63 +7,12 @@ mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{json_of, lowtide, text};
+use lowtide_testkit::Mount;
 use rustix::process::{Pid, Signal};
-
-/// A tmpfs mounted for the test's lifetime.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Result<Self, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err("not root: cannot mount a tmpfs".into());
-        }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "lowtide-test"])
-            .arg(dir.path())
-            .status()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !status.success() {
-            return Err(format!("mount -t tmpfs failed ({status})"));
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-
-    /// Bytes in use.
-    fn used(&self) -> u64 {
-        let stat = rustix::fs::statvfs(self.dir.path()).unwrap();
-        (stat.f_blocks - stat.f_bfree) * stat.f_frsize
-    }
-
-    /// Shrinks the file system to `bytes` (at least what is in use).
-    fn resize(&self, bytes: u64) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={}k", bytes.div_ceil(1024))])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "remount: {status}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -94,7 +43,7 @@ fn sizes_that_do_not_fit_are_refused_in_one_line() {
 
 #[test]
 fn a_bench_that_does_not_fit_a_tiny_disk_is_refused_and_leaves_nothing() {
-    let fs = match Tmpfs::mount("16m") {
+    let fs = match Mount::tmpfs("16m") {
         Ok(fs) => fs,
         Err(why) => return eprintln!("skipped: bench on a tiny tmpfs: {why}"),
     };
@@ -113,7 +62,7 @@ fn a_bench_that_does_not_fit_a_tiny_disk_is_refused_and_leaves_nothing() {
 /// the bench checked it): shrunk to what is in use while the bench is stopped mid-write.
 #[test]
 fn a_disk_that_fills_while_the_test_file_is_written_keeps_nothing() {
-    let fs = match Tmpfs::mount("800m") {
+    let fs = match Mount::tmpfs("800m") {
         Ok(fs) => fs,
         Err(why) => return eprintln!("skipped: bench on a filling tmpfs: {why}"),
     };

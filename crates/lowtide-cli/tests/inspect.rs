@@ -8,7 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use lowtide::{ByteSize, Dtype, TensorSpec, write_safetensors};
+use lowtide::{ByteSize, Dtype};
+use lowtide_testkit::{TensorSpec, expected, write};
 use serde_json::Value;
 
 /// Runs `lowtide` with `args`.
@@ -45,45 +46,9 @@ fn inspect_ok(paths: &[&Path], json: bool) -> String {
     text(&out.stdout)
 }
 
-/// Deterministic bytes for tensor `name` (an xorshift stream seeded by the name).
-fn fill(name: &str, buf: &mut [u8]) {
-    let mut state = name.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3) | 1
-    });
-    for byte in buf {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *byte = (state >> 24) as u8;
-    }
-}
-
-fn expected(name: &str, len: u64) -> Vec<u8> {
-    let mut buf = vec![0; usize::try_from(len).unwrap()];
-    fill(name, &mut buf);
-    buf
-}
-
 /// Tensors like a small UNet's: several dtypes, odd sizes, a scalar and an empty tensor.
 fn specs(prefix: &str) -> Vec<TensorSpec> {
-    let n = |s: &str| format!("{prefix}{s}");
-    vec![
-        TensorSpec::new(n("conv_in.weight"), Dtype::F16, &[320, 4, 3, 3]),
-        TensorSpec::new(n("conv_in.bias"), Dtype::F16, &[320]),
-        TensorSpec::new(n("time_embedding.linear_1.weight"), Dtype::F32, &[1280, 32]),
-        TensorSpec::new(n("attn.to_q.weight"), Dtype::BF16, &[320, 33]),
-        TensorSpec::new(n("quant.weight"), Dtype::F8_E4M3, &[64, 65]),
-        TensorSpec::new(n("position_ids"), Dtype::I64, &[1, 77]),
-        TensorSpec::new(n("logit_scale"), Dtype::F32, &[]),
-        TensorSpec::new(n("empty"), Dtype::F32, &[0, 16]),
-        TensorSpec::new(n("mask"), Dtype::BOOL, &[77]),
-    ]
-}
-
-fn write(path: &Path, specs: &[TensorSpec]) -> PathBuf {
-    let metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
-    write_safetensors(path, specs, &metadata, |i, buf| fill(&specs[i].name, buf)).unwrap();
-    path.to_path_buf()
+    lowtide_testkit::unet_specs(prefix)
 }
 
 /// Writes a file from raw parts: 8-byte little-endian header length, `header`, `data`.

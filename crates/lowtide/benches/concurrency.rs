@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lowtide::direct::AlignedBytes;
-use lowtide::{ByteSize, Dtype, Store, TensorId, TensorSpec, write_safetensors};
+use lowtide::{ByteSize, Dtype, Store, TensorId};
+use lowtide_testkit::{TensorSpec, write_safetensors};
 
 const RESIDENT: usize = 64;
 const RESIDENT_LEN: u64 = 64 << 10;

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_main};
-use lowtide::{Dtype, Store, TensorSpec, write_safetensors};
+use lowtide::{Dtype, Store};
+use lowtide_testkit::{TensorSpec, write_safetensors};
 
 fn model(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("bench.safetensors");

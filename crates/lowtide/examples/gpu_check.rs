@@ -12,9 +12,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lowtide::{
-    ByteSize, CudaDevice, Device, DeviceId, Dtype, Store, TensorId, TensorSpec, write_safetensors,
-};
+use lowtide::{ByteSize, CudaDevice, Device, DeviceId, Dtype, Store, TensorId};
+use lowtide_testkit::{TensorSpec, write_safetensors};
 
 /// Tensor shape: 4096 x 4096 BF16, 32 MiB each (a large attention projection).
 const SIDE: u64 = 4096;

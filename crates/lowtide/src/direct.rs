@@ -1,9 +1,13 @@
-//! Direct I/O as lowtide uses it, exposed for benchmarks and tools: block-aligned buffers,
-//! `O_DIRECT` files, and reads and writes with several requests in flight (io_uring, or
-//! threads issuing `pread`/`pwrite` where io_uring is unavailable).
+//! For benchmarks and tools, not part of managing weights: direct I/O as lowtide uses it
+//! (`O_DIRECT` files, and reads and writes with several requests in flight through io_uring,
+//! or threads issuing `pread`/`pwrite` where io_uring is unavailable) and the page-cache
+//! residency of a file. `lowtide bench` measures its raw baselines with these, and tests check
+//! what a restore left in the page cache. The buffers they take, [`AlignedBytes`], belong to
+//! the main API and live at the crate root.
 //!
 //! ```no_run
-//! use lowtide::direct::{AlignedBytes, IoShape, open, read};
+//! use lowtide::AlignedBytes;
+//! use lowtide::direct::{IoShape, open, read};
 //!
 //! let file = open("model.safetensors".as_ref(), false)?;
 //! let mut buf = AlignedBytes::zeroed(64 << 20).expect("memory");
@@ -18,31 +22,8 @@ use std::path::Path;
 
 pub use crate::sys::direct::{BLOCK, IoEngine, IoShape};
 
-/// A zero-initialised, page-aligned byte buffer, as direct I/O needs. Large ones are their
-/// own mappings with transparent huge pages asked for.
-///
-/// Also the best container for a derived tensor's bytes ([`Store::derive`](crate::Store::derive)
-/// takes it): it spills with direct writes straight from its pages, where a `Vec<u8>` goes
-/// through a bounce buffer, and it is freed quickly.
-#[derive(Debug)]
-pub struct AlignedBytes(pub(crate) crate::sys::AlignedBuf);
-
-impl AlignedBytes {
-    /// `len` zeroed bytes aligned to 4096, or `None` when the allocator refuses.
-    pub fn zeroed(len: usize) -> Option<Self> {
-        crate::sys::AlignedBuf::zeroed(len).map(Self)
-    }
-
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-
-    /// The bytes, writable.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.0.as_mut_slice()
-    }
-}
+/// The buffers these functions take: [`crate::AlignedBytes`], named here too.
+pub use crate::AlignedBytes;
 
 /// Opens `path` with `O_DIRECT` (read-only, or read-write without truncating).
 pub fn open(path: &Path, write: bool) -> io::Result<File> {

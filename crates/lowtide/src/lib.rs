@@ -25,6 +25,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod aligned;
 mod device;
 pub mod direct;
 mod dtype;
@@ -39,6 +40,7 @@ mod store;
 mod sys;
 mod text;
 
+pub use aligned::AlignedBytes;
 #[cfg(feature = "cuda")]
 pub use device::CudaDevice;
 pub use device::{Device, DeviceAlloc, DeviceError, SimDevice};
@@ -47,9 +49,8 @@ pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, Pres
 pub use policy::{DefaultPolicy, Evicting, EvictionPolicy, Fate, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
-    Change, CreateOutcome, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles,
-    Source, SourceError, SourceTensor, TensorLocation, TensorSpec, create_safetensors,
-    write_safetensors,
+    Change, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source, SourceError,
+    SourceTensor, TensorLocation,
 };
 pub use spill::{DiskStorage, STORAGE_BLOCK, SpillError, Storage, StorageFile};
 pub use stats::StatsSnapshot;
@@ -59,7 +60,6 @@ pub use store::{
     TensorInfo, Tier, UnloadOutcome, scratch_bytes,
 };
 pub use sys::open::{FileKind, NotRegularFile, open_regular_file};
-pub use sys::procfs::{ProcIo, ProcMemory};
 pub use text::{Escaped, EscapedPath};
 
 /// Parsers exposed for fuzzing and property tests.

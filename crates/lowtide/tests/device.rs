@@ -6,9 +6,10 @@ mod common;
 
 use std::sync::Arc;
 
+use common::TensorSpec;
 use lowtide::{
     Device, DeviceAlloc, DeviceError, DeviceId, Dtype, ModelId, SimDevice, Store, StoreError,
-    TensorId, TensorSpec,
+    TensorId,
 };
 
 const KIB: u64 = 1024;

@@ -2,48 +2,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use lowtide::{Dtype, SpillError, Store, StoreError};
-
-/// A tmpfs mounted for the test's lifetime.
-struct TinyFs {
-    dir: tempfile::TempDir,
-}
-
-impl TinyFs {
-    fn mount(size: &str) -> Result<Self, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err("not root: cannot mount a tmpfs".into());
-        }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "lowtide-test"])
-            .arg(dir.path())
-            .status()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed ({status}): no mount privilege here"
-            ));
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+use lowtide_testkit::Mount;
 
 fn skip(why: &str) {
     eprintln!("skipped: disk-full test on a real tmpfs: {why}");
@@ -51,7 +11,7 @@ fn skip(why: &str) {
 
 #[test]
 fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
-    let fs = match TinyFs::mount("1m") {
+    let fs = match Mount::tmpfs("1m") {
         Ok(fs) => fs,
         Err(why) => return skip(&why),
     };
@@ -136,9 +96,9 @@ fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
 fn a_model_written_to_a_full_disk_leaves_nothing_behind() {
     use std::collections::BTreeMap;
 
-    use lowtide::{CreateOutcome, TensorSpec, create_safetensors, write_safetensors};
+    use lowtide_testkit::{CreateOutcome, TensorSpec, create_safetensors, write_safetensors};
 
-    let fs = match TinyFs::mount("1m") {
+    let fs = match Mount::tmpfs("1m") {
         Ok(fs) => fs,
         Err(why) => return skip(&why),
     };

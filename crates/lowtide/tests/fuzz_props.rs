@@ -9,7 +9,8 @@ mod checks;
 
 use std::sync::OnceLock;
 
-use lowtide::{Dtype, TensorSpec};
+use lowtide::Dtype;
+use lowtide_testkit::TensorSpec;
 use proptest::prelude::*;
 
 /// A valid image with a few tensors of several dtypes.

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use lowtide::{Dtype, Priority, Recipe, SpillError, Store, StoreError, TensorSpec, Tier};
+use lowtide::{Dtype, Priority, Recipe, SpillError, Store, StoreError, Tier};
+use lowtide_testkit::TensorSpec;
 
 const MB: u64 = 1 << 20;
 

@@ -6,7 +6,8 @@ mod common;
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
-use lowtide::{Dtype, TensorSpec, parse};
+use lowtide::{Dtype, parse};
+use lowtide_testkit::TensorSpec;
 use proptest::prelude::*;
 
 fn specs() -> Vec<TensorSpec> {

@@ -205,13 +205,13 @@ fn check_model(
     model: &ModelFiles,
     expected: &BTreeMap<&str, &ManifestTensor>,
 ) {
-    let what = model.path.display().to_string();
-    let names: BTreeSet<&str> = model.tensors.keys().map(String::as_str).collect();
+    let what = model.path().display().to_string();
+    let names: BTreeSet<&str> = model.tensors().keys().map(String::as_str).collect();
     let want: BTreeSet<&str> = expected.keys().copied().collect();
     assert_eq!(names, want, "{what}: tensor names");
     let total: u64 = expected.values().map(|t| t.bytes).sum();
     assert_eq!(model.total_bytes(), total, "{what}: total bytes");
-    for source in &model.sources {
+    for source in model.sources() {
         let rel = source
             .path()
             .strip_prefix(reference.dir.path())
@@ -297,11 +297,11 @@ fn sharded_reference_model_by_directory_and_index() {
     for path in [reference.path(&sharded.dir), reference.path(&sharded.index)] {
         let model =
             ModelFiles::open(&path).unwrap_or_else(|err| panic!("{}: {err:?}", path.display()));
-        assert_eq!(model.sources.len(), 2, "{}", path.display());
+        assert_eq!(model.sources().len(), 2, "{}", path.display());
         check_model(&reference, &model, &expected);
         assert_eq!(model.total_bytes(), sharded.total_size);
         assert_eq!(
-            model.index_metadata.get("total_size"),
+            model.index_metadata().get("total_size"),
             Some(&serde_json::Value::from(sharded.total_size)),
             "{}: the index's metadata",
             path.display()
@@ -331,13 +331,13 @@ fn single_reference_files_and_their_directory_as_models() {
         let expected = reference.tensors_of(&file.file);
         let model = ModelFiles::open(reference.path(&file.file))
             .unwrap_or_else(|err| panic!("{}: {err:?}", file.file));
-        assert_eq!(model.sources.len(), 1);
+        assert_eq!(model.sources().len(), 1);
         check_model(&reference, &model, &expected);
         all.extend(expected);
     }
     // The top directory holds no index: every `.safetensors` file in it is one model.
     let model = ModelFiles::open(reference.dir.path()).unwrap();
-    assert_eq!(model.sources.len(), top.len());
+    assert_eq!(model.sources().len(), top.len());
     check_model(&reference, &model, &all);
 }
 

@@ -3,7 +3,8 @@
 
 mod common;
 
-use lowtide::{Dtype, ProcMemory, Store, TensorSpec};
+use lowtide::{Dtype, Store};
+use lowtide_testkit::{ProcMemory, TensorSpec};
 
 #[test]
 fn released_copies_go_back_to_the_system_in_the_background_within_the_budget() {

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lowtide::{Change, Dtype, SimDevice, SourceError, Store, StoreError, TensorId, TensorSpec};
+use lowtide::{Change, Dtype, SimDevice, SourceError, Store, StoreError, TensorId};
+use lowtide_testkit::TensorSpec;
 
 /// A model of twelve tensors of odd sizes (so that they share boundary pages).
 fn model(dir: &Path) -> PathBuf {

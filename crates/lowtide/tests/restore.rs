@@ -3,8 +3,9 @@
 
 mod common;
 
+use common::TensorSpec;
 use lowtide::direct::{cached_bytes, drop_cached};
-use lowtide::{Dtype, Store, TensorSpec};
+use lowtide::{Dtype, Store};
 
 /// Opens `path` and empties its page cache: the file, its length and the bytes still cached,
 /// or `None` (with a message saying why the test is skipped) where the kernel kept them.

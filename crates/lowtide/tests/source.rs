@@ -55,8 +55,8 @@ fn write_index(dir: &tempfile::TempDir, map: &[(&str, &str)]) -> std::path::Path
 fn shards_by_directory_and_index() {
     let dir = shard_dir();
     let by_dir = ModelFiles::open(dir.path()).unwrap();
-    assert_eq!(by_dir.sources.len(), 2);
-    assert_eq!(by_dir.tensors.len(), common::unet_specs("").len());
+    assert_eq!(by_dir.sources().len(), 2);
+    assert_eq!(by_dir.tensors().len(), common::unet_specs("").len());
 
     let specs = common::unet_specs("");
     let map: Vec<(String, &str)> = specs
@@ -74,11 +74,11 @@ fn shards_by_directory_and_index() {
     let map: Vec<(&str, &str)> = map.iter().map(|(t, s)| (t.as_str(), *s)).collect();
     let index = write_index(&dir, &map);
     let by_index = ModelFiles::open(&index).unwrap();
-    assert_eq!(by_index.tensors.len(), specs.len());
-    assert_eq!(by_index.index_metadata["total_size"], 1);
+    assert_eq!(by_index.tensors().len(), specs.len());
+    assert_eq!(by_index.index_metadata()["total_size"], 1);
     // The directory now has an index, and uses it.
     let by_dir = ModelFiles::open(dir.path()).unwrap();
-    assert_eq!(by_dir.path, index);
+    assert_eq!(by_dir.path(), index);
     for spec in &specs {
         let (source, t) = by_index.get(&spec.name).unwrap();
         let bytes = fs::read(source.path()).unwrap();
@@ -297,11 +297,11 @@ fn links_inside_the_directory_are_followed() {
     std::os::unix::fs::symlink("blobs/b-real.safetensors", model.join("b.safetensors")).unwrap();
     let index = index_with_second_shard(&model, "b.safetensors");
     let by_index = ModelFiles::open(&index).unwrap();
-    assert_eq!(by_index.tensors.len(), common::unet_specs("").len());
-    assert_eq!(by_index.sources[1].path(), model.join("b.safetensors"));
+    assert_eq!(by_index.tensors().len(), common::unet_specs("").len());
+    assert_eq!(by_index.sources()[1].path(), model.join("b.safetensors"));
     fs::remove_file(&index).unwrap();
     let by_dir = ModelFiles::open(&model).unwrap();
-    assert_eq!(by_dir.tensors.len(), common::unet_specs("").len());
+    assert_eq!(by_dir.tensors().len(), common::unet_specs("").len());
 }
 
 /// Runs `open` on another thread and fails the test if it has not returned within 20 s (the

@@ -6,11 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use lowtide::{Dtype, SpillError, Store, StoreError};
+use lowtide_testkit::Mount;
 
 /// Every warning logged by this test binary.
 struct Capture(Mutex<Vec<String>>);
@@ -53,42 +53,6 @@ fn warnings_about(dir: &Path) -> Vec<String> {
         .filter(|w| w.contains(&needle))
         .cloned()
         .collect()
-}
-
-/// A file system mounted for the test's lifetime.
-struct Mount {
-    dir: tempfile::TempDir,
-}
-
-impl Mount {
-    fn new(kind: &str, options: &str) -> Result<Self, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err(format!("not root: cannot mount a {kind}"));
-        }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let status = Command::new("mount")
-            .args(["-t", kind, "-o", options, "lowtide-test"])
-            .arg(dir.path())
-            .status()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !status.success() {
-            return Err(format!("mount -t {kind} failed ({status})"));
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 /// Builds a store spilling to `dir`, checks the one warning, serves a derived tensor and

@@ -4,7 +4,8 @@
 
 mod common;
 
-use lowtide::{ProcIo, Store};
+use lowtide::Store;
+use lowtide_testkit::ProcIo;
 
 #[test]
 fn dropping_clean_copies_writes_zero_bytes() {

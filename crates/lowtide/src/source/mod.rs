@@ -7,7 +7,6 @@
 
 mod header;
 mod model_files;
-mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -17,7 +16,6 @@ use std::sync::OnceLock;
 
 pub use header::{HeaderError, MAX_HEADER_LEN};
 pub use model_files::{IndexError, ModelFiles, TensorLocation, parse_index_json};
-pub use writer::{CreateOutcome, TensorSpec, create_safetensors, write_safetensors};
 
 use crate::dtype::Dtype;
 use crate::sys::direct::{BLOCK, DirectBuf, IoShape, read_at, with_prefault};

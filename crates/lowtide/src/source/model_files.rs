@@ -129,7 +129,7 @@ struct MaybeIndex {
 /// Where one tensor of a model lives.
 #[derive(Debug, Clone)]
 pub struct TensorLocation {
-    /// Index into [`ModelFiles::sources`].
+    /// Index into [`ModelFiles::sources()`].
     pub source: usize,
     /// Index into that source's [`Source::tensors`].
     pub index: usize,
@@ -138,17 +138,38 @@ pub struct TensorLocation {
 /// The files of one model, opened and validated, with every tensor located.
 #[derive(Debug)]
 pub struct ModelFiles {
+    // Read directly by the store when it opens a model; read-only outside the crate.
     /// What the user named: a file, a directory or an index.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The shard files, in the order they were found.
-    pub sources: Vec<Arc<Source>>,
+    pub(crate) sources: Vec<Arc<Source>>,
     /// Every tensor of the model by name.
-    pub tensors: BTreeMap<String, TensorLocation>,
+    pub(crate) tensors: BTreeMap<String, TensorLocation>,
     /// The index's `metadata` object, when there is an index.
-    pub index_metadata: serde_json::Map<String, serde_json::Value>,
+    pub(crate) index_metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ModelFiles {
+    /// What was opened, as the caller named it: a file, a directory or an index.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The shard files, in the order they were found.
+    pub fn sources(&self) -> &[Arc<Source>] {
+        &self.sources
+    }
+
+    /// Every tensor of the model by name, with the shard and entry that hold it.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorLocation> {
+        &self.tensors
+    }
+
+    /// The index's `metadata` object; empty without an index.
+    pub fn index_metadata(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.index_metadata
+    }
+
     /// Opens `path`: a `.safetensors` file, a `*.index.json` index, or a directory (which uses
     /// its index when it has exactly one, and otherwise every `.safetensors` file in it).
     ///

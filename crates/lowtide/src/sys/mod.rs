@@ -9,7 +9,6 @@ pub(crate) mod cuda;
 pub(crate) mod direct;
 mod mapping;
 pub(crate) mod open;
-pub(crate) mod procfs;
 
 pub(crate) use buf::AlignedBuf;
 pub(crate) use mapping::{CacheRun, Mapping};

@@ -1,4 +1,4 @@
-//! Readings of the process's own counters in `/proc`.
+//! Readings of the process's own counters in `/proc/self`: what it read and wrote, its memory.
 
 use std::fs;
 

@@ -1,4 +1,4 @@
-//! Writing safetensors files: used by tests, the demo's synthetic models and benchmarks.
+//! Writing safetensors files: the tests' models, the CLI's synthetic models and benchmarks.
 //!
 //! A file is written unnamed (`O_TMPFILE` in the target's directory) and given its name only
 //! once complete and synced, so that a crash or `kill -9` mid-write leaves nothing behind and
@@ -16,9 +16,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use lowtide::Dtype;
 use rustix::fs::{AtFlags, CWD};
-
-use crate::dtype::Dtype;
 
 /// Name, dtype and shape of a tensor to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,7 +361,7 @@ mod tests {
     use super::{
         CreateOutcome, TensorSpec, Unnamed, create_safetensors, write_body, write_safetensors,
     };
-    use crate::dtype::Dtype;
+    use lowtide::Dtype;
 
     fn specs() -> Vec<TensorSpec> {
         vec![
@@ -479,6 +478,6 @@ mod tests {
             .count();
         assert_eq!(written, 1, "{outcomes:?}");
         assert_eq!(names(dir.path()), ["m.safetensors"]);
-        crate::ModelFiles::open(&path).unwrap();
+        lowtide::ModelFiles::open(&path).unwrap();
     }
 }

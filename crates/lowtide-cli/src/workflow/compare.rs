@@ -21,9 +21,9 @@ use anyhow::Context;
 use lowtide::{ByteSize, CgroupMemory, CgroupVersion};
 use rustix::process::{Pid, Signal};
 
-use crate::run::{Output, RunReport, cap_of, gib};
-use crate::strategy::Strategy;
-use crate::workflow::Workflow;
+use super::Workflow;
+use super::runner::{Output, RunReport, cap_of, gib};
+use super::strategy::Strategy;
 
 /// The environment variable through which the parent gives each child its pid: the child
 /// checks it against its actual parent, and only such a child may use `--cgroup`.
@@ -525,8 +525,8 @@ pub(crate) fn conclusion(output: &Output, patches: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::{conclusion, verdict};
-    use crate::run::{Output, RunReport};
-    use crate::strategy::Strategy;
+    use crate::workflow::runner::{Output, RunReport};
+    use crate::workflow::strategy::Strategy;
 
     fn ok(strategy: Strategy, digest: &str, written: u64) -> RunReport {
         let mut report = RunReport::failed(strategy, "ok", 1.0, String::new());

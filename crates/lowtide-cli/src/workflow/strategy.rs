@@ -5,18 +5,18 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lowtide::direct::AlignedBytes;
 use lowtide::{
-    ByteSize, Device, DeviceAlloc, DeviceId, MemoryReading, ModelId, Priority, SimDevice, Store,
-    TensorId,
+    AlignedBytes, ByteSize, Device, DeviceAlloc, DeviceId, MemoryReading, ModelId, Priority,
+    SimDevice, SourceTensor, Store, TensorId,
 };
 
-use crate::catalog::{Digest, ModelMeta, TensorMeta, apply_lora};
-use crate::workflow::Workflow;
+use super::Workflow;
+use super::catalog::{Digest, ModelMeta, apply_lora};
 
 /// Compute and spill-all stream device memory in chunks of this size.
 pub(crate) const CHUNK: usize = 4 << 20;
@@ -139,13 +139,13 @@ fn hash_device(
     Ok(())
 }
 
-/// Reads a tensor's bytes from its file.
-fn read_tensor(meta: &TensorMeta) -> anyhow::Result<Vec<u8>> {
-    let file = lowtide::open_regular_file(&meta.file)
-        .with_context(|| format!("cannot open {}", meta.file.display()))?;
+/// Reads a tensor's bytes from `path`, the file holding it.
+fn read_tensor(path: &Path, meta: &SourceTensor) -> anyhow::Result<Vec<u8>> {
+    let file = lowtide::open_regular_file(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     let mut bytes = zeroed_vec(meta.len, &meta.name)?;
     file.read_exact_at(&mut bytes, meta.offset)
-        .with_context(|| format!("{}: cannot read `{}`", meta.file.display(), meta.name))?;
+        .with_context(|| format!("{}: cannot read `{}`", path.display(), meta.name))?;
     Ok(bytes)
 }
 
@@ -406,7 +406,7 @@ impl ClassicBackend {
             self.figures.bytes_restored += meta.len;
             bytes
         } else {
-            let bytes = read_tensor(meta)?;
+            let bytes = read_tensor(&self.models[model].files[t], meta)?;
             self.figures.bytes_read += meta.len;
             bytes
         };

@@ -42,7 +42,7 @@ use lowtide::ByteSize;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::synth::Kind;
+use lowtide_testkit::synth::Kind;
 
 /// A size written as a string (`"2GiB"`) or an integer number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

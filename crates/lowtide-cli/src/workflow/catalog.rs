@@ -2,25 +2,14 @@
 //! shares: applying a LoRA and hashing weights, so that all strategies compute the same bytes.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lowtide::{Dtype, ModelFiles};
+use lowtide::{ByteSize, Dtype, ModelFiles, SourceTensor};
+use lowtide_testkit::synth::{self, Kind};
+use lowtide_testkit::{TensorSpec, create_safetensors};
 
-use crate::synth;
-use crate::workflow::{ModelSource, Workflow};
-
-/// One tensor of a model file.
-#[derive(Debug, Clone)]
-pub(crate) struct TensorMeta {
-    pub(crate) name: String,
-    pub(crate) dtype: Dtype,
-    pub(crate) shape: Vec<u64>,
-    pub(crate) len: u64,
-    /// The file holding it and the absolute offset of its bytes there.
-    pub(crate) file: PathBuf,
-    pub(crate) offset: u64,
-}
+use super::{ModelSource, Op, Workflow};
 
 /// A LoRA pair for one target weight: `up` [out, rank] and `down` [rank, in].
 #[derive(Debug, Clone)]
@@ -36,8 +25,10 @@ pub(crate) struct ModelMeta {
     pub(crate) name: String,
     /// What to open: a file, a directory of shards or an index.
     pub(crate) path: PathBuf,
-    /// Tensors in name order.
-    pub(crate) tensors: Vec<TensorMeta>,
+    /// Tensors in name order, as their files' headers give them (offsets absolute).
+    pub(crate) tensors: Vec<SourceTensor>,
+    /// The file holding each of `tensors`, by index.
+    pub(crate) files: Vec<PathBuf>,
     /// For a LoRA: its pairs by target name (empty for other models).
     pub(crate) lora: Vec<LoraPair>,
 }
@@ -68,7 +59,7 @@ pub(crate) fn resolve(
                 ModelSource::Path(path) => path.clone(),
                 ModelSource::Synthetic { kind, scale, seed } => {
                     let total = synth::bytes(*kind, *scale, *seed);
-                    synth::ensure(&workflow.cache_dir, *kind, *scale, *seed, &mut |done| {
+                    ensure(&workflow.cache_dir, *kind, *scale, *seed, &mut |done| {
                         progress(&def.name, done, total);
                     })?
                 }
@@ -78,22 +69,76 @@ pub(crate) fn resolve(
         .collect()
 }
 
+/// The cached file of a synthetic model, written if missing. `progress` is called with the
+/// bytes written so far.
+///
+/// The file is named only once complete, so a run killed while generating leaves nothing in
+/// `dir`; of several runs generating the same file at once, the first to finish names it and
+/// the others use it.
+fn ensure(
+    dir: &Path,
+    kind: Kind,
+    scale: f64,
+    seed: u32,
+    progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join(synth::file_name(kind, scale, seed));
+    if path.exists() {
+        return Ok(path);
+    }
+    // Files of earlier versions of the synthetic shapes are stale.
+    for old in 1..synth::VERSION {
+        let _ = std::fs::remove_file(dir.join(synth::file_name_of_version(kind, scale, seed, old)));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let specs = synth::specs(kind, scale, seed);
+    let mut metadata = BTreeMap::new();
+    metadata.insert("format".to_owned(), "pt".to_owned());
+    metadata.insert(
+        "lowtide.synthetic".to_owned(),
+        format!("{} scale {scale} seed {seed}", kind.name()),
+    );
+    let total: u64 = specs.iter().filter_map(TensorSpec::byte_len).sum();
+    check_space(dir, &path, total)?;
+    let mut written = 0u64;
+    create_safetensors(&path, &specs, &metadata, |i, buf| {
+        synth::fill(&specs[i], seed, buf);
+        written += buf.len() as u64;
+        progress(written);
+    })
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Refuses to start a file of `bytes` that the file system of `dir` cannot hold.
+fn check_space(dir: &Path, path: &Path, bytes: u64) -> anyhow::Result<()> {
+    let Ok(stat) = rustix::fs::statvfs(dir) else {
+        // Not knowing is no reason to refuse: a full disk is still an error when writing.
+        return Ok(());
+    };
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    // The header is small: a megabyte covers it.
+    if bytes.saturating_add(1 << 20) > free {
+        anyhow::bail!(
+            "cannot write {}: the model needs {}, {} has {} free",
+            path.display(),
+            ByteSize(bytes),
+            dir.display(),
+            ByteSize(free)
+        );
+    }
+    Ok(())
+}
+
 /// Opens and validates one model.
 pub(crate) fn open(name: &str, path: PathBuf) -> anyhow::Result<ModelMeta> {
     let files = ModelFiles::open(&path).with_context(|| format!("model `{name}`"))?;
-    let tensors: Vec<TensorMeta> = files
-        .tensors
+    let (tensors, files): (Vec<SourceTensor>, Vec<PathBuf>) = files
+        .tensors()
         .keys()
         .filter_map(|tensor| files.get(tensor))
-        .map(|(source, t)| TensorMeta {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            len: t.len,
-            file: source.path().to_path_buf(),
-            offset: t.offset,
-        })
-        .collect();
+        .map(|(source, t)| (t.clone(), source.path().to_path_buf()))
+        .unzip();
     let mut pairs: BTreeMap<&str, (Option<usize>, Option<usize>)> = BTreeMap::new();
     for (i, t) in tensors.iter().enumerate() {
         if let Some(target) = t.name.strip_suffix(".lora_down.weight") {
@@ -117,6 +162,7 @@ pub(crate) fn open(name: &str, path: PathBuf) -> anyhow::Result<ModelMeta> {
         name: name.to_owned(),
         path,
         tensors,
+        files,
         lora,
     })
 }
@@ -125,7 +171,7 @@ pub(crate) fn open(name: &str, path: PathBuf) -> anyhow::Result<ModelMeta> {
 /// shape [out, in] and the pair's shapes are [rank, in] and [out, rank] in BF16, F16 or F32.
 pub(crate) fn check_patches(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result<()> {
     for step in &workflow.steps {
-        let crate::workflow::Op::Patch { model, lora, .. } = step.op else {
+        let Op::Patch { model, lora, .. } = step.op else {
             continue;
         };
         let (m, l) = (&models[model], &models[lora]);
@@ -205,9 +251,9 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
 /// nothing to add).
 pub(crate) fn apply_lora(
     weight: &mut [u8],
-    w: &TensorMeta,
-    down: (&TensorMeta, &[u8]),
-    up: (&TensorMeta, &[u8]),
+    w: &SourceTensor,
+    down: (&SourceTensor, &[u8]),
+    up: (&SourceTensor, &[u8]),
     strength: f32,
 ) -> anyhow::Result<()> {
     let (cols, rank) = (w.shape[1] as usize, down.0.shape[0] as usize);
@@ -273,17 +319,17 @@ impl Digest {
 
 #[cfg(test)]
 mod tests {
-    use super::{TensorMeta, apply_lora};
-    use lowtide::Dtype;
+    use lowtide::{Dtype, SourceTensor};
 
-    fn meta(dtype: Dtype, shape: &[u64]) -> TensorMeta {
-        TensorMeta {
+    use super::apply_lora;
+
+    fn meta(dtype: Dtype, shape: &[u64]) -> SourceTensor {
+        SourceTensor {
             name: "w".into(),
             dtype,
             shape: shape.to_vec(),
-            len: 0,
-            file: "f".into(),
             offset: 0,
+            len: 0,
         }
     }
 

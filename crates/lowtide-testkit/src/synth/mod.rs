@@ -1,20 +1,30 @@
-//! Synthetic models with realistic tensor shapes: an SDXL-like text encoder, UNet and VAE, and
-//! LoRAs that patch the UNet's attention weights. Weights are deterministic small values, so
-//! every run (and every strategy) sees the same bytes.
+//! Synthetic models: the one generator of the workspace's model shapes.
+//!
+//! An SDXL-like model set with realistic tensor shapes at scale 1 (a text encoder, a UNet, a
+//! VAE, and LoRAs that patch the UNet's attention weights), smaller at smaller scales, for the
+//! CLI's workflows, demo and benchmarks; and [`small_unet`], a UNet-like set of about 3 MB
+//! with the cases those shapes lack (several dtypes, odd sizes, a scalar, an empty tensor),
+//! for the library's tests.
+//!
+//! Bytes are deterministic: [`fill`] gives the model set small weight values (finite floats,
+//! so patching and hashing agree between runs and strategies), [`pattern`] gives any tensor
+//! pseudo-random bytes its name determines (what the tests compare against).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod fill;
 
-use anyhow::Context;
-use lowtide::{ByteSize, Dtype, TensorSpec, create_safetensors};
+pub use fill::{expected, fill, pattern};
+use lowtide::Dtype;
 
-/// Bump when shapes or values change: cached files carry it in their names.
-const VERSION: u32 = 2;
+use crate::TensorSpec;
 
-/// The kinds of synthetic model a workflow can ask for.
+/// Bump when the model set's shapes or values change: cached files carry it in their names
+/// ([`file_name`]).
+pub const VERSION: u32 = 2;
+
+/// The kinds of model in the synthetic set (`snake_case` in workflow files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum Kind {
+pub enum Kind {
     /// A CLIP-like text encoder (F16).
     TextEncoder,
     /// A UNet with resnets and transformer blocks (BF16).
@@ -228,8 +238,20 @@ fn lora(scale: f64, variant: u32) -> Vec<TensorSpec> {
     specs
 }
 
+impl Kind {
+    /// Its name in workflow files and file names: `text_encoder`, `unet`, `vae`, `lora`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::TextEncoder => "text_encoder",
+            Kind::Unet => "unet",
+            Kind::Vae => "vae",
+            Kind::Lora => "lora",
+        }
+    }
+}
+
 /// Bytes of the UNet weights a LoRA of this `seed` patches.
-pub(crate) fn patched_bytes(scale: f64, seed: u32) -> u64 {
+pub fn patched_bytes(scale: f64, seed: u32) -> u64 {
     unet_attention(scale)
         .into_iter()
         .enumerate()
@@ -238,8 +260,9 @@ pub(crate) fn patched_bytes(scale: f64, seed: u32) -> u64 {
         .sum()
 }
 
-/// The tensor specs of a synthetic model.
-pub(crate) fn specs(kind: Kind, scale: f64, seed: u32) -> Vec<TensorSpec> {
+/// The tensor specs of a synthetic model. `scale` 1.0 gives realistic shapes; `seed` picks
+/// which projections a LoRA patches and the values of [`fill`].
+pub fn specs(kind: Kind, scale: f64, seed: u32) -> Vec<TensorSpec> {
     match kind {
         Kind::TextEncoder => text_encoder(scale),
         Kind::Unet => unet(scale),
@@ -249,128 +272,69 @@ pub(crate) fn specs(kind: Kind, scale: f64, seed: u32) -> Vec<TensorSpec> {
 }
 
 /// Total bytes of a synthetic model.
-pub(crate) fn bytes(kind: Kind, scale: f64, seed: u32) -> u64 {
+pub fn bytes(kind: Kind, scale: f64, seed: u32) -> u64 {
     specs(kind, scale, seed)
         .iter()
         .filter_map(TensorSpec::byte_len)
         .sum()
 }
 
-/// The cached file of a synthetic model, written if missing. `progress` is called with the
-/// bytes written so far.
-///
-/// The file is named only once complete, so a run killed while generating leaves nothing in
-/// `dir`; of several runs generating the same file at once, the first to finish names it and
-/// the others use it.
-pub(crate) fn ensure(
-    dir: &Path,
-    kind: Kind,
-    scale: f64,
-    seed: u32,
-    progress: &mut dyn FnMut(u64),
-) -> anyhow::Result<PathBuf> {
-    let kind_name = serde_json::to_value(kind)?
-        .as_str()
-        .unwrap_or("model")
-        .to_owned();
-    let path = dir.join(format!(
-        "{kind_name}-x{scale}-s{seed}-v{VERSION}.safetensors"
-    ));
-    if path.exists() {
-        return Ok(path);
-    }
-    // Files of earlier versions of the synthetic shapes are stale.
-    for old in 1..VERSION {
-        let _ = std::fs::remove_file(
-            dir.join(format!("{kind_name}-x{scale}-s{seed}-v{old}.safetensors")),
-        );
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let specs = specs(kind, scale, seed);
-    let mut metadata = BTreeMap::new();
-    metadata.insert("format".to_owned(), "pt".to_owned());
-    metadata.insert(
-        "lowtide.synthetic".to_owned(),
-        format!("{kind_name} scale {scale} seed {seed}"),
-    );
-    let total: u64 = specs.iter().filter_map(TensorSpec::byte_len).sum();
-    check_space(dir, &path, total)?;
-    let mut written = 0u64;
-    create_safetensors(&path, &specs, &metadata, |i, buf| {
-        fill(&specs[i], seed, buf);
-        written += buf.len() as u64;
-        progress(written);
-    })
-    .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
+/// The file name of a synthetic model: `<kind>-x<scale>-s<seed>-v<VERSION>.safetensors`.
+pub fn file_name(kind: Kind, scale: f64, seed: u32) -> String {
+    file_name_of_version(kind, scale, seed, VERSION)
 }
 
-/// Refuses to start a file of `bytes` that the file system of `dir` cannot hold.
-fn check_space(dir: &Path, path: &Path, bytes: u64) -> anyhow::Result<()> {
-    let Ok(stat) = rustix::fs::statvfs(dir) else {
-        // Not knowing is no reason to refuse: a full disk is still an error when writing.
-        return Ok(());
-    };
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-    // The header is small: a megabyte covers it.
-    if bytes.saturating_add(1 << 20) > free {
-        anyhow::bail!(
-            "cannot write {}: the model needs {}, {} has {} free",
-            path.display(),
-            ByteSize(bytes),
-            dir.display(),
-            ByteSize(free)
-        );
-    }
-    Ok(())
+/// [`file_name`] as an earlier `version` of the shapes named it (to find stale files).
+pub fn file_name_of_version(kind: Kind, scale: f64, seed: u32, version: u32) -> String {
+    format!("{}-x{scale}-s{seed}-v{version}.safetensors", kind.name())
 }
 
-/// Deterministic values: small floats for float dtypes, a ramp for integers.
-fn fill(spec: &TensorSpec, seed: u32, buf: &mut [u8]) {
-    let mut state = spec
-        .name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64 ^ u64::from(seed), |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    match spec.dtype {
-        Dtype::BF16 | Dtype::F16 => {
-            for pair in buf.chunks_exact_mut(8) {
-                let r = next();
-                for (k, out) in pair.chunks_exact_mut(2).enumerate() {
-                    // A value in (-0.05, 0.05): 16 random bits into the mantissa range.
-                    let unit = ((r >> (16 * k)) & 0xffff) as f32 / 65536.0 - 0.5;
-                    let value = unit * 0.1;
-                    let bits = if spec.dtype == Dtype::BF16 {
-                        half::bf16::from_f32(value).to_bits()
-                    } else {
-                        half::f16::from_f32(value).to_bits()
-                    };
-                    out.copy_from_slice(&bits.to_le_bytes());
-                }
-            }
-            let tail = buf.len() / 8 * 8;
-            buf[tail..].fill(0);
-        }
-        _ => {
-            for (i, chunk) in buf.chunks_mut(8).enumerate() {
-                let value = (i as u64).to_le_bytes();
-                chunk.copy_from_slice(&value[..chunk.len()]);
-            }
-        }
-    }
+/// A small UNet-like set of tensors (about 3 MB), names prefixed with `prefix`: several dtypes,
+/// odd sizes so that tensors share boundary pages, a scalar and an empty tensor. The library's
+/// tests pin its names and sizes (budgets are set between them).
+pub fn small_unet(prefix: &str) -> Vec<TensorSpec> {
+    let n = |s: &str| format!("{prefix}{s}");
+    vec![
+        t(n("conv_in.weight"), Dtype::F16, &[320, 4, 3, 3]),
+        t(n("conv_in.bias"), Dtype::F16, &[320]),
+        t(
+            n("time_embedding.linear_1.weight"),
+            Dtype::F32,
+            &[1280, 320],
+        ),
+        t(n("time_embedding.linear_1.bias"), Dtype::F32, &[1280]),
+        t(
+            n("down_blocks.0.attentions.0.to_q.weight"),
+            Dtype::BF16,
+            &[320, 320],
+        ),
+        t(
+            n("down_blocks.0.attentions.0.to_k.weight"),
+            Dtype::BF16,
+            &[320, 768],
+        ),
+        t(
+            n("down_blocks.0.attentions.0.norm.weight"),
+            Dtype::F32,
+            &[320],
+        ),
+        t(
+            n("mid_block.resnets.0.conv1.weight"),
+            Dtype::F16,
+            &[640, 64, 3, 3],
+        ),
+        t(n("mid_block.quant.weight"), Dtype::F8_E4M3, &[640, 641]),
+        t(n("position_ids"), Dtype::I64, &[1, 77]),
+        t(n("logit_scale"), Dtype::F32, &[]),
+        t(n("empty"), Dtype::F32, &[0, 16]),
+        t(n("mask"), Dtype::BOOL, &[77]),
+        t(n("conv_out.weight"), Dtype::F16, &[4, 320, 3, 3]),
+    ]
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Kind, bytes, specs};
+    use super::{Kind, bytes, fill, small_unet, specs};
 
     #[test]
     fn default_sizes_are_realistic() {
@@ -397,5 +361,46 @@ mod tests {
             .map(|s| s.name)
             .collect();
         assert!(a.iter().all(|n| !b.contains(n)));
+    }
+
+    /// The generator's bytes are pinned: the CLI's output digests (the README's among them)
+    /// are of these bytes. A change here is a new [`super::VERSION`] and new documented digests.
+    #[test]
+    fn the_model_set_is_byte_for_byte_what_it_was() {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for scale in [1.0, 0.1, 0.01] {
+            for kind in [Kind::TextEncoder, Kind::Unet, Kind::Vae, Kind::Lora] {
+                for seed in [0, 1, 7] {
+                    for spec in specs(kind, scale, seed) {
+                        h.update(spec.name.as_bytes());
+                        h.update(spec.dtype.name().as_bytes());
+                        for d in &spec.shape {
+                            h.update(&d.to_le_bytes());
+                        }
+                        let len = spec.byte_len().unwrap().min(4099) as usize;
+                        let mut buf = vec![0; len];
+                        fill(&spec, seed, &mut buf);
+                        h.update(&buf);
+                    }
+                }
+            }
+        }
+        assert_eq!(format!("{:016x}", h.digest()), "d9cea22510122424");
+    }
+
+    /// The tests' pattern is pinned too: it is what they compare tensors against.
+    #[test]
+    fn the_pattern_is_what_it_was() {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for (name, len) in [
+            ("conv_in.weight", 23040),
+            ("x", 3),
+            ("", 17),
+            ("mid_block.quant.weight", 410_240),
+        ] {
+            h.update(&super::expected(name, len));
+        }
+        assert_eq!(format!("{:016x}", h.digest()), "7b749c00acadf0b6");
+        assert_eq!(small_unet("").len(), 14);
     }
 }

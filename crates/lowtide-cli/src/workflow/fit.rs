@@ -10,9 +10,9 @@
 use anyhow::bail;
 use lowtide::ByteSize;
 
-use crate::catalog::ModelMeta;
-use crate::strategy::CHUNK;
-use crate::workflow::{Op, Workflow};
+use super::catalog::ModelMeta;
+use super::strategy::CHUNK;
+use super::{Op, Workflow};
 
 /// The process itself: its heap, thread stacks and I/O rings, measured at about 3 MiB of
 /// anonymous memory for a workflow of one tiny model; rounded up generously.
