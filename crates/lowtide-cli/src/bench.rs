@@ -439,14 +439,14 @@ fn spill_round(
         let id = if aligned {
             let mut buf = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
             fill(seed, buf.as_mut_slice());
-            store.derive(model, &name, Dtype::U8, &[TENSOR], buf)?
+            store.derive(model, &name, Dtype::U8, &[TENSOR as usize], buf)?
         } else {
             let mut buf = Vec::new();
             buf.try_reserve_exact(TENSOR as usize)
                 .context("cannot allocate a tensor")?;
             buf.resize(TENSOR as usize, 0);
             fill(seed, &mut buf);
-            store.derive(model, &name, Dtype::U8, &[TENSOR], buf)?
+            store.derive(model, &name, Dtype::U8, &[TENSOR as usize], buf)?
         };
         derived.push(id);
     }

@@ -462,7 +462,7 @@ fn setup(dir: &Path, size: u64) -> anyhow::Result<(Store, Vec<TensorId>, TensorI
     for (i, page) in bytes.as_mut_slice().chunks_mut(4096).enumerate() {
         page.fill(i as u8 | 1);
     }
-    let big = store.derive(m, "derived", Dtype::U8, &[size], bytes)?;
+    let big = store.derive(m, "derived", Dtype::U8, &[size as usize], bytes)?;
     Ok((store, ids, big))
 }
 

@@ -29,6 +29,7 @@ mod aligned;
 mod device;
 pub mod direct;
 mod dtype;
+mod element;
 mod governor;
 mod ids;
 pub mod policy;
@@ -45,7 +46,9 @@ pub use aligned::AlignedBytes;
 pub use device::CudaDevice;
 pub use device::{Device, DeviceAlloc, DeviceError, SimDevice};
 pub use dtype::{Dtype, UnknownDtype};
+pub use element::Element;
 pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, PressureTrigger};
+pub use half::{bf16, f16};
 pub use policy::{DefaultPolicy, Evicting, EvictionPolicy, Fate, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
@@ -57,7 +60,7 @@ pub use stats::StatsSnapshot;
 pub use store::{
     ConfigError, DeviceGuard, DeviceId, DropOutcome, FreeOutcome, LoadOutcome, ModelId, Prefetch,
     PrefetchOutcome, Recipe, Store, StoreBuilder, StoreError, TensorBytes, TensorGuard, TensorId,
-    TensorInfo, Tier, UnloadOutcome, scratch_bytes,
+    TensorInfo, Tier, UnloadOutcome, ViewError, scratch_bytes,
 };
 pub use sys::open::{FileKind, NotRegularFile, open_regular_file};
 pub use text::{Escaped, EscapedPath};

@@ -46,6 +46,7 @@ pub enum Priority {
 /// An evictable copy, as the policy sees it.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
+#[allow(clippy::struct_excessive_bools)] // independent facts about one copy
 pub struct Candidate {
     /// The tensor.
     pub tensor: TensorId,

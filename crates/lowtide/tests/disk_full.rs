@@ -28,13 +28,7 @@ fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
     let ids: Vec<_> = (0..5u8)
         .map(|i| {
             store
-                .derive(
-                    model,
-                    &format!("patched.{i}"),
-                    Dtype::U8,
-                    &[part as u64],
-                    fill(i),
-                )
+                .derive(model, &format!("patched.{i}"), Dtype::U8, &[part], fill(i))
                 .unwrap()
         })
         .collect();

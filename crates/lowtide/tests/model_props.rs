@@ -94,9 +94,16 @@ fn run(ops: &[Op]) {
                 let result = if *with_recipe {
                     let again = bytes.clone();
                     let recipe = Recipe::new(f64::from(*value % 4) * 0.8, move || again.clone());
-                    store.derive_with_recipe(model, &name, Dtype::U8, &[len], bytes.clone(), recipe)
+                    store.derive_with_recipe(
+                        model,
+                        &name,
+                        Dtype::U8,
+                        &[len as usize],
+                        bytes.clone(),
+                        recipe,
+                    )
                 } else {
-                    store.derive(model, &name, Dtype::U8, &[len], bytes.clone())
+                    store.derive(model, &name, Dtype::U8, &[len as usize], bytes.clone())
                 };
                 match result {
                     Ok(id) => {

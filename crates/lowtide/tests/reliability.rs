@@ -378,7 +378,7 @@ fn worker(store: &Store, gpu: lowtide::DeviceId, m: lowtide::ModelId, t: usize, 
                 let bytes: Vec<u8> = (0..len).map(|i| (i * 31 + t + round) as u8).collect();
                 let name = format!("t{t}.derived.{round}");
                 if let Some(id) = ok_or_tolerated(
-                    store.derive(m, &name, Dtype::U8, &[len as u64], bytes.clone()),
+                    store.derive(m, &name, Dtype::U8, &[len], bytes.clone()),
                     "derive",
                 ) {
                     derived.push((id, bytes));

@@ -276,7 +276,13 @@ fn large_derived_tensors_spill_and_restore_byte_identical() {
         let mut backing: Vec<u8> = (0..=len).map(|b| (b * 7 + i as u64) as u8).collect();
         let bytes: Vec<u8> = backing.drain(1..).collect();
         let id = store
-            .derive(m, &format!("d{i}"), Dtype::U8, &[len], bytes.clone())
+            .derive(
+                m,
+                &format!("d{i}"),
+                Dtype::U8,
+                &[len as usize],
+                bytes.clone(),
+            )
             .unwrap();
         assert_eq!(store.spill(id).unwrap(), len);
         assert!(store.info(id).unwrap().spilled);
@@ -291,7 +297,7 @@ fn large_derived_tensors_spill_and_restore_byte_identical() {
         aligned.as_mut_slice().copy_from_slice(&bytes);
         aligned.as_mut_slice()[0] ^= 0xff;
         let id = store
-            .derive(m, &format!("a{i}"), Dtype::U8, &[len], aligned)
+            .derive(m, &format!("a{i}"), Dtype::U8, &[len as usize], aligned)
             .unwrap();
         let written = store.stats().bytes_spilled;
         assert_eq!(store.spill(id).unwrap(), len);

@@ -141,7 +141,7 @@ fn derived(f: &Fixture, name: &str, len: usize) -> (lowtide::TensorId, Vec<u8>) 
     let bytes = common::expected(name, len as u64);
     let id = f
         .store
-        .derive(f.model, name, Dtype::U8, &[len as u64], bytes.clone())
+        .derive(f.model, name, Dtype::U8, &[len], bytes.clone())
         .unwrap();
     (id, bytes)
 }
@@ -171,7 +171,7 @@ fn a_blocked_spill_write_stalls_no_other_operation() {
 
     let barrier = Arc::new(Barrier::new(2));
     *f.faults.block_next_write.lock().unwrap() = Some(Arc::clone(&barrier));
-    let spiller = {
+    let spill_thread = {
         let store = store.clone();
         std::thread::spawn(move || store.spill(blocked))
     };
@@ -215,7 +215,7 @@ fn a_blocked_spill_write_stalls_no_other_operation() {
     assert_eq!(during.unwrap(), blocked_bytes);
 
     barrier.wait();
-    let freed = spiller.join().unwrap().unwrap();
+    let freed = spill_thread.join().unwrap().unwrap();
     assert_eq!(freed, blocked_bytes.len() as u64, "the spill committed");
     let info = store.info(blocked).unwrap();
     assert!(info.spilled && !info.in_ram);

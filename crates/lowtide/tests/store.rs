@@ -184,7 +184,7 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
         "{err}"
     );
     let err = store
-        .derive(model, "huge", Dtype::F32, &[u64::MAX, 2], vec![])
+        .derive(model, "huge", Dtype::F32, &[usize::MAX, 2], vec![])
         .unwrap_err();
     assert!(matches!(err, StoreError::BadShape { .. }), "{err}");
     // Replacing while pinned is refused and changes nothing.

@@ -94,21 +94,19 @@ impl StorageFile for DiskFile {
     }
 
     fn read_at(&self, offset: u64, dst: &mut [u8]) -> io::Result<usize> {
-        match &self.direct {
-            Some(direct) => read_at(direct, offset, dst, IoShape::DEFAULT, None).map(|(n, _)| n),
-            None => {
-                let mut done = 0;
-                while done < dst.len() {
-                    match self.file.read_at(&mut dst[done..], offset + done as u64) {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                        Err(err) => return Err(err),
-                    }
-                }
-                Ok(done)
+        if let Some(direct) = &self.direct {
+            return read_at(direct, offset, dst, IoShape::DEFAULT, None).map(|(n, _)| n);
+        }
+        let mut done = 0;
+        while done < dst.len() {
+            match self.file.read_at(&mut dst[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
             }
         }
+        Ok(done)
     }
 }
 

@@ -123,7 +123,7 @@ impl Shared {
     ) -> Result<Option<RamBuf>, StoreError> {
         match from {
             CopySource::Spill { extent, recipe } => {
-                let read = self.restore_spill(name, len, extent, into_ref(&into));
+                let read = self.restore_spill(name, len, extent, &into_ref(&into));
                 match read {
                     Ok(buf) => {
                         Stats::add(&self.stats.bytes_restored_spill, len);
@@ -135,13 +135,13 @@ impl Shared {
                         }
                         log::warn!("tensor `{}`: {err}", crate::text::Escaped(name));
                         match recipe {
-                            Some(recipe) => self.recompute(name, len, recipe, into),
+                            Some(recipe) => self.recompute(name, len, recipe, &into),
                             None => Err(spill_read_error(name, err)),
                         }
                     }
                 }
             }
-            CopySource::Recipe(recipe) => self.recompute(name, len, recipe, into),
+            CopySource::Recipe(recipe) => self.recompute(name, len, recipe, &into),
             CopySource::Ram(buf) => match into {
                 // `of` never picks a RAM copy for a RAM copy.
                 Target::Ram { .. } => Err(StoreError::NoCopy {
@@ -189,7 +189,7 @@ impl Shared {
         name: &str,
         len: u64,
         extent: &Extent,
-        into: TargetRef<'_>,
+        into: &TargetRef<'_>,
     ) -> Result<Option<RamBuf>, SpillError> {
         match into {
             TargetRef::Ram => {
@@ -216,7 +216,7 @@ impl Shared {
         name: &str,
         len: u64,
         recipe: &Recipe,
-        into: Target<'_>,
+        into: &Target<'_>,
     ) -> Result<Option<RamBuf>, StoreError> {
         let bytes = (recipe.compute)();
         if bytes.len() as u64 != len {
@@ -237,7 +237,7 @@ impl Shared {
     }
 
     /// Restores a file extent window by window (cached parts copied, the rest read with
-    /// O_DIRECT, as for RAM copies) on a reader thread while the previous window is uploaded
+    /// `O_DIRECT`, as for RAM copies) on a reader thread while the previous window is uploaded
     /// in the device's chunks: no full host copy is kept, nothing is left in the page cache,
     /// and at most three windows of buffer exist at once.
     fn stream_file(

@@ -251,7 +251,8 @@ impl Shared {
             for candidate in candidates {
                 let id = candidate.tensor;
                 match self.policy.fate(&candidate) {
-                    Fate::Drop if candidate.kept_elsewhere() => {}
+                    // A copy whose bytes exist elsewhere needs no write, whatever the fate.
+                    Fate::Drop | Fate::ToRam | Fate::Spill if candidate.kept_elsewhere() => {}
                     Fate::Recompute if candidate.recipe_cost.is_some() => {}
                     fate @ (Fate::ToRam | Fate::Spill) => {
                         let to_ram = if fate == Fate::ToRam && candidate.ram_room {
@@ -468,6 +469,9 @@ impl Store {
         self.acquire_device_sparing(id, device, None)
     }
 
+    // One sequence of steps (find, make room, allocate, upload, install), each needing the
+    // previous one's results: split, it would read worse.
+    #[allow(clippy::too_many_lines)]
     fn acquire_device_sparing(
         &self,
         id: TensorId,
@@ -517,7 +521,10 @@ impl Store {
         }
         if device.in_host_memory() {
             // Its memory is the host's: keep the reserve as for a RAM copy.
-            drop(self.shared.admit(id, &name, len, false)?);
+            drop(
+                self.shared
+                    .admit(id, &name, len, super::evict::Room::ReserveOnly)?,
+            );
         }
         let (alloc, from) = {
             let mut state = self.shared.lock_idle(id);
@@ -588,11 +595,7 @@ impl Store {
                 pins: entry.pins,
             });
         }
-        let alloc = Arc::new(alloc);
-        entry.device = Some(DeviceCopy {
-            device: device_id,
-            alloc: Arc::clone(&alloc),
-        });
+        let alloc = state.set_device(id, device_id, alloc);
         Stats::add(&self.shared.stats.device_bytes, len);
         self.shared.check(&mut state);
         Ok(self.device_guard(id, device, alloc))
@@ -651,40 +654,100 @@ impl Store {
     /// Replaces a tensor's bytes on `device` (after patching it there, say with a LoRA): the
     /// device copy becomes the tensor's only copy and the tensor is dirty. RAM and spill copies
     /// are dropped. Fails while a guard pins it; on error the tensor is unchanged.
+    ///
+    /// The bytes go to a new allocation on the device first, which takes the old copy's place
+    /// only once written: a reader of the old copy never sees them half-written, and an unload
+    /// meanwhile moves the old bytes, not the new ones.
     pub fn replace_on_device(
         &self,
         id: TensorId,
-        device: DeviceId,
+        device_id: DeviceId,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let info = self.info(id)?;
-        super::check_len(&info.name, info.dtype, &info.shape, bytes.len() as u64)?;
-        if info.pins > 0 {
+        let (device, name, len) = {
+            let state = self.shared.lock_idle(id);
+            let device = state.device(device_id)?;
+            let entry = state.unpinned(id)?;
+            super::check_len(&entry.name, entry.dtype, &entry.shape, bytes.len() as u64)?;
+            (device, entry.name.clone(), entry.len)
+        };
+        if device.free_bytes() < len {
+            self.shared
+                .unload_from(device_id, Victims::AllBut(None), |_| {
+                    device.free_bytes() >= len
+                })?;
+        }
+        if device.in_host_memory() {
+            drop(
+                self.shared
+                    .admit(id, &name, len, super::evict::Room::ReserveOnly)?,
+            );
+        }
+        let alloc = device
+            .allocate(len)
+            .map_err(|err| allocation_error(err, &name, &*device, len))?;
+        let written = device
+            .upload(&alloc, 0, bytes)
+            .and_then(|()| device.synchronize())
+            .map_err(|source| StoreError::Device {
+                name: name.clone(),
+                source,
+            });
+        if let Err(err) = written {
+            device.release(alloc);
+            return Err(err);
+        }
+        Stats::add(&self.shared.stats.bytes_uploaded, len);
+        let mut state = self.shared.lock_idle(id);
+        if let Err(err) = state.unpinned(id).map(drop) {
+            device.release(alloc);
+            return Err(err);
+        }
+        self.shared.release_device_copy(&mut state, id);
+        state.set_device(id, device_id, alloc);
+        Stats::add(&self.shared.stats.device_bytes, len);
+        self.commit_device_change(&mut state, id, device_id)
+    }
+
+    /// Records that the bytes of `guard`'s device copy were changed in place — by a kernel
+    /// through [`CudaDevice::device_ptr`](crate::CudaDevice), or through
+    /// [`SimDevice::with_bytes_mut`](crate::SimDevice::with_bytes_mut) — so that the device
+    /// copy is now the tensor's only copy: the tensor becomes dirty, its RAM copy and spill
+    /// extent are dropped (they hold the old bytes), and an unload later moves the new bytes
+    /// to RAM or the spill file instead of dropping them. Patching a tensor on the device
+    /// this way costs no transfer at all:
+    ///
+    /// ```no_run
+    /// # fn patch(store: &lowtide::Store, id: lowtide::TensorId, dev: lowtide::DeviceId)
+    /// # -> Result<(), Box<dyn std::error::Error>> {
+    /// let guard = store.acquire_device(id, dev)?;
+    /// if let Some(sim) = guard.device().downcast_ref::<lowtide::SimDevice>() {
+    ///     sim.with_bytes_mut(guard.alloc(), |bytes| bytes.fill(0))?;
+    /// }
+    /// store.mark_dirty_on_device(&guard)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Call it while the guard still lives, and with no other guard of the tensor alive
+    /// (another holder would be reading bytes that changed under it): otherwise
+    /// [`StoreError::Pinned`], and the store still takes the tensor for its old bytes — the
+    /// caller must not have written them then.
+    pub fn mark_dirty_on_device(&self, guard: &DeviceGuard) -> Result<(), StoreError> {
+        let mut state = self.shared.lock_idle(guard.id);
+        let entry = state.tensor(guard.id)?;
+        if entry.pins != 1 {
             return Err(StoreError::Pinned {
-                name: info.name,
-                pins: info.pins,
+                name: entry.name.clone(),
+                pins: entry.pins - 1,
             });
         }
-        let guard = self.acquire_device(id, device)?;
-        guard
-            .device
-            .upload(&guard.alloc, 0, bytes)
-            .map_err(|source| StoreError::Device {
-                name: info.name.clone(),
-                source,
-            })?;
-        guard
-            .device
-            .synchronize()
-            .map_err(|source| StoreError::Device {
-                name: info.name.clone(),
-                source,
-            })?;
-        Stats::add(&self.shared.stats.bytes_uploaded, bytes.len() as u64);
-        drop(guard);
-        let mut state = self.shared.lock_idle(id);
-        state.unpinned(id)?;
-        self.commit_device_change(&mut state, id, device)
+        let device = state
+            .devices
+            .iter()
+            .position(|d| Arc::ptr_eq(d, &guard.device))
+            .map(|i| DeviceId(i as u32))
+            .ok_or(StoreError::UnknownDevice { device: u32::MAX })?;
+        self.commit_device_change(&mut state, guard.id, device)
     }
 
     /// The tensor's bytes changed on `device`: its device copy there is now its only copy.

@@ -96,7 +96,7 @@ pub enum StoreError {
         /// Its dtype.
         dtype: Dtype,
         /// Its shape.
-        shape: Vec<u64>,
+        shape: Vec<usize>,
         /// Bytes needed.
         expected: u64,
         /// Bytes given.
@@ -113,7 +113,7 @@ pub enum StoreError {
         /// Its dtype.
         dtype: Dtype,
         /// Its shape.
-        shape: Vec<u64>,
+        shape: Vec<usize>,
     },
     /// Holding another RAM copy would exceed the budget, and nothing more can be evicted.
     #[error(

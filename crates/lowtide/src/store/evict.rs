@@ -39,6 +39,18 @@ pub struct FreeOutcome {
     pub spill_failures: u32,
 }
 
+/// How [`Shared::admit`] may make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Room {
+    /// Within the budget and above the reserve, evicting as needed.
+    Evict,
+    /// Within the budget and above the reserve, or not at all (prefetch).
+    NoEviction,
+    /// Above the reserve only, evicting as needed: bytes that are not RAM copies (a device
+    /// in host memory).
+    ReserveOnly,
+}
+
 /// Victims chosen under the lock whose bytes must be written before their copy can go.
 #[derive(Default)]
 pub(super) struct Plan {
@@ -117,7 +129,8 @@ impl Shared {
             }
             let id = candidate.tensor;
             match self.policy.fate(&candidate) {
-                Fate::Drop if candidate.kept_elsewhere() => {
+                // A copy whose bytes exist elsewhere needs no write, whatever the fate.
+                Fate::Drop | Fate::Spill | Fate::ToRam if candidate.kept_elsewhere() => {
                     let freed = self.let_go(state, id, reason);
                     if candidate.clean {
                         plan.outcome.dropped_bytes += freed;
@@ -128,10 +141,7 @@ impl Shared {
                 Fate::Recompute if candidate.recipe_cost.is_some() => {
                     plan.outcome.recipe_bytes += self.let_go(state, id, reason);
                 }
-                Fate::Spill if candidate.spilled => {
-                    plan.outcome.recipe_bytes += self.let_go(state, id, reason);
-                }
-                Fate::Spill if !candidate.clean => {
+                Fate::Spill => {
                     let Ok(entry) = state.tensor_mut(id) else {
                         continue;
                     };
@@ -242,21 +252,24 @@ impl Shared {
         );
     }
 
-    /// Makes room for `len` more bytes of RAM for tensor `id` within the budget (when
-    /// `in_budget`) and above the reserve, evicting in policy order with no lock held across
-    /// a write, and returns the lock with the bytes reserved (`state.reserved`; the caller
-    /// un-reserves them when it installs the copy or fails). Memory readings and waits for
-    /// the releaser happen outside the lock. Fails when even evicting every unpinned copy
-    /// could not make room; nothing is evicted then for the budget.
+    /// Makes room for `len` more bytes of RAM for tensor `id` within the budget (unless
+    /// `room` is [`Room::ReserveOnly`]) and above the reserve, evicting in policy order (unless
+    /// [`Room::NoEviction`]) with no lock held across a write, and returns the lock with the
+    /// bytes reserved in the budget (`state.reserved`; the caller un-reserves them when it
+    /// installs the copy or fails). Memory readings and waits for the releaser happen outside
+    /// the lock. Fails when evicting cannot make room: at once when even every unpinned copy
+    /// would not be enough (nothing is evicted then), or when a pass frees nothing (every
+    /// write failed, or the policy keeps everything).
     pub(super) fn admit(
         &self,
         id: TensorId,
         name: &str,
         len: u64,
-        in_budget: bool,
+        room: Room,
     ) -> Result<MutexGuard<'_, State>, StoreError> {
         let budget = self.governor.ram_budget;
         let reserve = self.governor.reserve_ram();
+        let in_budget = room != Room::ReserveOnly;
         let mut wait_releaser = reserve > 0;
         loop {
             if wait_releaser {
@@ -268,6 +281,7 @@ impl Shared {
             let mut state = self.lock();
             let pending = state.releaser.pending();
             if in_budget && pending > 0 && state.anon + state.reserved + pending + len > budget {
+                drop(state);
                 wait_releaser = true;
                 continue;
             }
@@ -276,22 +290,25 @@ impl Shared {
             } else {
                 0
             };
+            let over_budget = |state: &State, evictable: u64| StoreError::OverBudget {
+                name: name.to_owned(),
+                requested: len,
+                available: budget.saturating_sub(state.anon + state.reserved) + evictable,
+                budget,
+            };
             if over > 0 {
                 let evictable: u64 = state
                     .entries()
                     .filter(|(other, t)| *other != id && t.pins == 0)
                     .filter_map(|(_, t)| t.ram.as_ref().map(|b| b.len()))
                     .sum();
-                if over > evictable {
-                    return Err(StoreError::OverBudget {
-                        name: name.to_owned(),
-                        requested: len,
-                        available: budget.saturating_sub(state.anon + state.reserved) + evictable,
-                        budget,
-                    });
+                if over > evictable || room == Room::NoEviction {
+                    return Err(over_budget(&state, evictable));
                 }
                 let plan = self.plan(&mut state, over, EvictReason::Budget, Some(id));
-                self.evicted_or_wait(state, plan)?;
+                if !self.evicted_or_waited(state, plan) {
+                    return Err(over_budget(&self.lock(), 0));
+                }
                 wait_releaser = false;
                 continue;
             }
@@ -301,22 +318,26 @@ impl Shared {
                 crate::governor::reserve_shortfall(available, len, reserve)
             });
             if short > 0 {
+                let under_reserve = || StoreError::UnderReserve {
+                    name: name.to_owned(),
+                    requested: len,
+                    available: available.unwrap_or(0),
+                    reserve,
+                };
+                if room == Room::NoEviction {
+                    return Err(under_reserve());
+                }
                 if state.flush_pool() > 0 {
                     // Pooled buffers go back first: they hold no tensor.
                     self.check(&mut state);
+                    drop(state);
                     wait_releaser = true;
                     continue;
                 }
                 let plan = self.plan(&mut state, short, EvictReason::Reserve, Some(id));
-                if plan.is_empty() && !state.entries().any(|(_, t)| t.busy) {
-                    return Err(StoreError::UnderReserve {
-                        name: name.to_owned(),
-                        requested: len,
-                        available: available.unwrap_or(0),
-                        reserve,
-                    });
+                if !self.evicted_or_waited(state, plan) {
+                    return Err(under_reserve());
                 }
-                self.evicted_or_wait(state, plan)?;
                 wait_releaser = true;
                 continue;
             }
@@ -327,30 +348,27 @@ impl Shared {
         }
     }
 
-    /// Carries out a plan outside the lock; an empty plan while other evictions are in
-    /// flight waits for one of them to commit.
-    fn evicted_or_wait(
-        &self,
-        mut state: MutexGuard<'_, State>,
-        plan: Plan,
-    ) -> Result<(), StoreError> {
+    /// Carries out a plan outside the lock, or when it is empty waits for an eviction in
+    /// flight to commit. Says whether anything changed (bytes freed, or a commit waited for):
+    /// `false` means evicting cannot make progress now.
+    fn evicted_or_waited(&self, mut state: MutexGuard<'_, State>, plan: Plan) -> bool {
+        self.check(&mut state);
         if plan.is_empty() {
             if state.entries().any(|(_, t)| t.busy) {
-                self.check(&mut state);
                 drop(self.wait_changed(state));
+                return true;
             }
-            return Ok(());
+            return false;
         }
-        self.check(&mut state);
         drop(state);
-        self.carry_out(plan);
-        Ok(())
+        self.carry_out(plan).freed_bytes > 0
     }
 
     /// Frees what the governor asks for: called by the monitor thread.
     pub(super) fn relieve(&self, pressure: bool) {
         // Copies still being freed first, without holding the store's lock meanwhile.
-        Arc::clone(&self.lock().releaser).wait();
+        let releaser = Arc::clone(&self.lock().releaser);
+        releaser.wait();
         let reading: MemoryReading = self.governor.reading();
         let reserve = self.governor.reserve_ram();
         let short = reserve.saturating_sub(reading.available);
@@ -364,8 +382,8 @@ impl Shared {
             // mapped pages of idle models so the kernel can reclaim them first.
             let need = short.max(state.anon / 8);
             let plan = self.plan(&mut state, need, EvictReason::Pressure, None);
-            let released = state.release_idle_mapped();
-            Stats::add(&self.stats.mapped_released_bytes, released);
+            let idle_mapped = state.release_idle_mapped();
+            Stats::add(&self.stats.mapped_released_bytes, idle_mapped);
             plan
         } else {
             self.plan(&mut state, short, EvictReason::Reserve, None)

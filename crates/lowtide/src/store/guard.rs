@@ -4,6 +4,8 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use super::{Shared, TensorId, Tier};
+use crate::dtype::Dtype;
+use crate::element::Element;
 use crate::source::Source;
 use crate::store::state::RamBuf;
 
@@ -22,7 +24,33 @@ pub(super) enum View {
 pub struct TensorGuard {
     pub(super) shared: Arc<Shared>,
     pub(super) id: TensorId,
+    pub(super) dtype: Dtype,
+    pub(super) shape: Arc<[usize]>,
     pub(super) view: View,
+}
+
+/// A typed view refused by [`TensorGuard::as_slice`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ViewError {
+    /// The tensor's dtype is not the element type asked for.
+    #[error("the tensor is {have}, not {want}")]
+    Dtype {
+        /// The tensor's dtype.
+        have: Dtype,
+        /// The dtype of the element type asked for.
+        want: Dtype,
+    },
+    /// The bytes do not start at a multiple of the element's alignment (a mapped view of a
+    /// tensor at an unaligned file offset, or a RAM copy restored from one):
+    /// [`TensorGuard::to_vec_of`] copies instead.
+    #[error("the bytes at {addr:#x} are not aligned to {align} bytes")]
+    Misaligned {
+        /// The address of the first byte.
+        addr: usize,
+        /// The alignment needed.
+        align: usize,
+    },
 }
 
 impl TensorGuard {
@@ -36,6 +64,55 @@ impl TensorGuard {
         match self.view {
             View::Ram(_) => Tier::Ram,
             View::Mapped { .. } => Tier::Mapped,
+        }
+    }
+
+    /// The tensor's element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The tensor's shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The bytes as elements of `T`, without a copy. `T`'s dtype must be the tensor's.
+    ///
+    /// Alignment: a RAM copy lowtide allocated (derived from aligned bytes, restored from the
+    /// spill file, downloaded or recomputed) starts on a page; a RAM copy restored from the
+    /// model file and a mapped view start where the tensor's file offset falls within its page,
+    /// so they are aligned for `T` when the file offset is (safetensors writers align the data
+    /// section to 8 bytes, and tensors of one dtype packed together stay aligned to it).
+    /// Misaligned bytes are [`ViewError::Misaligned`], never an unaligned reference.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T], ViewError> {
+        if self.dtype != T::DTYPE {
+            return Err(ViewError::Dtype {
+                have: self.dtype,
+                want: T::DTYPE,
+            });
+        }
+        let bytes = self.bytes();
+        crate::sys::cast::cast_slice(bytes).ok_or(ViewError::Misaligned {
+            addr: bytes.as_ptr() as usize,
+            align: std::mem::align_of::<T>(),
+        })
+    }
+
+    /// The elements copied out as `T`, whatever the bytes' alignment (little-endian, as
+    /// safetensors stores them). `T`'s dtype must be the tensor's.
+    pub fn to_vec_of<T: Element>(&self) -> Result<Vec<T>, ViewError> {
+        match self.as_slice::<T>() {
+            Ok(slice) => Ok(slice.to_vec()),
+            Err(ViewError::Misaligned { .. }) => {
+                let size = std::mem::size_of::<T>();
+                let mut out: Vec<T> = Vec::with_capacity(self.bytes().len() / size);
+                for chunk in self.bytes().chunks_exact(size) {
+                    out.push(crate::sys::cast::read_unaligned(chunk));
+                }
+                Ok(out)
+            }
+            Err(err) => Err(err),
         }
     }
 
@@ -76,6 +153,8 @@ impl std::fmt::Debug for TensorGuard {
         f.debug_struct("TensorGuard")
             .field("id", &self.id)
             .field("tier", &self.tier())
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
             .field("len", &self.bytes().len())
             .finish_non_exhaustive()
     }

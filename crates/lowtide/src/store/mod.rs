@@ -25,7 +25,7 @@ pub use builder::StoreBuilder;
 pub use device::{DeviceGuard, LoadOutcome, UnloadOutcome};
 pub use error::{ConfigError, StoreError};
 pub use evict::FreeOutcome;
-pub use guard::TensorGuard;
+pub use guard::{TensorGuard, ViewError};
 pub use prefetch::{Prefetch, PrefetchOutcome};
 pub use state::DropOutcome;
 
@@ -37,6 +37,7 @@ use crate::source::ModelFiles;
 use crate::spill::SpillFile;
 use crate::stats::{Stats, StatsSnapshot};
 use copies::{CopySource, Target};
+use evict::Room;
 use guard::View;
 pub use state::TensorBytes;
 use state::{FileExtent, ModelEntry, State, TensorEntry};
@@ -92,14 +93,16 @@ impl std::fmt::Debug for Recipe {
 #[non_exhaustive]
 #[allow(clippy::struct_excessive_bools)] // independent facts about one tensor, not a state machine
 pub struct TensorInfo {
+    /// Its handle.
+    pub id: TensorId,
     /// Name within its model.
     pub name: String,
     /// The model it belongs to.
     pub model: ModelId,
     /// Element type.
     pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<u64>,
+    /// Shape, outermost dimension first.
+    pub shape: Vec<usize>,
     /// Length in bytes.
     pub len: u64,
     /// Its bytes equal its extent in the source file (it can always be restored from there).
@@ -116,6 +119,40 @@ pub struct TensorInfo {
     pub device: Option<DeviceId>,
     /// Live guards.
     pub pins: u32,
+}
+
+impl TensorInfo {
+    fn of(id: TensorId, t: &TensorEntry) -> Self {
+        Self {
+            id,
+            name: t.name.clone(),
+            model: t.model,
+            dtype: t.dtype,
+            shape: t.shape.to_vec(),
+            len: t.len,
+            clean: t.is_clean(),
+            in_ram: t.ram.is_some(),
+            mapped: t.mapped,
+            spilled: t.spilled.is_some(),
+            has_recipe: t.recipe.is_some(),
+            device: t.device.as_ref().map(|c| c.device),
+            pins: t.pins,
+        }
+    }
+
+    /// The tiers holding a copy of its bytes now, fastest first (the model file itself is
+    /// not listed: a clean tensor can always be restored from it).
+    pub fn tiers(&self) -> Vec<Tier> {
+        [
+            (self.device.is_some(), Tier::Device),
+            (self.in_ram, Tier::Ram),
+            (self.mapped, Tier::Mapped),
+            (self.spilled, Tier::Spilled),
+        ]
+        .into_iter()
+        .filter_map(|(held, tier)| held.then_some(tier))
+        .collect()
+    }
 }
 
 pub(crate) struct Shared {
@@ -179,11 +216,13 @@ impl Shared {
             .store(state.pool_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn guard(self: &Arc<Self>, id: TensorId, view: View) -> TensorGuard {
+    fn guard(self: &Arc<Self>, id: TensorId, entry: &TensorEntry, view: View) -> TensorGuard {
         Stats::add(&self.stats.acquires, 1);
         TensorGuard {
             shared: Arc::clone(self),
             id,
+            dtype: entry.dtype,
+            shape: Arc::clone(&entry.shape),
             view,
         }
     }
@@ -262,7 +301,7 @@ impl Store {
                 model,
                 name.clone(),
                 entry.dtype,
-                entry.shape.clone(),
+                entry.shape.iter().map(|&d| d as usize).collect(),
                 entry.len,
             );
             tensor.base = Some(FileExtent {
@@ -324,21 +363,22 @@ impl Store {
     /// What the store knows about a tensor now.
     pub fn info(&self, id: TensorId) -> Result<TensorInfo, StoreError> {
         let state = self.shared.lock();
-        let t = state.tensor(id)?;
-        Ok(TensorInfo {
-            name: t.name.clone(),
-            model: t.model,
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            len: t.len,
-            clean: t.is_clean(),
-            in_ram: t.ram.is_some(),
-            mapped: t.mapped,
-            spilled: t.spilled.is_some(),
-            has_recipe: t.recipe.is_some(),
-            device: t.device.as_ref().map(|c| c.device),
-            pins: t.pins,
-        })
+        Ok(TensorInfo::of(id, state.tensor(id)?))
+    }
+
+    /// What the store knows about every tensor of a model now, ordered by name: names,
+    /// dtypes, shapes and where the bytes are, in one call.
+    pub fn list(&self, model: ModelId) -> Result<Vec<TensorInfo>, StoreError> {
+        let state = self.shared.lock();
+        let mut infos: Vec<TensorInfo> = state
+            .model(model)?
+            .tensors
+            .iter()
+            .filter_map(|&id| state.tensor(id).ok().map(|t| TensorInfo::of(id, t)))
+            .collect();
+        drop(state);
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(infos)
     }
 
     /// Pins a host view of the tensor without copying it: its RAM copy if it has one; for a
@@ -373,13 +413,13 @@ impl Store {
     /// [`Store::acquire_mapped`]'s work; the guard's bytes are only read by callers that keep
     /// its contract.
     fn pin_host_view(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
-        let (extent, len, was_mapped) = {
+        let (extent, len, was_mapped, guard) = {
             let mut state = self.shared.lock();
             let entry = state.touch(id)?;
             if let Some(buf) = &entry.ram {
                 let view = View::Ram(Arc::clone(buf));
                 entry.pins += 1;
-                return Ok(self.shared.guard(id, view));
+                return Ok(self.shared.guard(id, entry, view));
             }
             let Some(extent) = entry.clean_extent().cloned() else {
                 drop(state);
@@ -388,15 +428,15 @@ impl Store {
             let found = (extent, entry.len, entry.mapped);
             let entry = state.pin(id)?;
             entry.mapped = true;
-            found
+            let view = View::Mapped {
+                source: Arc::clone(&found.0.source),
+                offset: found.0.offset as usize,
+                len: found.1 as usize,
+            };
+            // From here the guard owns the pin: on error its drop unpins.
+            let guard = self.shared.guard(id, entry, view);
+            (found.0, found.1, found.2, guard)
         };
-        let view = View::Mapped {
-            source: Arc::clone(&extent.source),
-            offset: extent.offset as usize,
-            len: len as usize,
-        };
-        // From here the guard owns the pin: on error its drop unpins.
-        let guard = self.shared.guard(id, view);
         if let Err(err) = extent.source.fault_in(extent.offset, len) {
             if !was_mapped && let Ok(entry) = self.shared.lock().tensor_mut(id) {
                 entry.mapped = false;
@@ -423,19 +463,24 @@ impl Store {
     /// with [`StoreError::OverBudget`] or [`StoreError::UnderReserve`] when even that is not
     /// enough: nothing is allocated past the budget.
     pub fn acquire_ram(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
+        self.acquire_ram_with(id, Room::Evict)
+    }
+
+    /// [`Store::acquire_ram`], making room as `room` allows.
+    fn acquire_ram_with(&self, id: TensorId, room: Room) -> Result<TensorGuard, StoreError> {
         let (name, len) = {
             let mut state = self.shared.lock();
             let entry = state.touch(id)?;
             if let Some(buf) = &entry.ram {
                 let buf = Arc::clone(buf);
                 entry.pins += 1;
-                return Ok(self.shared.guard(id, View::Ram(buf)));
+                return Ok(self.shared.guard(id, entry, View::Ram(buf)));
             }
             (entry.name.clone(), entry.len)
         };
         // The room is reserved before the read so that concurrent loads cannot overshoot
         // together.
-        let mut state = self.shared.admit(id, &name, len, true)?;
+        let mut state = self.shared.admit(id, &name, len, room)?;
         let chosen = match state.tensor(id) {
             // Another thread restored it meanwhile.
             Ok(entry) if entry.ram.is_some() => None,
@@ -447,8 +492,9 @@ impl Store {
                 state.unreserve(len);
                 let entry = state.pin(id)?;
                 let buf = Arc::clone(entry.ram.as_ref().expect("checked above"));
+                let guard = self.shared.guard(id, entry, View::Ram(buf));
                 self.shared.check(&mut state);
-                return Ok(self.shared.guard(id, View::Ram(buf)));
+                return Ok(guard);
             }
             Some(Ok(from)) => from,
             Some(Err(err)) => {
@@ -488,11 +534,12 @@ impl Store {
         if from.reads_spill() {
             state.end_spill_read(id, result.is_ok());
         }
-        let result = match result {
-            Ok(buf) => {
+        let result = match result.and_then(|buf| Ok((buf, state.tensor(id)?))) {
+            Ok((buf, entry)) => {
+                let guard = self.shared.guard(id, entry, View::Ram(buf));
                 self.shared.check(&mut state);
                 drop(state);
-                Ok(self.shared.guard(id, View::Ram(buf)))
+                Ok(guard)
             }
             Err(err) => {
                 state.unpin(id);
@@ -515,7 +562,7 @@ impl Store {
         model: ModelId,
         name: &str,
         dtype: Dtype,
-        shape: &[u64],
+        shape: &[usize],
         bytes: impl Into<TensorBytes>,
     ) -> Result<TensorId, StoreError> {
         self.derive_inner(model, name, dtype, shape, bytes.into(), None)
@@ -528,7 +575,7 @@ impl Store {
         model: ModelId,
         name: &str,
         dtype: Dtype,
-        shape: &[u64],
+        shape: &[usize],
         bytes: impl Into<TensorBytes>,
         recipe: Recipe,
     ) -> Result<TensorId, StoreError> {
@@ -540,7 +587,7 @@ impl Store {
         model: ModelId,
         name: &str,
         dtype: Dtype,
-        shape: &[u64],
+        shape: &[usize],
         bytes: TensorBytes,
         recipe: Option<Recipe>,
     ) -> Result<TensorId, StoreError> {
@@ -559,14 +606,14 @@ impl Store {
         duplicate(&self.shared.lock())?;
         // The id the tensor will get; eviction only needs it to exclude nothing registered.
         let pending = TensorId(u32::MAX);
-        let mut state = self.shared.admit(pending, name, len, true)?;
+        let mut state = self.shared.admit(pending, name, len, Room::Evict)?;
         state.unreserve(len);
         if let Err(err) = duplicate(&state) {
             self.shared.check(&mut state);
             return Err(err);
         }
         let id = TensorId(state.tensors.len() as u32);
-        let mut entry = TensorEntry::new(model, name.to_owned(), dtype, shape.to_vec(), len);
+        let mut entry = TensorEntry::new(model, name.to_owned(), dtype, shape.into(), len);
         entry.recipe = recipe;
         state.tensors.push(Some(entry));
         state.install_ram(id, bytes.into_ram());
@@ -585,7 +632,7 @@ impl Store {
     /// error the tensor is unchanged.
     pub fn replace(&self, id: TensorId, bytes: impl Into<TensorBytes>) -> Result<(), StoreError> {
         let bytes = bytes.into();
-        let (name, held) = {
+        let (name, mut held) = {
             let state = self.shared.lock_idle(id);
             let entry = state.unpinned(id)?;
             check_len(&entry.name, entry.dtype, &entry.shape, bytes.len())?;
@@ -594,18 +641,28 @@ impl Store {
                 entry.ram.as_ref().map_or(0, |b| b.len()),
             )
         };
-        let extra = bytes.len().saturating_sub(held);
-        let mut state = self.shared.admit(id, &name, extra, true)?;
-        state.unreserve(extra);
-        // Evictions were waited for, but the lock was let go meanwhile: check again.
-        if let Err(err) = state.unpinned(id).map(drop) {
-            self.shared.check(&mut state);
-            return Err(err);
-        }
-        if state.tensor(id)?.busy {
-            drop(state);
-            return self.replace(id, bytes);
-        }
+        let mut state = loop {
+            // The old copy's room is reused; only the difference is made room for.
+            let extra = bytes.len().saturating_sub(held);
+            let mut state = self.shared.admit(id, &name, extra, Room::Evict)?;
+            state.unreserve(extra);
+            // The lock was let go while making room: check again.
+            if let Err(err) = state.unpinned(id).map(drop) {
+                self.shared.check(&mut state);
+                return Err(err);
+            }
+            let entry = state.tensor(id)?;
+            let now = entry.ram.as_ref().map_or(0, |b| b.len());
+            if entry.busy || now < held {
+                // Being evicted, or evicted meanwhile: its room is no longer there.
+                held = now;
+                while state.tensor(id).is_ok_and(|t| t.busy) {
+                    state = self.shared.wait_changed(state);
+                }
+                continue;
+            }
+            break state;
+        };
         // The file's pages and any device copy no longer hold this tensor's bytes.
         let released = state.drop_clean(id, false);
         self.record_drop(released);
@@ -811,8 +868,10 @@ pub fn scratch_bytes(largest: u64, device_chunk: usize) -> u64 {
         + crate::spill::buffers_bound(largest, device_chunk)
 }
 
-fn check_len(name: &str, dtype: Dtype, shape: &[u64], actual: u64) -> Result<(), StoreError> {
-    let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+fn check_len(name: &str, dtype: Dtype, shape: &[usize], actual: u64) -> Result<(), StoreError> {
+    let elements = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let Some(expected) = elements.and_then(|n| dtype.bytes_for(n)) else {
         return Err(StoreError::BadShape {
             name: name.to_owned(),

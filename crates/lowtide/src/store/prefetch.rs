@@ -104,7 +104,7 @@ impl Store {
                 outcome.skipped_bytes += len;
                 continue;
             }
-            match self.acquire_ram(id) {
+            match self.acquire_ram_with(id, super::evict::Room::NoEviction) {
                 Ok(guard) => {
                     drop(guard);
                     outcome.tensors += 1;

@@ -1,12 +1,15 @@
 //! The registry behind the store's lock: models, tensors, their copies and the accounting.
 //!
 //! Every change of a tensor's copies goes through a transition method here (`install_ram`,
-//! `take_ram`, `set_spilled`, `take_device`, `make_dirty`, `make_clean`, `pin`, `unpin`),
-//! and only those methods touch the counters (`anon`, `reserved`, pins), so the accounting
-//! cannot drift from the copies. Invariants (checked after every operation in `strict`
-//! builds): `anon` equals the sum of the lengths of all RAM copies; `anon + reserved + pooled
-//! + being freed` never exceeds the budget; a dirty tensor always has a copy somewhere or a
-//! recipe; only dirty tensors have spill extents.
+//! `take_ram`, `set_spilled`, `free_spilled`, `set_device`, `take_device`, `make_dirty`,
+//! `make_clean`), and only those methods touch the byte counters (`anon`, `reserved`), so the
+//! accounting cannot drift from the copies. Pins change through `pin` and `unpin`, or by
+//! `pins += 1` on the entry an acquire has just looked up under the same lock.
+//!
+//! Invariants (checked after every operation in `strict` builds): `anon` equals the sum of
+//! the lengths of all RAM copies; `anon + reserved + pooled + being freed` never exceeds the
+//! budget; a dirty tensor always has a copy somewhere or a recipe; only dirty tensors have
+//! spill extents.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -98,7 +101,7 @@ pub(super) struct TensorEntry {
     pub(super) model: ModelId,
     pub(super) name: String,
     pub(super) dtype: Dtype,
-    pub(super) shape: Vec<u64>,
+    pub(super) shape: Arc<[usize]>,
     pub(super) len: u64,
     /// The file extent the tensor was opened from, kept after patching so that it can be
     /// reverted to its original bytes without writing anything.
@@ -130,7 +133,7 @@ impl TensorEntry {
         model: ModelId,
         name: String,
         dtype: Dtype,
-        shape: Vec<u64>,
+        shape: Arc<[usize]>,
         len: u64,
     ) -> Self {
         Self {
@@ -437,6 +440,24 @@ impl State {
         }
     }
 
+    /// Gives `id` the device copy `alloc` on `device` (it must have none).
+    pub(super) fn set_device(
+        &mut self,
+        id: TensorId,
+        device: DeviceId,
+        alloc: DeviceAlloc,
+    ) -> Arc<DeviceAlloc> {
+        let alloc = Arc::new(alloc);
+        if let Ok(entry) = self.tensor_mut(id) {
+            debug_assert!(entry.device.is_none(), "one device copy at a time");
+            entry.device = Some(DeviceCopy {
+                device,
+                alloc: Arc::clone(&alloc),
+            });
+        }
+        alloc
+    }
+
     /// Takes `id`'s device copy out of the entry; the caller frees it on its device.
     pub(super) fn take_device(&mut self, id: TensorId) -> Option<(Arc<dyn Device>, DeviceCopy)> {
         let copy = self.tensor_mut(id).ok()?.device.take()?;
@@ -448,6 +469,11 @@ impl State {
     /// them. The caller installs the new copy.
     pub(super) fn make_dirty(&mut self, id: TensorId) -> Result<(), StoreError> {
         let entry = self.tensor_mut(id)?;
+        if std::mem::take(&mut entry.mapped)
+            && let Some(base) = &entry.base
+        {
+            base.source.release(base.offset, entry.len);
+        }
         entry.clean = false;
         entry.recipe = None;
         self.free_spilled(id);

@@ -4,6 +4,7 @@
 //! talks to the kernel through the safe types below.
 
 mod buf;
+pub(crate) mod cast;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod direct;
