@@ -155,7 +155,7 @@ fn a_device_copy_patched_in_place_survives_an_unload() {
     let other = store.acquire_device(id, device).unwrap();
     assert!(matches!(
         store.mark_dirty_on_device(&guard),
-        Err(StoreError::Pinned { .. })
+        Err(StoreError::Update(lowtide::UpdateError::Pinned { .. }))
     ));
     drop(other);
     store.mark_dirty_on_device(&guard).unwrap();
@@ -223,11 +223,17 @@ fn making_room_without_progress_fails_instead_of_waiting() {
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("making room did not return");
     assert!(
-        matches!(second, Err(StoreError::OverBudget { .. })),
+        matches!(
+            second,
+            Err(StoreError::Memory(lowtide::MemoryError::OverBudget { .. }))
+        ),
         "{second:?}"
     );
     assert!(
-        matches!(third, Err(StoreError::OverBudget { .. })),
+        matches!(
+            third,
+            Err(StoreError::Memory(lowtide::MemoryError::OverBudget { .. }))
+        ),
         "{third:?}"
     );
     assert!(kept, "the kept copy is still there");

@@ -232,10 +232,10 @@ fn loading_within_a_device_budget_leaves_the_rest_on_the_host() {
     assert!(
         matches!(
             err,
-            StoreError::DeviceFull {
+            StoreError::Memory(lowtide::MemoryError::DeviceFull {
                 requested: 262_144,
                 ..
-            }
+            })
         ),
         "{err}"
     );
@@ -281,7 +281,7 @@ fn reverting_a_patch_writes_nothing_and_restores_the_file_bytes() {
         .unwrap();
     assert!(matches!(
         store.revert(lora),
-        Err(StoreError::NotFromFile { .. })
+        Err(StoreError::Update(lowtide::UpdateError::NotFromFile { .. }))
     ));
 }
 

@@ -39,10 +39,10 @@ fn a_full_disk_is_a_typed_error_and_nothing_is_lost() {
     for &id in &ids {
         match store.spill(id) {
             Ok(_) => spilled.push(id),
-            Err(StoreError::Spill {
+            Err(StoreError::Update(lowtide::UpdateError::Spill {
                 source: SpillError::NoSpace { dir, .. },
                 name,
-            }) => {
+            })) => {
                 assert_eq!(dir, fs.path());
                 refused = Some((id, name));
                 break;

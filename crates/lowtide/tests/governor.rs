@@ -153,7 +153,7 @@ fn spill_round_trip_and_a_flipped_byte_is_caught() {
     // Flip one byte of every extent through the process's own descriptor of the spill file.
     corrupt_spill_file(spill_dir.path());
     let err = store.acquire_ram(plain).unwrap_err();
-    let StoreError::Lost { name, source } = &err else {
+    let StoreError::Restore(lowtide::RestoreError::Lost { name, source }) = &err else {
         panic!("{err:?}")
     };
     assert_eq!(name, "plain");
@@ -162,7 +162,7 @@ fn spill_round_trip_and_a_flipped_byte_is_caught() {
     // Still reported lost on the next try: never wrong bytes.
     assert!(matches!(
         store.acquire_ram(plain),
-        Err(StoreError::Lost { .. })
+        Err(StoreError::Restore(lowtide::RestoreError::Lost { .. }))
     ));
 
     let restored = store.acquire_ram(with_recipe).unwrap();
@@ -243,11 +243,11 @@ fn asking_for_more_than_fits_is_a_typed_error_and_allocates_nothing() {
     let err = store
         .acquire_ram(store.tensor(a, "a.w2").unwrap())
         .unwrap_err();
-    let StoreError::OverBudget {
+    let StoreError::Memory(lowtide::MemoryError::OverBudget {
         requested,
         available,
         ..
-    } = err
+    }) = err
     else {
         panic!("{err:?}")
     };
@@ -281,10 +281,10 @@ fn the_reserve_is_kept_and_refusals_are_typed() {
     assert!(
         matches!(
             err,
-            StoreError::UnderReserve {
+            StoreError::Memory(lowtide::MemoryError::UnderReserve {
                 requested: 262_144,
                 ..
-            }
+            })
         ),
         "{err}"
     );
@@ -329,7 +329,12 @@ fn the_monitor_evicts_when_available_memory_is_under_the_reserve() {
     store.set_reserve_ram(u64::MAX / 4);
     let refused = store.derive(a, "lora2", Dtype::U8, &[1000], vec![1; 1000]);
     assert!(
-        matches!(refused, Err(StoreError::UnderReserve { .. })),
+        matches!(
+            refused,
+            Err(StoreError::Memory(
+                lowtide::MemoryError::UnderReserve { .. }
+            ))
+        ),
         "{refused:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -390,10 +395,10 @@ fn spill_max_refusal_keeps_the_tensor_in_ram() {
         .unwrap();
     store.spill(x).unwrap();
     let err = store.spill(y).unwrap_err();
-    let StoreError::Spill {
+    let StoreError::Update(lowtide::UpdateError::Spill {
         name,
         source: SpillError::Limit { .. },
-    } = &err
+    }) = &err
     else {
         panic!("{err:?}")
     };

@@ -77,7 +77,7 @@ fn run(ops: &[Op]) {
                             guards.push(guard);
                         }
                     }
-                    Err(StoreError::OverBudget { .. }) => {}
+                    Err(StoreError::Memory(lowtide::MemoryError::OverBudget { .. })) => {}
                     Err(err) => panic!("{op:?}: {err}"),
                 }
             }
@@ -109,7 +109,7 @@ fn run(ops: &[Op]) {
                     Ok(id) => {
                         truth.insert(id, bytes);
                     }
-                    Err(StoreError::OverBudget { .. }) => {}
+                    Err(StoreError::Memory(lowtide::MemoryError::OverBudget { .. })) => {}
                     Err(err) => panic!("{op:?}: {err}"),
                 }
             }
@@ -120,16 +120,19 @@ fn run(ops: &[Op]) {
                     Ok(()) => {
                         truth.insert(id, patched);
                     }
-                    Err(StoreError::OverBudget { .. } | StoreError::Pinned { .. }) => {}
+                    Err(
+                        StoreError::Memory(lowtide::MemoryError::OverBudget { .. })
+                        | StoreError::Update(lowtide::UpdateError::Pinned { .. }),
+                    ) => {}
                     Err(err) => panic!("{op:?}: {err}"),
                 }
             }
             Op::DropClean(i) => match store.drop_clean(pick(&truth, *i)) {
-                Ok(_) | Err(StoreError::Pinned { .. }) => {}
+                Ok(_) | Err(StoreError::Update(lowtide::UpdateError::Pinned { .. })) => {}
                 Err(err) => panic!("{op:?}: {err}"),
             },
             Op::Spill(i) => match store.spill(pick(&truth, *i)) {
-                Ok(_) | Err(StoreError::Pinned { .. }) => {}
+                Ok(_) | Err(StoreError::Update(lowtide::UpdateError::Pinned { .. })) => {}
                 Err(err) => panic!("{op:?}: {err}"),
             },
             Op::Free(n) => {

@@ -321,10 +321,10 @@ fn patched(base: &[u8], round: usize) -> Vec<u8> {
 fn tolerated(err: &StoreError) -> bool {
     matches!(
         err,
-        StoreError::OverBudget { .. }
-            | StoreError::UnderReserve { .. }
-            | StoreError::DeviceFull { .. }
-            | StoreError::Pinned { .. }
+        StoreError::Memory(lowtide::MemoryError::OverBudget { .. })
+            | StoreError::Memory(lowtide::MemoryError::UnderReserve { .. })
+            | StoreError::Memory(lowtide::MemoryError::DeviceFull { .. })
+            | StoreError::Update(lowtide::UpdateError::Pinned { .. })
     )
 }
 

@@ -246,7 +246,9 @@ fn evicted_buffers_are_reused_within_the_budget_and_given_back_for_the_reserve()
     store.release_model(m).unwrap();
     assert!(matches!(
         store.acquire_ram(ids[0]),
-        Err(lowtide::StoreError::UnderReserve { .. })
+        Err(lowtide::StoreError::Memory(
+            lowtide::MemoryError::UnderReserve { .. }
+        ))
     ));
     assert_eq!(store.stats().pool_bytes, 0);
 }

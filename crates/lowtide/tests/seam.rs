@@ -233,10 +233,10 @@ fn a_full_disk_at_byte_n_leaves_the_tensor_in_ram() {
     assert!(
         matches!(
             &err,
-            StoreError::Spill {
+            StoreError::Update(lowtide::UpdateError::Spill {
                 source: lowtide::SpillError::NoSpace { .. },
                 ..
-            }
+            })
         ),
         "{err}"
     );
@@ -262,10 +262,10 @@ fn a_failed_write_keeps_the_copy_and_frees_its_space() {
     assert!(
         matches!(
             &err,
-            StoreError::Spill {
+            StoreError::Update(lowtide::UpdateError::Spill {
                 source: lowtide::SpillError::Io { .. },
                 ..
-            }
+            })
         ),
         "{err}"
     );
@@ -282,7 +282,13 @@ fn read_errors_are_retryable_and_keep_the_extent() {
     for fault in [&f.faults.read_eio, &f.faults.short_reads] {
         fault.store(true, Ordering::SeqCst);
         let err = f.store.acquire_ram(id).unwrap_err();
-        assert!(matches!(err, StoreError::SpillRead { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                StoreError::Restore(lowtide::RestoreError::SpillRead { .. })
+            ),
+            "{err}"
+        );
         let info = f.store.info(id).unwrap();
         assert!(info.spilled && !info.in_ram && info.pins == 0, "{info:?}");
         fault.store(false, Ordering::SeqCst);
@@ -316,7 +322,10 @@ fn flipped_bits_are_lost_without_a_recipe_and_recomputed_with_one() {
     f.store.spill(with_recipe).unwrap();
     f.faults.flip_bits.store(true, Ordering::SeqCst);
     let err = f.store.acquire_ram(plain).unwrap_err();
-    assert!(matches!(err, StoreError::Lost { .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::Restore(lowtide::RestoreError::Lost { .. })),
+        "{err}"
+    );
     assert_eq!(f.store.acquire_ram(with_recipe).unwrap().to_vec(), expected);
     let stats = f.store.stats();
     assert_eq!(stats.checksum_failures, 2);

@@ -88,7 +88,7 @@ fn unusable(dir: &Path, why: &str) -> SpillError {
     );
     assert!(store.acquire_ram(derived).unwrap().iter().all(|&b| b == 7));
     match err {
-        StoreError::Spill { source, .. } => source,
+        StoreError::Update(lowtide::UpdateError::Spill { source, .. }) => source,
         other => panic!("expected a spill error, got {other}"),
     }
 }

@@ -60,18 +60,22 @@ fn unknown_names_and_handles_are_typed_errors() {
     let (_dir, store, model) = store_with(1 << 20);
     let err = store.tensor(model, "nope").unwrap_err();
     assert!(
-        matches!(&err, StoreError::NoSuchTensor { name, .. } if name == "nope"),
+        matches!(&err, StoreError::Handle(lowtide::HandleError::NoSuchTensor { name, .. }) if name == "nope"),
         "{err}"
     );
     let id = store.tensor(model, "conv_in.weight").unwrap();
     store.close_model(model).unwrap();
     assert!(matches!(
         store.acquire_ram(id),
-        Err(StoreError::UnknownTensor { .. })
+        Err(StoreError::Handle(
+            lowtide::HandleError::UnknownTensor { .. }
+        ))
     ));
     assert!(matches!(
         store.tensors(model),
-        Err(StoreError::UnknownModel { .. })
+        Err(StoreError::Handle(
+            lowtide::HandleError::UnknownModel { .. }
+        ))
     ));
 }
 
@@ -117,12 +121,12 @@ fn pinned_copies_are_never_evicted_and_over_budget_is_an_error() {
         .unwrap(); // 737 KB
     let pinned = store.acquire_ram(big).unwrap();
     let err = store.acquire_ram(conv).unwrap_err();
-    let StoreError::OverBudget {
+    let StoreError::Memory(lowtide::MemoryError::OverBudget {
         name,
         requested,
         available,
         budget,
-    } = &err
+    }) = &err
     else {
         panic!("{err:?}")
     };
@@ -133,7 +137,10 @@ fn pinned_copies_are_never_evicted_and_over_budget_is_an_error() {
     assert!(store.info(big).unwrap().in_ram);
     assert!(matches!(
         store.drop_clean(big),
-        Err(StoreError::Pinned { pins: 1, .. })
+        Err(StoreError::Update(lowtide::UpdateError::Pinned {
+            pins: 1,
+            ..
+        }))
     ));
     // The mapped view still works without RAM.
     assert_eq!(common::mapped(&store, conv).unwrap().tier(), Tier::Mapped);
@@ -168,30 +175,42 @@ fn derived_and_patched_tensors_are_dirty_and_kept() {
     let err = store
         .derive(model, "lora.down", Dtype::BF16, &[4, 320], vec![7; 2560])
         .unwrap_err();
-    assert!(matches!(err, StoreError::DuplicateName { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Update(lowtide::UpdateError::DuplicateName { .. })
+        ),
+        "{err}"
+    );
     let err = store
         .derive(model, "lora.up", Dtype::F32, &[3], vec![0; 11])
         .unwrap_err();
     assert!(
         matches!(
             err,
-            StoreError::ByteLength {
+            StoreError::Update(lowtide::UpdateError::ByteLength {
                 expected: 12,
                 actual: 11,
                 ..
-            }
+            })
         ),
         "{err}"
     );
     let err = store
         .derive(model, "huge", Dtype::F32, &[usize::MAX, 2], vec![])
         .unwrap_err();
-    assert!(matches!(err, StoreError::BadShape { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Update(lowtide::UpdateError::BadShape { .. })
+        ),
+        "{err}"
+    );
     // Replacing while pinned is refused and changes nothing.
     let guard = store.acquire_ram(lora).unwrap();
     assert!(matches!(
         store.replace(lora, vec![1; 2560]),
-        Err(StoreError::Pinned { .. })
+        Err(StoreError::Update(lowtide::UpdateError::Pinned { .. }))
     ));
     assert_eq!(&guard[..], &[7; 2560][..]);
     assert_eq!(store.stats().bytes_written, 0);
@@ -231,7 +250,9 @@ fn many_threads_share_one_store() {
                         0 => common::mapped(&store, id).unwrap(),
                         _ => match store.acquire_ram(id) {
                             Ok(guard) => guard,
-                            Err(StoreError::OverBudget { .. }) => continue,
+                            Err(StoreError::Memory(lowtide::MemoryError::OverBudget {
+                                ..
+                            })) => continue,
                             Err(err) => panic!("{err}"),
                         },
                     };

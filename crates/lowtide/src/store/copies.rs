@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use super::error::{MemoryError, RestoreError};
 use super::state::{FileExtent, RamBuf, TensorEntry};
 use super::{Recipe, Shared, StoreError, Tier};
 use crate::device::{Device, DeviceAlloc};
@@ -98,10 +99,10 @@ impl CopySource {
         }
         // Strict builds check that a dirty tensor always has a copy; this only answers a
         // request that the tensor's one copy cannot serve (it is the target tier itself).
-        Err(StoreError::NoCopy {
+        Err(StoreError::Restore(RestoreError::NoCopy {
             name: entry.name.clone(),
             tier: into,
-        })
+        }))
     }
 
     pub(super) fn reads_spill(&self) -> bool {
@@ -112,8 +113,8 @@ impl CopySource {
 impl Shared {
     /// Fills `into` with the tensor's `len` bytes from `from`. Returns the RAM copy for a
     /// RAM target. A spill extent that cannot be read falls back on the recipe if there is
-    /// one; without one, a checksum mismatch is [`StoreError::Lost`] and an I/O error
-    /// [`StoreError::SpillRead`] (the extent is kept: a retry may succeed).
+    /// one; without one, a checksum mismatch is [`StoreError::Restore(RestoreError::Lost)`] and an I/O error
+    /// [`StoreError::Restore(RestoreError::SpillRead)`] (the extent is kept: a retry may succeed).
     pub(super) fn restore(
         &self,
         name: &str,
@@ -144,10 +145,10 @@ impl Shared {
             CopySource::Recipe(recipe) => self.recompute(name, len, recipe, &into),
             CopySource::Ram(buf) => match into {
                 // `of` never picks a RAM copy for a RAM copy.
-                Target::Ram { .. } => Err(StoreError::NoCopy {
+                Target::Ram { .. } => Err(StoreError::Restore(RestoreError::NoCopy {
                     name: name.to_owned(),
                     tier: Tier::Ram,
-                }),
+                })),
                 Target::Device { device, alloc } => {
                     upload(device, alloc, name, 0, buf.as_slice())?;
                     Ok(None)
@@ -158,17 +159,19 @@ impl Shared {
                     let mut buf = alloc(name, len)?;
                     device
                         .download(src, 0, buf.as_mut_slice())
-                        .map_err(|source| StoreError::Device {
-                            name: name.to_owned(),
-                            source,
+                        .map_err(|source| {
+                            StoreError::Restore(RestoreError::Device {
+                                name: name.to_owned(),
+                                source,
+                            })
                         })?;
                     Stats::add(&self.stats.bytes_downloaded, len);
                     Ok(Some(RamBuf::Aligned(buf)))
                 }
-                Target::Device { .. } => Err(StoreError::NoCopy {
+                Target::Device { .. } => Err(StoreError::Restore(RestoreError::NoCopy {
                     name: name.to_owned(),
                     tier: Tier::Device,
-                }),
+                })),
             },
             CopySource::File(FileExtent { source, offset }) => match into {
                 Target::Ram { reuse } => {
@@ -220,11 +223,11 @@ impl Shared {
     ) -> Result<Option<RamBuf>, StoreError> {
         let bytes = (recipe.compute)();
         if bytes.len() as u64 != len {
-            return Err(StoreError::Recipe {
+            return Err(StoreError::Restore(RestoreError::Recipe {
                 name: name.to_owned(),
                 expected: len,
                 actual: bytes.len() as u64,
-            });
+            }));
         }
         Stats::add(&self.stats.recomputes, 1);
         match into {
@@ -304,12 +307,12 @@ fn upload(
     offset: u64,
     bytes: &[u8],
 ) -> Result<(), StoreError> {
-    device
-        .upload(alloc, offset, bytes)
-        .map_err(|source| StoreError::Device {
+    device.upload(alloc, offset, bytes).map_err(|source| {
+        StoreError::Restore(RestoreError::Device {
             name: name.to_owned(),
             source,
         })
+    })
 }
 
 /// A fresh, zeroed, page-aligned RAM buffer (fallible: a host that cannot hold it is an
@@ -318,9 +321,11 @@ pub(super) fn alloc(name: &str, len: u64) -> Result<AlignedBuf, StoreError> {
     usize::try_from(len)
         .ok()
         .and_then(AlignedBuf::zeroed)
-        .ok_or_else(|| StoreError::Alloc {
-            name: name.to_owned(),
-            bytes: len,
+        .ok_or_else(|| {
+            StoreError::Memory(MemoryError::Alloc {
+                name: name.to_owned(),
+                bytes: len,
+            })
         })
 }
 
@@ -328,13 +333,13 @@ pub(super) fn alloc(name: &str, len: u64) -> Result<AlignedBuf, StoreError> {
 /// the read itself failed.
 fn spill_read_error(name: &str, err: SpillError) -> StoreError {
     match err {
-        SpillError::Checksum { .. } => StoreError::Lost {
+        SpillError::Checksum { .. } => StoreError::Restore(RestoreError::Lost {
             name: name.to_owned(),
             source: err,
-        },
-        err => StoreError::SpillRead {
+        }),
+        err => StoreError::Restore(RestoreError::SpillRead {
             name: name.to_owned(),
             source: err,
-        },
+        }),
     }
 }

@@ -12,6 +12,7 @@
 use std::sync::{Arc, MutexGuard};
 
 use super::copies::{CopySource, Target, alloc};
+use super::error::{HandleError, MemoryError, RestoreError, UpdateError};
 use super::state::{DeviceCopy, RamBuf, State};
 use super::{Shared, Store, StoreError, TensorId, Tier};
 use crate::device::{Device, DeviceAlloc, DeviceError};
@@ -23,16 +24,16 @@ use crate::stats::Stats;
 /// A refused device allocation as the store reports it.
 fn allocation_error(err: DeviceError, name: &str, device: &dyn Device, len: u64) -> StoreError {
     match err {
-        DeviceError::OutOfMemory { free, .. } => StoreError::DeviceFull {
+        DeviceError::OutOfMemory { free, .. } => StoreError::Memory(MemoryError::DeviceFull {
             name: name.to_owned(),
             device: device.name(),
             requested: len,
             available: free,
-        },
-        source => StoreError::Device {
+        }),
+        source => StoreError::Restore(RestoreError::Device {
             name: name.to_owned(),
             source,
-        },
+        }),
     }
 }
 
@@ -492,10 +493,10 @@ impl Store {
             let elsewhere = entry.device.as_ref().map(|c| c.device);
             if elsewhere.is_some() && entry.pins > 0 {
                 // A tensor has at most one device copy, and this one is in use.
-                return Err(StoreError::Pinned {
+                return Err(StoreError::Update(UpdateError::Pinned {
                     name: entry.name.clone(),
                     pins: entry.pins,
-                });
+                }));
             }
             (device, entry.name.clone(), entry.len, elsewhere)
         };
@@ -505,12 +506,12 @@ impl Store {
                 .shared
                 .unload_from(other, Victims::Only(id), |o| o.freed_bytes > 0)?;
             if outcome.freed_bytes == 0 {
-                return Err(StoreError::DeviceFull {
+                return Err(StoreError::Memory(MemoryError::DeviceFull {
                     name,
                     device: device.name(),
                     requested: len,
                     available: 0,
-                });
+                }));
             }
         }
         if device.free_bytes() < len {
@@ -536,10 +537,10 @@ impl Store {
                     state.pin(id)?;
                     return Ok(self.device_guard(id, device, alloc));
                 }
-                return Err(StoreError::Pinned {
+                return Err(StoreError::Update(UpdateError::Pinned {
                     name,
                     pins: entry.pins,
-                });
+                }));
             }
             let from = CopySource::of(entry, Tier::Device, &state.devices)?;
             let alloc = device
@@ -563,9 +564,11 @@ impl Store {
                 },
             )
             .and_then(|_| {
-                device.synchronize().map_err(|source| StoreError::Device {
-                    name: name.clone(),
-                    source,
+                device.synchronize().map_err(|source| {
+                    StoreError::Restore(RestoreError::Device {
+                        name: name.clone(),
+                        source,
+                    })
                 })
             });
         let mut state = self.shared.lock();
@@ -590,10 +593,10 @@ impl Store {
                 return Ok(self.device_guard(id, device, existing));
             }
             entry.pins -= 1;
-            return Err(StoreError::Pinned {
+            return Err(StoreError::Update(UpdateError::Pinned {
                 name,
                 pins: entry.pins,
-            });
+            }));
         }
         let alloc = state.set_device(id, device_id, alloc);
         Stats::add(&self.shared.stats.device_bytes, len);
@@ -641,7 +644,10 @@ impl Store {
                     outcome.device_bytes += len;
                 }
                 // A device in host memory may also be refused to keep the RAM reserve.
-                Err(StoreError::DeviceFull { .. } | StoreError::UnderReserve { .. }) => {
+                Err(
+                    StoreError::Memory(MemoryError::DeviceFull { .. })
+                    | StoreError::Memory(MemoryError::UnderReserve { .. }),
+                ) => {
                     outcome.host_tensors += 1;
                     outcome.host_bytes += len;
                 }
@@ -689,9 +695,11 @@ impl Store {
         let written = device
             .upload(&alloc, 0, bytes)
             .and_then(|()| device.synchronize())
-            .map_err(|source| StoreError::Device {
-                name: name.clone(),
-                source,
+            .map_err(|source| {
+                StoreError::Restore(RestoreError::Device {
+                    name: name.clone(),
+                    source,
+                })
             });
         if let Err(err) = written {
             device.release(alloc);
@@ -730,23 +738,25 @@ impl Store {
     ///
     /// Call it while the guard still lives, and with no other guard of the tensor alive
     /// (another holder would be reading bytes that changed under it): otherwise
-    /// [`StoreError::Pinned`], and the store still takes the tensor for its old bytes — the
+    /// [`StoreError::Update(UpdateError::Pinned)`], and the store still takes the tensor for its old bytes — the
     /// caller must not have written them then.
     pub fn mark_dirty_on_device(&self, guard: &DeviceGuard) -> Result<(), StoreError> {
         let mut state = self.shared.lock_idle(guard.id);
         let entry = state.tensor(guard.id)?;
         if entry.pins != 1 {
-            return Err(StoreError::Pinned {
+            return Err(StoreError::Update(UpdateError::Pinned {
                 name: entry.name.clone(),
                 pins: entry.pins - 1,
-            });
+            }));
         }
         let device = state
             .devices
             .iter()
             .position(|d| Arc::ptr_eq(d, &guard.device))
             .map(|i| DeviceId(i as u32))
-            .ok_or(StoreError::UnknownDevice { device: u32::MAX })?;
+            .ok_or(StoreError::Handle(HandleError::UnknownDevice {
+                device: u32::MAX,
+            }))?;
         self.commit_device_change(&mut state, guard.id, device)
     }
 
@@ -761,10 +771,10 @@ impl Store {
             // Unloaded meanwhile (the bytes written were moved off with it): nothing is lost,
             // but the change is not where the caller wrote it.
             let entry = state.tensor(id)?;
-            return Err(StoreError::NoCopy {
+            return Err(StoreError::Restore(RestoreError::NoCopy {
                 name: entry.name.clone(),
                 tier: Tier::Device,
-            });
+            }));
         }
         let released = state.drop_clean(id, false);
         self.record_drop(released);

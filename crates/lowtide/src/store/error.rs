@@ -46,13 +46,10 @@ pub enum ConfigError {
     },
 }
 
-/// Errors of [`crate::Store`] operations.
+/// A handle or name that does not lead to a tensor, model or device of this store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum StoreError {
-    /// A model file could not be opened, validated or read.
-    #[error(transparent)]
-    Source(#[from] SourceError),
+pub enum HandleError {
     /// The model handle does not belong to this store or was closed.
     #[error("model #{model} is not open in this store")]
     UnknownModel {
@@ -65,6 +62,12 @@ pub enum StoreError {
         /// The handle's number.
         tensor: u32,
     },
+    /// The device handle does not belong to this store.
+    #[error("device #{device} is not in this store")]
+    UnknownDevice {
+        /// The handle's number.
+        device: u32,
+    },
     /// A model has no tensor of that name.
     #[error("{}: no tensor named `{}`", EscapedPath(model), Escaped(name))]
     NoSuchTensor {
@@ -73,6 +76,12 @@ pub enum StoreError {
         /// The name asked for.
         name: String,
     },
+}
+
+/// A change of a tensor refused: bytes that do not fit its dtype and shape, a name taken, a tensor in use, a spill that failed. The tensor is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
     /// A derived tensor would shadow an existing name.
     #[error(
         "{}: a tensor named `{}` already exists",
@@ -87,8 +96,10 @@ pub enum StoreError {
     },
     /// Bytes handed in do not match the dtype and shape.
     #[error(
-        "tensor `{}`: {dtype} {shape:?} needs {expected} bytes, got {actual}",
-        Escaped(name)
+        "tensor `{}`: {dtype} {shape:?} needs {}, got {}",
+        Escaped(name),
+        Bytes(*.expected),
+        Bytes(*.actual)
     )]
     ByteLength {
         /// The tensor.
@@ -115,6 +126,38 @@ pub enum StoreError {
         /// Its shape.
         shape: Vec<usize>,
     },
+    /// The operation needs the tensor unpinned, but a guard is alive.
+    #[error("tensor `{}` is in use by {pins} guard(s)", Escaped(name))]
+    Pinned {
+        /// The tensor.
+        name: String,
+        /// Live guards.
+        pins: u32,
+    },
+    /// Only tensors opened from a file can be reverted to it.
+    #[error(
+        "tensor `{}` was derived, not opened from a file: there is nothing to revert to",
+        Escaped(name)
+    )]
+    NotFromFile {
+        /// The tensor.
+        name: String,
+    },
+    /// A dirty tensor could not be written to the spill file; it keeps its RAM copy.
+    #[error("tensor `{}` could not be spilled", Escaped(name))]
+    Spill {
+        /// The tensor.
+        name: String,
+        /// Why.
+        #[source]
+        source: SpillError,
+    },
+}
+
+/// Not enough memory for a copy: the RAM budget, the reserve, a device's room, or the allocator itself. Nothing was allocated.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
     /// Holding another RAM copy would exceed the budget, and nothing more can be evicted.
     #[error(
         "tensor `{}`: needs {} of RAM but only {} of the {} budget can be freed",
@@ -146,9 +189,45 @@ pub enum StoreError {
         /// The reserve.
         reserve: u64,
     },
-    /// A dirty tensor could not be written to the spill file; it keeps its RAM copy.
-    #[error("tensor `{}` could not be spilled", Escaped(name))]
-    Spill {
+    /// The device cannot hold the tensor even after unloading every unpinned copy.
+    #[error(
+        "tensor `{}`: needs {} on {}, only {} can be freed",
+        Escaped(name),
+        Bytes(*.requested),
+        Escaped(device),
+        Bytes(*.available)
+    )]
+    DeviceFull {
+        /// The tensor.
+        name: String,
+        /// The device's name.
+        device: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes free or freeable.
+        available: u64,
+    },
+    /// The allocator refused a RAM copy.
+    #[error("tensor `{}`: cannot allocate {}", Escaped(name), Bytes(*.bytes))]
+    Alloc {
+        /// The tensor.
+        name: String,
+        /// Bytes asked for.
+        bytes: u64,
+    },
+}
+
+/// A tensor's bytes could not be brought back into RAM or onto a device. The tensor is where it was; retryable unless [`RestoreError::Lost`] or [`RestoreError::Recipe`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestoreError {
+    /// Reading a dirty tensor's spill extent failed (an I/O error, a short read). The extent
+    /// is kept and the tensor is where it was: a retry may succeed.
+    #[error(
+        "tensor `{}`: cannot read its spilled bytes (retryable)",
+        Escaped(name)
+    )]
+    SpillRead {
         /// The tensor.
         name: String,
         /// Why.
@@ -168,19 +247,6 @@ pub enum StoreError {
         #[source]
         source: SpillError,
     },
-    /// Reading a dirty tensor's spill extent failed (an I/O error, a short read). The extent
-    /// is kept and the tensor is where it was: a retry may succeed.
-    #[error(
-        "tensor `{}`: cannot read its spilled bytes (retryable)",
-        Escaped(name)
-    )]
-    SpillRead {
-        /// The tensor.
-        name: String,
-        /// Why.
-        #[source]
-        source: SpillError,
-    },
     /// No copy of the tensor can serve the request: its only copy is in the tier asked for
     /// (for example a device copy asked to move to the same kind of target).
     #[error("tensor `{}`: no copy to restore a {tier:?} copy from", Escaped(name))]
@@ -192,8 +258,10 @@ pub enum StoreError {
     },
     /// A recipe produced the wrong number of bytes.
     #[error(
-        "tensor `{}`: its recipe produced {actual} bytes, expected {expected}",
-        Escaped(name)
+        "tensor `{}`: its recipe produced {}, expected {}",
+        Escaped(name),
+        Bytes(*.actual),
+        Bytes(*.expected)
     )]
     Recipe {
         /// The tensor.
@@ -202,30 +270,6 @@ pub enum StoreError {
         expected: u64,
         /// Bytes produced.
         actual: u64,
-    },
-    /// The device handle does not belong to this store.
-    #[error("device #{device} is not in this store")]
-    UnknownDevice {
-        /// The handle's number.
-        device: u32,
-    },
-    /// The device cannot hold the tensor even after unloading every unpinned copy.
-    #[error(
-        "tensor `{}`: needs {} on {}, only {} can be freed",
-        Escaped(name),
-        Bytes(*.requested),
-        Escaped(device),
-        Bytes(*.available)
-    )]
-    DeviceFull {
-        /// The tensor.
-        name: String,
-        /// The device's name.
-        device: String,
-        /// Bytes asked for.
-        requested: u64,
-        /// Bytes free or freeable.
-        available: u64,
     },
     /// A transfer to or from a device failed.
     #[error("tensor `{}`: device transfer failed", Escaped(name))]
@@ -236,31 +280,31 @@ pub enum StoreError {
         #[source]
         source: crate::device::DeviceError,
     },
-    /// Only tensors opened from a file can be reverted to it.
-    #[error(
-        "tensor `{}` was derived, not opened from a file: there is nothing to revert to",
-        Escaped(name)
-    )]
-    NotFromFile {
-        /// The tensor.
-        name: String,
-    },
-    /// The operation needs the tensor unpinned, but a guard is alive.
-    #[error("tensor `{}` is in use by {pins} guard(s)", Escaped(name))]
-    Pinned {
-        /// The tensor.
-        name: String,
-        /// Live guards.
-        pins: u32,
-    },
-    /// The allocator refused a RAM copy.
-    #[error("tensor `{}`: cannot allocate {}", Escaped(name), Bytes(*.bytes))]
-    Alloc {
-        /// The tensor.
-        name: String,
-        /// Bytes asked for.
-        bytes: u64,
-    },
+}
+
+/// Errors of [`crate::Store`] operations: one enum per operation area, under this umbrella.
+///
+/// Match an area to handle a kind of failure (`StoreError::Memory(_)` for "no room"), or a
+/// variant inside it for the details. [`StoreError::is_retryable`] says whether the same
+/// call may succeed later with nothing changed by the caller.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A handle or name that leads nowhere.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+    /// A change of a tensor refused; the tensor is unchanged.
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+    /// Not enough memory for a copy.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A tensor's bytes could not be brought back.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// A model file could not be opened, validated or read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
     /// A background thread (prefetch) could not be started.
     #[error("cannot start a background thread: {source}")]
     Thread {
@@ -269,18 +313,40 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the same call may succeed later with nothing changed by the caller: memory
+    /// may be freed meanwhile, a guard dropped, a transient read or device error pass.
+    /// `false` for errors of the input (handles, shapes, names), for a tensor whose bytes are
+    /// lost, and for a model file that changed or is malformed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Memory(_) | StoreError::Thread { .. } => true,
+            StoreError::Update(err) => {
+                matches!(err, UpdateError::Pinned { .. } | UpdateError::Spill { .. })
+            }
+            StoreError::Restore(err) => {
+                matches!(
+                    err,
+                    RestoreError::SpillRead { .. } | RestoreError::Device { .. }
+                )
+            }
+            StoreError::Handle(_) | StoreError::Source(_) => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use super::StoreError;
+    use super::{HandleError, StoreError};
 
     #[test]
     fn names_and_paths_are_shown_escaped() {
-        let err = StoreError::NoSuchTensor {
+        let err = StoreError::Handle(HandleError::NoSuchTensor {
             model: PathBuf::from("dir/\u{1b}]0;title\u{7}.safetensors"),
             name: "\u{1b}[2J\r all good".into(),
-        };
+        });
         let shown = err.to_string();
         assert!(!shown.contains(|c: char| c.is_control()), "{shown:?}");
         assert_eq!(

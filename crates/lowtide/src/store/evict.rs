@@ -15,6 +15,7 @@
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
+use super::error::MemoryError;
 use super::state::{RamBuf, State};
 use super::{Shared, StoreError};
 use crate::governor::{EvictReason, MemoryReading};
@@ -290,11 +291,13 @@ impl Shared {
             } else {
                 0
             };
-            let over_budget = |state: &State, evictable: u64| StoreError::OverBudget {
-                name: name.to_owned(),
-                requested: len,
-                available: budget.saturating_sub(state.anon + state.reserved) + evictable,
-                budget,
+            let over_budget = |state: &State, evictable: u64| {
+                StoreError::Memory(MemoryError::OverBudget {
+                    name: name.to_owned(),
+                    requested: len,
+                    available: budget.saturating_sub(state.anon + state.reserved) + evictable,
+                    budget,
+                })
             };
             if over > 0 {
                 let evictable: u64 = state
@@ -318,11 +321,13 @@ impl Shared {
                 crate::governor::reserve_shortfall(available, len, reserve)
             });
             if short > 0 {
-                let under_reserve = || StoreError::UnderReserve {
-                    name: name.to_owned(),
-                    requested: len,
-                    available: available.unwrap_or(0),
-                    reserve,
+                let under_reserve = || {
+                    StoreError::Memory(MemoryError::UnderReserve {
+                        name: name.to_owned(),
+                        requested: len,
+                        available: available.unwrap_or(0),
+                        reserve,
+                    })
                 };
                 if room == Room::NoEviction {
                     return Err(under_reserve());

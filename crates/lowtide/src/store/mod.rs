@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 pub use builder::StoreBuilder;
 pub use device::{DeviceGuard, LoadOutcome, UnloadOutcome};
-pub use error::{ConfigError, StoreError};
+pub use error::{ConfigError, HandleError, MemoryError, RestoreError, StoreError, UpdateError};
 pub use evict::FreeOutcome;
 pub use guard::{TensorGuard, ViewError};
 pub use prefetch::{Prefetch, PrefetchOutcome};
@@ -350,14 +350,12 @@ impl Store {
     pub fn tensor(&self, model: ModelId, name: &str) -> Result<TensorId, StoreError> {
         let state = self.shared.lock();
         let entry = state.model(model)?;
-        entry
-            .by_name
-            .get(name)
-            .copied()
-            .ok_or_else(|| StoreError::NoSuchTensor {
+        entry.by_name.get(name).copied().ok_or_else(|| {
+            StoreError::Handle(HandleError::NoSuchTensor {
                 model: entry.path.clone(),
                 name: name.to_owned(),
             })
+        })
     }
 
     /// What the store knows about a tensor now.
@@ -460,7 +458,7 @@ impl Store {
     ///
     /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
     /// evicted in policy order to make room, with no lock held while they are written. Fails
-    /// with [`StoreError::OverBudget`] or [`StoreError::UnderReserve`] when even that is not
+    /// with [`StoreError::Memory(MemoryError::OverBudget)`] or [`StoreError::Memory(MemoryError::UnderReserve)`] when even that is not
     /// enough: nothing is allocated past the budget.
     pub fn acquire_ram(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
         self.acquire_ram_with(id, Room::Evict)
@@ -525,10 +523,10 @@ impl Store {
         state.unreserve(len);
         let result = match restored {
             Ok(Some(buf)) => Ok(state.install_ram(id, buf)),
-            Ok(None) => Err(StoreError::NoCopy {
+            Ok(None) => Err(StoreError::Restore(RestoreError::NoCopy {
                 name: name.clone(),
                 tier: Tier::Ram,
-            }),
+            })),
             Err(err) => Err(err),
         };
         if from.reads_spill() {
@@ -596,10 +594,10 @@ impl Store {
         let duplicate = |state: &State| -> Result<(), StoreError> {
             let entry = state.model(model)?;
             if entry.by_name.contains_key(name) {
-                return Err(StoreError::DuplicateName {
+                return Err(StoreError::Update(UpdateError::DuplicateName {
                     model: entry.path.clone(),
                     name: name.into(),
-                });
+                }));
             }
             Ok(())
         };
@@ -685,9 +683,9 @@ impl Store {
         let mut state = self.shared.lock_idle(id);
         let entry = state.unpinned(id)?;
         if entry.base.is_none() {
-            return Err(StoreError::NotFromFile {
+            return Err(StoreError::Update(UpdateError::NotFromFile {
                 name: entry.name.clone(),
-            });
+            }));
         }
         if entry.is_clean() {
             return Ok(0);
@@ -781,7 +779,7 @@ impl Store {
                     }
                     Err(source) => {
                         Stats::add(&self.shared.stats.spill_failures, 1);
-                        Err(StoreError::Spill { name, source })
+                        Err(StoreError::Update(UpdateError::Spill { name, source }))
                     }
                 }
             }
@@ -873,20 +871,20 @@ fn check_len(name: &str, dtype: Dtype, shape: &[usize], actual: u64) -> Result<(
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let Some(expected) = elements.and_then(|n| dtype.bytes_for(n)) else {
-        return Err(StoreError::BadShape {
+        return Err(StoreError::Update(UpdateError::BadShape {
             name: name.to_owned(),
             dtype,
             shape: shape.to_vec(),
-        });
+        }));
     };
     if expected == actual {
         return Ok(());
     }
-    Err(StoreError::ByteLength {
+    Err(StoreError::Update(UpdateError::ByteLength {
         name: name.to_owned(),
         dtype,
         shape: shape.to_vec(),
         expected,
         actual,
-    })
+    }))
 }

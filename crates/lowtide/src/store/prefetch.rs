@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
+use super::error::MemoryError;
 use super::{ModelId, Store, StoreError, TensorId};
 
 /// What a prefetch restored.
@@ -110,7 +111,10 @@ impl Store {
                     outcome.tensors += 1;
                     outcome.bytes += len;
                 }
-                Err(StoreError::OverBudget { .. } | StoreError::UnderReserve { .. }) => {
+                Err(
+                    StoreError::Memory(MemoryError::OverBudget { .. })
+                    | StoreError::Memory(MemoryError::UnderReserve { .. }),
+                ) => {
                     outcome.skipped_bytes += len;
                 }
                 Err(err) => return Err(err),

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::error::{HandleError, UpdateError};
 use super::release::Releaser;
 use super::{Recipe, StoreError};
 use crate::device::{Device, DeviceAlloc};
@@ -267,28 +268,36 @@ impl State {
         self.tensors
             .get(id.0 as usize)
             .and_then(Option::as_ref)
-            .ok_or(StoreError::UnknownTensor { tensor: id.0 })
+            .ok_or(StoreError::Handle(HandleError::UnknownTensor {
+                tensor: id.0,
+            }))
     }
 
     pub(super) fn tensor_mut(&mut self, id: TensorId) -> Result<&mut TensorEntry, StoreError> {
         self.tensors
             .get_mut(id.0 as usize)
             .and_then(Option::as_mut)
-            .ok_or(StoreError::UnknownTensor { tensor: id.0 })
+            .ok_or(StoreError::Handle(HandleError::UnknownTensor {
+                tensor: id.0,
+            }))
     }
 
     pub(super) fn model(&self, id: ModelId) -> Result<&ModelEntry, StoreError> {
         self.models
             .get(id.0 as usize)
             .and_then(Option::as_ref)
-            .ok_or(StoreError::UnknownModel { model: id.0 })
+            .ok_or(StoreError::Handle(HandleError::UnknownModel {
+                model: id.0,
+            }))
     }
 
     pub(super) fn device(&self, device: DeviceId) -> Result<Arc<dyn Device>, StoreError> {
         self.devices
             .get(device.0 as usize)
             .cloned()
-            .ok_or(StoreError::UnknownDevice { device: device.0 })
+            .ok_or(StoreError::Handle(HandleError::UnknownDevice {
+                device: device.0,
+            }))
     }
 
     /// Tensors registered now, with their ids.
@@ -325,10 +334,10 @@ impl State {
     pub(super) fn unpinned(&self, id: TensorId) -> Result<&TensorEntry, StoreError> {
         let entry = self.tensor(id)?;
         if entry.pins > 0 {
-            return Err(StoreError::Pinned {
+            return Err(StoreError::Update(UpdateError::Pinned {
                 name: entry.name.clone(),
                 pins: entry.pins,
-            });
+            }));
         }
         Ok(entry)
     }
