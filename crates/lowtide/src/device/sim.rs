@@ -1,7 +1,7 @@
 //! A device simulated in host memory, with a fixed capacity and an optional bandwidth.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,9 +29,13 @@ pub struct SimDevice {
     downloaded: AtomicU64,
 }
 
+/// The allocations: the map's lock is held only to look an allocation up, add or remove
+/// it; each allocation's own lock is held for a transfer, so transfers of different
+/// allocations run at once and an allocation (a fresh mapping) is made outside both.
 #[derive(Debug, Default)]
 struct SimState {
-    allocs: HashMap<u64, AlignedBuf>,
+    /// Each with its length.
+    allocs: HashMap<u64, (u64, Arc<Mutex<AlignedBuf>>)>,
     used: u64,
 }
 
@@ -136,13 +140,13 @@ impl SimDevice {
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R, DeviceError> {
         check_range(self, alloc, offset, len)?;
-        let mut state = self.lock();
-        let Some(memory) = state.allocs.get_mut(&alloc.id()) else {
+        let Some((_, memory)) = self.lock().allocs.get(&alloc.id()).cloned() else {
             return Err(DeviceError::UnknownAlloc {
                 device: self.name.clone(),
                 id: alloc.id(),
             });
         };
+        let mut memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
         let bytes = memory.as_mut_slice();
         // Inside the handle (checked above), so `offset + len` does not overflow; inside the
         // memory (checked here), so both fit in `usize`.
@@ -187,33 +191,44 @@ impl Device for SimDevice {
     }
 
     fn allocate(&self, len: u64) -> Result<DeviceAlloc, DeviceError> {
-        let mut state = self.lock();
-        let free = self.capacity - state.used;
-        if len > free {
-            return Err(DeviceError::OutOfMemory {
-                device: self.name.clone(),
-                requested: len,
-                free,
-            });
+        {
+            // The room is taken first, the memory mapped outside the lock.
+            let mut state = self.lock();
+            let free = self.capacity - state.used;
+            if len > free {
+                return Err(DeviceError::OutOfMemory {
+                    device: self.name.clone(),
+                    requested: len,
+                    free,
+                });
+            }
+            state.used += len;
         }
-        let memory = usize::try_from(len)
-            .ok()
-            .and_then(AlignedBuf::zeroed)
-            .ok_or_else(|| DeviceError::HostMemory {
+        let Some(memory) = usize::try_from(len).ok().and_then(AlignedBuf::zeroed) else {
+            self.lock().used -= len;
+            return Err(DeviceError::HostMemory {
                 device: self.name.clone(),
                 requested: len,
-            })?;
+            });
+        };
         let id = next_alloc_id();
-        state.allocs.insert(id, memory);
-        state.used += len;
+        self.lock()
+            .allocs
+            .insert(id, (len, Arc::new(Mutex::new(memory))));
         Ok(DeviceAlloc::new(id, len))
     }
 
     fn release(&self, alloc: DeviceAlloc) {
-        let mut state = self.lock();
-        if let Some(memory) = state.allocs.remove(&alloc.id()) {
-            state.used -= memory.as_slice().len() as u64;
-        }
+        let memory = {
+            let mut state = self.lock();
+            let memory = state.allocs.remove(&alloc.id());
+            if let Some((len, _)) = &memory {
+                state.used -= len;
+            }
+            memory
+        };
+        // Unmapped outside the lock (after any transfer still holding it ends).
+        drop(memory);
     }
 
     fn in_host_memory(&self) -> bool {

@@ -527,30 +527,49 @@ impl Store {
                     .admit(id, &name, len, super::evict::Room::ReserveOnly)?,
             );
         }
-        let (alloc, from) = {
+        // Allocated outside the lock (a device may map memory or wait on its stream).
+        let alloc = device
+            .allocate(len)
+            .map_err(|err| allocation_error(err, &name, &*device, len))?;
+        let chosen = {
             let mut state = self.shared.lock_idle(id);
-            let entry = state.tensor(id)?;
-            if let Some(copy) = &entry.device {
-                // Another thread uploaded it meanwhile.
-                if copy.device == device_id {
-                    let alloc = Arc::clone(&copy.alloc);
-                    state.pin(id)?;
-                    return Ok(self.device_guard(id, device, alloc));
+            let entry = match state.tensor(id) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    drop(state);
+                    device.release(alloc);
+                    return Err(err);
                 }
-                return Err(StoreError::Update(UpdateError::Pinned {
-                    name,
+            };
+            match &entry.device {
+                // Another thread uploaded it meanwhile.
+                Some(copy) if copy.device == device_id => {
+                    let existing = Arc::clone(&copy.alloc);
+                    state.pin(id)?;
+                    Err(Ok(existing))
+                }
+                Some(_) => Err(Err(StoreError::Update(UpdateError::Pinned {
+                    name: name.clone(),
                     pins: entry.pins,
-                }));
+                }))),
+                None => match CopySource::of(entry, Tier::Device, &state.devices) {
+                    Ok(from) => {
+                        let entry = state.pin(id)?;
+                        if from.reads_spill() {
+                            entry.spill_readers += 1;
+                        }
+                        Ok(from)
+                    }
+                    Err(err) => Err(Err(err)),
+                },
             }
-            let from = CopySource::of(entry, Tier::Device, &state.devices)?;
-            let alloc = device
-                .allocate(len)
-                .map_err(|err| allocation_error(err, &name, &*device, len))?;
-            let entry = state.pin(id)?;
-            if from.reads_spill() {
-                entry.spill_readers += 1;
+        };
+        let from = match chosen {
+            Ok(from) => from,
+            Err(found) => {
+                device.release(alloc);
+                return found.map(|existing| self.device_guard(id, device, existing));
             }
-            (alloc, from)
         };
         let restored = self
             .shared
