@@ -52,8 +52,8 @@ pub use half::{bf16, f16};
 pub use policy::{DefaultPolicy, Evicting, EvictionPolicy, Fate, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
-    Change, FileIdentity, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source, SourceError,
-    SourceTensor, TensorLocation,
+    Change, FileIdentity, FileIo, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source,
+    SourceError, SourceIo, SourceTensor, TensorLocation,
 };
 pub use spill::{DiskStorage, STORAGE_BLOCK, SpillError, Storage, StorageFile};
 pub use stats::StatsSnapshot;

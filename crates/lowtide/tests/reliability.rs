@@ -321,10 +321,11 @@ fn patched(base: &[u8], round: usize) -> Vec<u8> {
 fn tolerated(err: &StoreError) -> bool {
     matches!(
         err,
-        StoreError::Memory(lowtide::MemoryError::OverBudget { .. })
-            | StoreError::Memory(lowtide::MemoryError::UnderReserve { .. })
-            | StoreError::Memory(lowtide::MemoryError::DeviceFull { .. })
-            | StoreError::Update(lowtide::UpdateError::Pinned { .. })
+        StoreError::Memory(
+            lowtide::MemoryError::OverBudget { .. }
+                | lowtide::MemoryError::UnderReserve { .. }
+                | lowtide::MemoryError::DeviceFull { .. }
+        ) | StoreError::Update(lowtide::UpdateError::Pinned { .. })
     )
 }
 

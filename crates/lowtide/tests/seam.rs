@@ -331,3 +331,97 @@ fn flipped_bits_are_lost_without_a_recipe_and_recomputed_with_one() {
     assert_eq!(stats.checksum_failures, 2);
     assert_eq!(stats.recomputes, 1);
 }
+
+/// Model-file reads through a fault-injecting [`lowtide::SourceIo`].
+#[derive(Debug, Default)]
+struct FaultySource {
+    eio: AtomicBool,
+    short: AtomicBool,
+    reads: AtomicU64,
+    direct_reads: AtomicU64,
+}
+
+impl lowtide::SourceIo for FaultySource {
+    fn read_direct(&self, file: &std::fs::File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.direct_reads.fetch_add(1, Ordering::SeqCst);
+        if self.eio.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let n = lowtide::FileIo.read_direct(file, offset, buf)?;
+        Ok(if self.short.load(Ordering::SeqCst) {
+            n / 2
+        } else {
+            n
+        })
+    }
+
+    fn read_cached(&self, file: &std::fs::File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if self.eio.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if self.short.load(Ordering::SeqCst) {
+            let half = buf.len() / 2;
+            lowtide::FileIo.read_cached(file, offset, &mut buf[..half])?;
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        lowtide::FileIo.read_cached(file, offset, buf)
+    }
+}
+
+#[test]
+fn model_file_read_faults_are_errors_and_leave_nothing_behind() {
+    let dir = common::tempdir();
+    let path = common::unet(&dir);
+    let faults = Arc::new(FaultySource::default());
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .source_io(faults.clone())
+        .build()
+        .unwrap();
+    let model = store.open_model(&path).unwrap();
+    let name = "mid_block.resnets.0.conv1.weight";
+    let id = store.tensor(model, name).unwrap();
+    let len = store.info(id).unwrap().len;
+    for (fault, cold) in [
+        (&faults.eio, false),
+        (&faults.eio, true),
+        (&faults.short, false),
+        (&faults.short, true),
+    ] {
+        if cold {
+            // Cold: the bytes come with O_DIRECT.
+            lowtide::direct::drop_cached(&std::fs::File::open(&path).unwrap()).unwrap();
+        }
+        fault.store(true, Ordering::SeqCst);
+        let err = store.acquire_ram(id).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Source(lowtide::SourceError::Io { op: "read", .. })
+            ),
+            "{err}"
+        );
+        assert!(err.is_retryable(), "{err}");
+        let info = store.info(id).unwrap();
+        assert!(!info.in_ram && info.pins == 0 && info.clean, "{info:?}");
+        assert_eq!(
+            store.stats().anon_bytes,
+            0,
+            "nothing held after a failed read"
+        );
+        fault.store(false, Ordering::SeqCst);
+    }
+    assert!(faults.reads.load(Ordering::SeqCst) >= 4);
+    assert!(
+        faults.direct_reads.load(Ordering::SeqCst) >= 2,
+        "the cold cases read with O_DIRECT"
+    );
+    let guard = store.acquire_ram(id).unwrap();
+    assert_eq!(
+        guard.to_vec(),
+        common::expected(name, len),
+        "the retry reads the right bytes"
+    );
+}

@@ -1,8 +1,8 @@
 //! A device simulated in host memory, with a fixed capacity and an optional bandwidth.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{Device, DeviceAlloc, DeviceError, check_range, next_alloc_id};

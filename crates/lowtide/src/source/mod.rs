@@ -6,6 +6,7 @@
 //! checked again before every restore; a changed file is [`SourceError::Changed`].
 
 mod header;
+mod io;
 mod model_files;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,10 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use header::{HeaderError, MAX_HEADER_LEN};
+pub use io::{FileIo, SourceIo};
 pub use model_files::{IndexError, ModelFiles, TensorLocation, parse_index_json};
 
 use crate::dtype::Dtype;
-use crate::sys::direct::{BLOCK, DirectBuf, IoShape, read_at, with_prefault};
+use crate::sys::direct::{BLOCK, DirectBuf, with_prefault};
 use crate::sys::{AlignedBuf, CacheRun, Mapping};
 
 /// What identifies the bytes of a file: if any of these change, the file changed.
@@ -165,9 +167,17 @@ pub struct Source {
     metadata: BTreeMap<String, String>,
     /// The same file opened with `O_DIRECT`, on first cold restore (`None`: refused).
     direct: OnceLock<Option<File>>,
+    /// How its bytes are read ([`FileIo`] unless a store set another before first use).
+    io: OnceLock<std::sync::Arc<dyn SourceIo>>,
 }
 
 impl Source {
+    /// Reads this source's bytes through `io` from now on, unless it was read already (the
+    /// first restore fixes the reader). Returns whether `io` was taken.
+    pub(crate) fn set_io(&self, io: std::sync::Arc<dyn SourceIo>) -> bool {
+        self.io.set(io).is_ok()
+    }
+
     /// Opens and validates `path`, then maps it read-only. `path` must be a regular file (or a
     /// symbolic link to one); anything else is refused without blocking.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
@@ -230,6 +240,7 @@ impl Source {
             by_name,
             metadata: header.metadata,
             direct: OnceLock::new(),
+            io: OnceLock::new(),
         })
     }
 
@@ -333,6 +344,7 @@ impl Source {
         reuse: Option<AlignedBuf>,
     ) -> Result<(DirectBuf, u64), SourceError> {
         self.check_unchanged()?;
+        let reader: &dyn SourceIo = &**self.io.get_or_init(|| std::sync::Arc::new(FileIo));
         let io = |op: &'static str| {
             let path = self.path.clone();
             move |source| SourceError::Io { path, op, source }
@@ -383,18 +395,17 @@ impl Source {
                     // Holes in a cached range: read them from the disk while the cached
                     // part is copied, so that their latency hides behind the copy.
                     std::thread::scope(|scope| {
-                        let holes = scope.spawn(|| read_uncached(direct, uncached));
-                        let copied = read_cached(&self.file, cached);
+                        let holes = scope.spawn(|| read_uncached(reader, direct, uncached));
+                        let copied = read_cached(reader, &self.file, cached);
                         let holes = holes
                             .join()
                             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                         holes.and(copied)
                     })
                 }
-                Some(direct) => {
-                    read_uncached(direct, uncached).and(read_cached(&self.file, cached))
-                }
-                None => read_cached(&self.file, cached),
+                Some(direct) => read_uncached(reader, direct, uncached)
+                    .and(read_cached(reader, &self.file, cached)),
+                None => read_cached(reader, &self.file, cached),
             }
         };
         let result = if fresh {
@@ -482,9 +493,13 @@ fn carve<'a>(
 }
 
 /// Reads uncached pieces with `O_DIRECT`; each must get at least its wanted bytes.
-fn read_uncached(direct: &File, pieces: Vec<(Piece<'_>, usize)>) -> std::io::Result<()> {
+fn read_uncached(
+    reader: &dyn SourceIo,
+    direct: &File,
+    pieces: Vec<(Piece<'_>, usize)>,
+) -> std::io::Result<()> {
     for ((offset, piece), wanted) in pieces {
-        let (n, _) = read_at(direct, offset, piece, IoShape::DEFAULT, None)?;
+        let n = reader.read_direct(direct, offset, piece)?;
         if n < wanted {
             // The file ended early: it changed since it was checked.
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -496,7 +511,7 @@ fn read_uncached(direct: &File, pieces: Vec<(Piece<'_>, usize)>) -> std::io::Res
 /// Copies cached pieces from the page cache with `pread`, split over up to four threads when
 /// they are large: one thread's copy from the page cache reaches about two thirds of
 /// memcpy's speed.
-fn read_cached(file: &File, pieces: Vec<Piece<'_>>) -> std::io::Result<()> {
+fn read_cached(reader: &dyn SourceIo, file: &File, pieces: Vec<Piece<'_>>) -> std::io::Result<()> {
     let total: usize = pieces.iter().map(|(_, piece)| piece.len()).sum();
     let threads = if total >= PARALLEL_MIN {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
@@ -521,7 +536,7 @@ fn read_cached(file: &File, pieces: Vec<Piece<'_>>) -> std::io::Result<()> {
     let copy = |pieces: Vec<Piece<'_>>| -> std::io::Result<()> {
         pieces
             .into_iter()
-            .try_for_each(|(offset, piece)| file.read_exact_at(piece, offset))
+            .try_for_each(|(offset, piece)| reader.read_cached(file, offset, piece))
     };
     let mut lists = lists.into_iter();
     let first = lists.next().unwrap_or_default();

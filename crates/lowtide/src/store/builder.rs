@@ -8,6 +8,7 @@ use super::state::State;
 use super::{ConfigError, Shared, Store};
 use crate::governor::{self, Governor, PressureTrigger};
 use crate::policy::{DefaultPolicy, EvictionPolicy};
+use crate::source::SourceIo;
 use crate::spill::{DiskStorage, SpillFile, Storage};
 use crate::stats::Stats;
 
@@ -21,6 +22,7 @@ pub struct StoreBuilder {
     spill_max: Option<u64>,
     policy: Option<Box<dyn EvictionPolicy>>,
     storage: Option<Arc<dyn Storage>>,
+    source_io: Option<Arc<dyn SourceIo>>,
     monitor: Option<bool>,
     trigger: PressureTrigger,
     interval: Option<Duration>,
@@ -77,6 +79,13 @@ impl StoreBuilder {
     /// in `spill_dir` written with `O_DIRECT`. Tests plug in a [`Storage`] that injects faults.
     pub fn spill_storage(mut self, storage: Arc<dyn Storage>) -> Self {
         self.storage = Some(storage);
+        self
+    }
+
+    /// How model files' bytes are read. Default: [`FileIo`](crate::FileIo), the kernel's
+    /// `O_DIRECT` and `pread`. Tests plug in a [`SourceIo`] that injects read faults.
+    pub fn source_io(mut self, io: Arc<dyn SourceIo>) -> Self {
+        self.source_io = Some(io);
         self
     }
 
@@ -150,6 +159,7 @@ impl StoreBuilder {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(Arc::clone(&spill))),
             changed: Condvar::new(),
+            source_io: self.source_io,
             spill,
             stats: Stats::default(),
             governor,

@@ -663,10 +663,9 @@ impl Store {
                     outcome.device_bytes += len;
                 }
                 // A device in host memory may also be refused to keep the RAM reserve.
-                Err(
-                    StoreError::Memory(MemoryError::DeviceFull { .. })
-                    | StoreError::Memory(MemoryError::UnderReserve { .. }),
-                ) => {
+                Err(StoreError::Memory(
+                    MemoryError::DeviceFull { .. } | MemoryError::UnderReserve { .. },
+                )) => {
                     outcome.host_tensors += 1;
                     outcome.host_bytes += len;
                 }

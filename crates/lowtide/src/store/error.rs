@@ -330,7 +330,9 @@ impl StoreError {
                     RestoreError::SpillRead { .. } | RestoreError::Device { .. }
                 )
             }
-            StoreError::Handle(_) | StoreError::Source(_) => false,
+            // A read that failed may pass; a file that changed or is malformed stays so.
+            StoreError::Source(err) => matches!(err, SourceError::Io { op: "read", .. }),
+            StoreError::Handle(_) => false,
         }
     }
 }

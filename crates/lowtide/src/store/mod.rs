@@ -159,6 +159,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Signalled when an eviction commits (a `busy` tensor is free again).
     changed: Condvar,
+    /// How model files are read, when not the default.
+    source_io: Option<Arc<dyn crate::source::SourceIo>>,
     spill: Arc<SpillFile>,
     stats: Stats,
     governor: Governor,
@@ -289,6 +291,11 @@ impl Store {
     /// Every file is validated completely and mapped; no tensor data is read.
     pub fn open_model(&self, path: impl AsRef<Path>) -> Result<ModelId, StoreError> {
         let files = ModelFiles::open(path)?;
+        if let Some(io) = &self.shared.source_io {
+            for source in &files.sources {
+                source.set_io(Arc::clone(io));
+            }
+        }
         let mut state = self.shared.lock();
         let model = ModelId(state.models.len() as u32);
         let mut tensors = Vec::with_capacity(files.tensors.len());

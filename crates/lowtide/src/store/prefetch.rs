@@ -111,10 +111,9 @@ impl Store {
                     outcome.tensors += 1;
                     outcome.bytes += len;
                 }
-                Err(
-                    StoreError::Memory(MemoryError::OverBudget { .. })
-                    | StoreError::Memory(MemoryError::UnderReserve { .. }),
-                ) => {
+                Err(StoreError::Memory(
+                    MemoryError::OverBudget { .. } | MemoryError::UnderReserve { .. },
+                )) => {
                     outcome.skipped_bytes += len;
                 }
                 Err(err) => return Err(err),
