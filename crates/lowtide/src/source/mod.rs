@@ -172,6 +172,12 @@ pub struct Source {
 }
 
 impl Source {
+    /// Lets the kernel's readahead serve faults on the mapping (see
+    /// [`crate::StoreBuilder::mapped_readahead`]).
+    pub(crate) fn use_kernel_readahead(&self) {
+        self.mapping.use_kernel_readahead();
+    }
+
     /// Reads this source's bytes through `io` from now on, unless it was read already (the
     /// first restore fixes the reader). Returns whether `io` was taken.
     pub(crate) fn set_io(&self, io: std::sync::Arc<dyn SourceIo>) -> bool {

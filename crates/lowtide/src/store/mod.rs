@@ -161,6 +161,8 @@ pub(crate) struct Shared {
     changed: Condvar,
     /// How model files are read, when not the default.
     source_io: Option<Arc<dyn crate::source::SourceIo>>,
+    /// Mapped acquires use the kernel's readahead (`StoreBuilder::mapped_readahead`).
+    mapped_readahead: bool,
     spill: Arc<SpillFile>,
     stats: Stats,
     governor: Governor,
@@ -291,9 +293,12 @@ impl Store {
     /// Every file is validated completely and mapped; no tensor data is read.
     pub fn open_model(&self, path: impl AsRef<Path>) -> Result<ModelId, StoreError> {
         let files = ModelFiles::open(path)?;
-        if let Some(io) = &self.shared.source_io {
-            for source in &files.sources {
+        for source in &files.sources {
+            if let Some(io) = &self.shared.source_io {
                 source.set_io(Arc::clone(io));
+            }
+            if self.shared.mapped_readahead {
+                source.use_kernel_readahead();
             }
         }
         let mut state = self.shared.lock();

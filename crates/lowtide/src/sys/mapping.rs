@@ -32,6 +32,9 @@ pub(crate) struct Mapping {
     map: Option<Mmap>,
     /// Bytes per `POSIX_FADV_WILLNEED` call: what the kernel reads of one call at most.
     read_step: usize,
+    /// Faults read around with the kernel's readahead instead of exactly the range
+    /// ([`Mapping::use_kernel_readahead`]).
+    readahead: std::sync::atomic::AtomicBool,
 }
 
 impl Mapping {
@@ -43,6 +46,7 @@ impl Mapping {
             return Ok(Self {
                 map: None,
                 read_step,
+                readahead: false.into(),
             });
         }
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::FileTooLarge))?;
@@ -56,7 +60,19 @@ impl Mapping {
         Ok(Self {
             map: Some(map),
             read_step,
+            readahead: false.into(),
         })
+    }
+
+    /// From now on faults read around as the kernel's readahead decides (the default advice):
+    /// a cold fault-in goes faster, but neighbouring bytes enter the page cache too.
+    pub(crate) fn use_kernel_readahead(&self) {
+        self.readahead
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(map) = &self.map {
+            // Advisory: where refused, faults stay exact.
+            let _ = map.advise(Advice::Normal);
+        }
     }
 
     /// The mapped bytes. Touching them may fault pages in from the file.
@@ -80,7 +96,11 @@ impl Mapping {
         }
         let page = super::page_size();
         let (first, end) = (offset / page * page, offset + len);
-        let mut at = first;
+        let mut at = if self.readahead.load(std::sync::atomic::Ordering::Relaxed) {
+            end
+        } else {
+            first
+        };
         while at < end {
             let n = self.read_step.min(end - at);
             // Advisory: where refused, the faults below read the pages themselves (slower).
