@@ -104,6 +104,9 @@ pub(crate) struct SpillFile {
     dir: PathBuf,
     max: Option<u64>,
     storage: Arc<dyn Storage>,
+    /// The file, created on first use (under the space lock, so once); reads and writes
+    /// take it without any lock.
+    file: std::sync::OnceLock<Arc<dyn StorageFile>>,
     space: Mutex<Space>,
     /// Extents freed but not yet punched: freeing happens under the store's registry lock,
     /// so it only queues the range here (a leaf lock); the next reservation, or
@@ -118,7 +121,6 @@ pub(crate) struct SpillFile {
 
 #[derive(Debug, Default)]
 struct Space {
-    file: Option<Arc<dyn StorageFile>>,
     alloc: Allocator,
     /// Bytes reserved by live extents and by writes in flight (whole blocks).
     used: u64,
@@ -144,6 +146,7 @@ impl SpillFile {
             dir,
             max,
             storage,
+            file: std::sync::OnceLock::new(),
             space: Mutex::default(),
             freed: Mutex::default(),
             bounce: BufferSlot::default(),
@@ -178,7 +181,7 @@ impl SpillFile {
         if freed.is_empty() {
             return;
         }
-        let file = space.file.clone();
+        let file = self.file.get().cloned();
         for (offset, reserved) in freed {
             if let Some(file) = &file {
                 punch(&**file, offset, reserved);
@@ -208,15 +211,14 @@ impl SpillFile {
         }
     }
 
-    /// The file, created on first use.
-    fn file<'a>(
-        &self,
-        space: &'a mut MutexGuard<'_, Space>,
-    ) -> Result<&'a Arc<dyn StorageFile>, SpillError> {
-        if space.file.is_none() {
-            space.file = Some(self.storage.create(&self.dir).map_err(self.io("create"))?);
+    /// The file, created on first use; the caller holds the space lock (so it is created
+    /// once).
+    fn file(&self, _space: &MutexGuard<'_, Space>) -> Result<Arc<dyn StorageFile>, SpillError> {
+        if let Some(file) = self.file.get() {
+            return Ok(Arc::clone(file));
         }
-        Ok(space.file.as_ref().expect("created above"))
+        let file = self.storage.create(&self.dir).map_err(self.io("create"))?;
+        Ok(Arc::clone(self.file.get_or_init(|| file)))
     }
 
     /// Checks that spilling can work here: creates the spill file and reserves its first
@@ -224,13 +226,13 @@ impl SpillFile {
     /// again (the directory may be fixed meanwhile).
     pub(crate) fn probe(&self) -> Result<(), SpillError> {
         let mut space = self.space();
-        if space.file.is_some() {
+        if self.file.get().is_some() {
             return Ok(());
         }
         let file = self.storage.create(&self.dir).map_err(self.io("create"))?;
         file.allocate(0, BLOCK)
             .map_err(|err| self.reserve_error(BLOCK, err))?;
-        space.file = Some(file);
+        let _ = self.file.set(file);
         // The block is reserved at the allocator's end: the first extent starts in it.
         space.tail_reserved = BLOCK;
         Ok(())
@@ -251,7 +253,7 @@ impl SpillFile {
                 max,
             });
         }
-        let file = Arc::clone(self.file(&mut space)?);
+        let file = self.file(&space)?;
         let tail = space.alloc.end();
         let offset = space.alloc.allocate(reserved);
         let end = offset + reserved;
@@ -410,9 +412,9 @@ impl SpillFile {
 
     /// The file to read an extent from.
     fn file_of(&self) -> io::Result<Arc<dyn StorageFile>> {
-        self.space()
-            .file
-            .clone()
+        self.file
+            .get()
+            .cloned()
             .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
 
@@ -550,6 +552,16 @@ impl SpillFile {
     /// only a leaf lock: callers may hold the store's registry lock.
     pub(crate) fn free(&self, extent: Extent) {
         self.queued().push((extent.offset, extent.reserved()));
+    }
+}
+
+/// The error for a spill transfer that panicked (a plugged-in storage, or a helper thread the
+/// system refused to start).
+pub(crate) fn panicked(op: &'static str) -> SpillError {
+    SpillError::Io {
+        dir: PathBuf::new(),
+        op,
+        source: io::Error::other("the transfer panicked"),
     }
 }
 

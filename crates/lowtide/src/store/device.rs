@@ -86,7 +86,8 @@ pub struct DeviceGuard {
     shared: Arc<Shared>,
     id: TensorId,
     device: Arc<dyn Device>,
-    alloc: Arc<DeviceAlloc>,
+    /// `None` only while the guard is dropped (given up before the pin).
+    alloc: Option<Arc<DeviceAlloc>>,
 }
 
 impl DeviceGuard {
@@ -102,13 +103,15 @@ impl DeviceGuard {
 
     /// The device allocation holding the tensor's bytes.
     pub fn alloc(&self) -> &DeviceAlloc {
-        &self.alloc
+        self.alloc
+            .as_deref()
+            .expect("present until the guard is dropped")
     }
 
     /// Copies the tensor's bytes back to the host (for checks; costs a transfer). The vector
     /// is allocated fallibly: a host that cannot hold it is [`DeviceError::HostMemory`].
     pub fn download(&self) -> Result<Vec<u8>, DeviceError> {
-        let len = self.alloc.len();
+        let len = self.alloc().len();
         let mut bytes = Vec::new();
         usize::try_from(len)
             .ok()
@@ -126,20 +129,23 @@ impl DeviceGuard {
     /// (a buffer the caller reuses, or one of its own mappings such as
     /// [`crate::direct::AlignedBytes`]).
     pub fn download_into(&self, dst: &mut [u8]) -> Result<(), DeviceError> {
-        if dst.len() as u64 != self.alloc.len() {
+        if dst.len() as u64 != self.alloc().len() {
             return Err(DeviceError::Range {
                 device: self.device.name(),
                 offset: 0,
                 len: dst.len() as u64,
-                alloc_len: self.alloc.len(),
+                alloc_len: self.alloc().len(),
             });
         }
-        self.device.download(&self.alloc, 0, dst)
+        self.device.download(self.alloc(), 0, dst)
     }
 }
 
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
+        // The handle first, then the pin: an unload that frees the copy right after must hold
+        // its last reference, or the allocation would never be given back to the device.
+        drop(self.alloc.take());
         self.shared.unpin(self.id);
     }
 }
@@ -149,7 +155,7 @@ impl std::fmt::Debug for DeviceGuard {
         f.debug_struct("DeviceGuard")
             .field("id", &self.id)
             .field("device", &self.device.name())
-            .field("len", &self.alloc.len())
+            .field("len", &self.alloc().len())
             .finish_non_exhaustive()
     }
 }
@@ -157,8 +163,8 @@ impl std::fmt::Debug for DeviceGuard {
 /// Which device copies an unload may take.
 #[derive(Clone, Copy)]
 enum Victims {
-    /// Any on the device but this model's.
-    AllBut(Option<ModelId>),
+    /// Any on the device but this model's and this tensor's.
+    AllBut(Option<ModelId>, Option<TensorId>),
     /// This model's.
     Of(ModelId),
     /// This tensor's.
@@ -191,7 +197,7 @@ impl Shared {
                 t.pins == 0 && !t.busy && t.device.as_ref().is_some_and(|c| c.device == device)
             })
             .filter(|(id, t)| match victims {
-                Victims::AllBut(spare) => spare != Some(t.model),
+                Victims::AllBut(spare, keep) => spare != Some(t.model) && keep != Some(*id),
                 Victims::Of(model) => t.model == model,
                 Victims::Only(only) => *id == only,
             })
@@ -207,12 +213,17 @@ impl Shared {
                 in_ram: t.ram.is_some(),
                 on_device: true,
                 recipe_cost: t.recipe.as_ref().map(super::Recipe::cost_per_byte),
-                ram_room: state.anon + state.reserved + t.len <= budget
+                ram_room: state.anon + state.reserved + state.releaser.pending() + t.len <= budget
                     && (reserve == 0
-                        || available.is_some_and(|a| reserve_shortfall(a, t.len, reserve) == 0)),
+                        || available.is_some_and(|a| {
+                            reserve_shortfall(a.saturating_sub(state.reserved), t.len, reserve) == 0
+                        })),
             })
             .collect();
-        self.policy.order(&mut candidates);
+        if super::unwinding(|| self.policy.order(&mut candidates)).is_none() {
+            // A policy that panics unloads nothing.
+            candidates.clear();
+        }
         candidates
     }
 
@@ -251,7 +262,8 @@ impl Shared {
             let mut moved = None;
             for candidate in candidates {
                 let id = candidate.tensor;
-                match self.policy.fate(&candidate) {
+                let fate = super::unwinding(|| self.policy.fate(&candidate)).unwrap_or(Fate::Keep);
+                match fate {
                     // A copy whose bytes exist elsewhere needs no write, whatever the fate.
                     Fate::Drop | Fate::ToRam | Fate::Spill if candidate.kept_elsewhere() => {}
                     Fate::Recompute if candidate.recipe_cost.is_some() => {}
@@ -298,12 +310,47 @@ impl Shared {
                 continue;
             };
             drop(state);
+            let (moved_id, before) = (moved.id, outcome.not_freed_bytes);
             self.move_off_device(moved, &mut outcome);
-            if outcome.not_freed_bytes > 0 {
-                // A failed move: the copy stays; the next victims are not tried again now.
-                return Ok(outcome);
+            if outcome.not_freed_bytes > before {
+                // A failed move: the copy stays, and the next victims are tried.
+                kept.insert(moved_id);
             }
         }
+    }
+
+    /// Unloads `victims` from the device until `len` bytes are free. When even unloading
+    /// every one of them could not free that much, fails at once without unloading anything
+    /// (a tensor that cannot fit must not empty the device for nothing).
+    fn make_device_room(
+        &self,
+        device: &Arc<dyn Device>,
+        device_id: DeviceId,
+        victims: Victims,
+        name: &str,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let free = device.free_bytes();
+        if free >= len {
+            return Ok(());
+        }
+        let freeable: u64 = {
+            let state = self.lock();
+            self.device_candidates(&state, device_id, victims, None)
+                .iter()
+                .map(|c| c.len)
+                .sum()
+        };
+        if free + freeable < len {
+            return Err(StoreError::Memory(MemoryError::DeviceFull {
+                name: name.to_owned(),
+                device: device.name(),
+                requested: len,
+                available: free + freeable,
+            }));
+        }
+        self.unload_from(device_id, victims, |_| device.free_bytes() >= len)?;
+        Ok(())
     }
 
     /// Moves one dirty device copy's bytes to RAM (bytes reserved) or the spill file outside
@@ -316,28 +363,9 @@ impl Shared {
             to_ram,
         } = moved;
         let len = copy.len();
-        let downloaded = (to_ram > 0)
-            .then(|| {
-                let mut buf = AlignedBufOrNone::new(len)?;
-                match device.download(&copy, 0, buf.0.as_mut_slice()) {
-                    Ok(()) => Some(buf.0),
-                    Err(err) => {
-                        log::warn!("download from {} failed: {err}", device.name());
-                        None
-                    }
-                }
-            })
-            .flatten();
-        let spilled = if downloaded.is_none() {
-            Some(
-                self.spill
-                    .write_with(len, device.chunk_len(), |offset, buf| {
-                        device.download(&copy, offset, buf)
-                    }),
-            )
-        } else {
-            None
-        };
+        let moved_bytes = super::unwinding(|| self.move_bytes(&device, &copy, to_ram))
+            .unwrap_or((None, Some(Err(crate::spill::panicked("write")))));
+        let (downloaded, spilled) = moved_bytes;
         drop(copy);
         let mut state = self.lock();
         if to_ram > 0 {
@@ -379,6 +407,43 @@ impl Shared {
         self.check(&mut state);
         drop(state);
         self.changed.notify_all();
+    }
+
+    /// The I/O of [`Shared::move_off_device`], outside the lock: a download into a fresh RAM
+    /// buffer when `to_ram` bytes are reserved for it, else (or when that fails) a stream into
+    /// the spill file.
+    #[allow(clippy::type_complexity)] // two outcomes, one of them optional
+    fn move_bytes(
+        &self,
+        device: &Arc<dyn Device>,
+        copy: &DeviceAlloc,
+        to_ram: u64,
+    ) -> (
+        Option<crate::sys::AlignedBuf>,
+        Option<Result<crate::spill::Extent, crate::spill::SpillError>>,
+    ) {
+        let len = copy.len();
+        let downloaded = (to_ram > 0)
+            .then(|| {
+                let mut buf = AlignedBufOrNone::new(len)?;
+                match device.download(copy, 0, buf.0.as_mut_slice()) {
+                    Ok(()) => Some(buf.0),
+                    Err(err) => {
+                        log::warn!("download from {} failed: {err}", device.name());
+                        None
+                    }
+                }
+            })
+            .flatten();
+        if downloaded.is_some() {
+            return (downloaded, None);
+        }
+        let spilled = self
+            .spill
+            .write_with(len, device.chunk_len(), |offset, buf| {
+                device.download(copy, offset, buf)
+            });
+        (None, Some(spilled))
     }
 
     /// The bytes are safe elsewhere now: frees the device copy unless a guard pinned it
@@ -514,12 +579,13 @@ impl Store {
                 }));
             }
         }
-        if device.free_bytes() < len {
-            self.shared
-                .unload_from(device_id, Victims::AllBut(spare), |_| {
-                    device.free_bytes() >= len
-                })?;
-        }
+        self.shared.make_device_room(
+            &device,
+            device_id,
+            Victims::AllBut(spare, Some(id)),
+            &name,
+            len,
+        )?;
         if device.in_host_memory() {
             // Its memory is the host's: keep the reserve as for a RAM copy.
             drop(
@@ -571,28 +637,36 @@ impl Store {
                 return found.map(|existing| self.device_guard(id, device, existing));
             }
         };
-        let restored = self
-            .shared
-            .restore(
-                &name,
-                len,
-                &from,
-                Target::Device {
-                    device: &device,
-                    alloc: &alloc,
-                },
-            )
-            .and_then(|_| {
-                device.synchronize().map_err(|source| {
-                    StoreError::Restore(RestoreError::Device {
-                        name: name.clone(),
-                        source,
+        let restored = super::unwinding(|| {
+            self.shared
+                .restore(
+                    &name,
+                    len,
+                    &from,
+                    Target::Device {
+                        device: &device,
+                        alloc: &alloc,
+                    },
+                )
+                .and_then(|_| {
+                    device.synchronize().map_err(|source| {
+                        StoreError::Restore(RestoreError::Device {
+                            name: name.clone(),
+                            source,
+                        })
                     })
                 })
-            });
+        })
+        .unwrap_or_else(|| {
+            Err(StoreError::Restore(RestoreError::Panicked {
+                name: name.clone(),
+            }))
+        });
+        let reads_spill = from.reads_spill();
+        drop(from);
         let mut state = self.shared.lock();
-        if from.reads_spill() {
-            state.end_spill_read(id, false);
+        if reads_spill {
+            state.end_spill_read(id);
         }
         if let Err(err) = restored {
             device.release(alloc);
@@ -633,7 +707,7 @@ impl Store {
             shared: Arc::clone(&self.shared),
             id,
             device,
-            alloc,
+            alloc: Some(alloc),
         }
     }
 
@@ -695,12 +769,13 @@ impl Store {
             super::check_len(&entry.name, entry.dtype, &entry.shape, bytes.len() as u64)?;
             (device, entry.name.clone(), entry.len)
         };
-        if device.free_bytes() < len {
-            self.shared
-                .unload_from(device_id, Victims::AllBut(None), |_| {
-                    device.free_bytes() >= len
-                })?;
-        }
+        self.shared.make_device_room(
+            &device,
+            device_id,
+            Victims::AllBut(None, Some(id)),
+            &name,
+            len,
+        )?;
         if device.in_host_memory() {
             drop(
                 self.shared

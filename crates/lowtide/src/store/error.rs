@@ -256,6 +256,17 @@ pub enum RestoreError {
         /// The tier a copy was wanted in.
         tier: super::Tier,
     },
+    /// Code run for the restore panicked: a recipe, a plugged-in device or source reader, or
+    /// a helper thread the system refused to start. Nothing was installed and the tensor is
+    /// where it was.
+    #[error(
+        "tensor `{}`: the restore panicked (a recipe, a device, a reader, or a thread the system refused); nothing was installed",
+        Escaped(name)
+    )]
+    Panicked {
+        /// The tensor.
+        name: String,
+    },
     /// A recipe produced the wrong number of bytes.
     #[error(
         "tensor `{}`: its recipe produced {}, expected {}",
@@ -327,7 +338,9 @@ impl StoreError {
             StoreError::Restore(err) => {
                 matches!(
                     err,
-                    RestoreError::SpillRead { .. } | RestoreError::Device { .. }
+                    RestoreError::SpillRead { .. }
+                        | RestoreError::Device { .. }
+                        | RestoreError::Panicked { .. }
                 )
             }
             // A read that failed may pass; a file that changed or is malformed stays so.

@@ -12,6 +12,7 @@
 //! [`Shared::admit`] is how a new RAM copy gets its room: it loops over these phases until
 //! the budget and the reserve allow the bytes, and returns with them reserved.
 
+use std::collections::HashSet;
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
@@ -83,7 +84,7 @@ impl Shared {
         exclude: Option<TensorId>,
     ) -> FreeOutcome {
         let mut state = self.lock();
-        let plan = self.plan(&mut state, need, reason, exclude);
+        let plan = self.plan(&mut state, need, reason, exclude, &HashSet::new());
         self.check(&mut state);
         drop(state);
         self.carry_out(plan)
@@ -96,6 +97,7 @@ impl Shared {
         need: u64,
         reason: EvictReason,
         exclude: Option<TensorId>,
+        skip: &HashSet<TensorId>,
     ) -> Plan {
         let mut plan = Plan {
             reason: Some(reason),
@@ -107,7 +109,13 @@ impl Shared {
         let started = Instant::now();
         let mut candidates: Vec<Candidate> = state
             .entries()
-            .filter(|(id, t)| Some(*id) != exclude && t.pins == 0 && !t.busy && t.ram.is_some())
+            .filter(|(id, t)| {
+                Some(*id) != exclude
+                    && !skip.contains(id)
+                    && t.pins == 0
+                    && !t.busy
+                    && t.ram.is_some()
+            })
             .map(|(id, t)| Candidate {
                 tensor: id,
                 priority: state.model(t.model).map(|m| m.priority).unwrap_or_default(),
@@ -123,13 +131,17 @@ impl Shared {
                 ram_room: false,
             })
             .collect();
-        self.policy.order(&mut candidates);
+        if super::unwinding(|| self.policy.order(&mut candidates)).is_none() {
+            // A policy that panics evicts nothing.
+            candidates.clear();
+        }
         for candidate in candidates {
             if plan.planned() >= need {
                 break;
             }
             let id = candidate.tensor;
-            match self.policy.fate(&candidate) {
+            let fate = super::unwinding(|| self.policy.fate(&candidate)).unwrap_or(Fate::Keep);
+            match fate {
                 // A copy whose bytes exist elsewhere needs no write, whatever the fate.
                 Fate::Drop | Fate::Spill | Fate::ToRam if candidate.kept_elsewhere() => {
                     let freed = self.let_go(state, id, reason);
@@ -172,24 +184,27 @@ impl Shared {
 
     /// Phases 2 and 3: writes the planned spills outside the lock, then commits them.
     pub(super) fn carry_out(&self, plan: Plan) -> FreeOutcome {
+        self.carry_out_noting(plan, &mut HashSet::new()).0
+    }
+
+    /// [`Shared::carry_out`], adding the victims whose write failed to `failed`; also says
+    /// whether any extent was recorded (a victim pinned during its write keeps its RAM copy
+    /// and is free to drop next time).
+    fn carry_out_noting(&self, plan: Plan, failed: &mut HashSet<TensorId>) -> (FreeOutcome, bool) {
         let mut outcome = plan.outcome;
+        let mut recorded = false;
         let Some(reason) = plan.reason else {
-            return outcome;
+            return (outcome, recorded);
         };
         if plan.spills.is_empty() {
-            return outcome;
+            return (outcome, recorded);
         }
-        let written: Vec<_> = plan
-            .spills
-            .into_iter()
-            .map(|(id, buf, credit)| {
-                let result = self.spill.write(buf.as_slice());
-                (id, buf, credit, result)
-            })
-            .collect();
-        let mut state = self.lock();
-        for (id, buf, credit, result) in written {
+        // Each victim commits right after its own write: its `busy` mark lasts one write.
+        for (id, buf, credit) in plan.spills {
+            let result = super::unwinding(|| self.spill.write(buf.as_slice()))
+                .unwrap_or_else(|| Err(crate::spill::panicked("write")));
             drop(buf);
+            let mut state = self.lock();
             let Ok(entry) = state.tensor_mut(id) else {
                 // Closed meanwhile: the extent has no owner.
                 if let Ok(extent) = result {
@@ -205,14 +220,14 @@ impl Shared {
                     Stats::add(&self.stats.bytes_spilled, extent.len);
                     Stats::add(&self.stats.bytes_written, extent.len);
                     state.set_spilled(id, extent);
-                    if pinned {
-                        // Used meanwhile: it keeps its RAM copy and now has a spilled one.
-                        continue;
+                    recorded = true;
+                    if !pinned {
+                        outcome.spilled_bytes += self.let_go(&mut state, id, reason);
+                        outcome.freed_bytes += extent.len;
+                        state.inflation = state.inflation.max(credit);
+                        self.count_eviction(reason);
                     }
-                    outcome.spilled_bytes += self.let_go(&mut state, id, reason);
-                    outcome.freed_bytes += extent.len;
-                    state.inflation = state.inflation.max(credit);
-                    self.count_eviction(reason);
+                    // Else used meanwhile: it keeps its RAM copy and now has a spilled one.
                 }
                 Err(err) => {
                     log::warn!(
@@ -221,13 +236,15 @@ impl Shared {
                     );
                     Stats::add(&self.stats.spill_failures, 1);
                     outcome.spill_failures += 1;
+                    failed.insert(id);
                 }
             }
+            self.check(&mut state);
+            drop(state);
+            self.changed.notify_all();
         }
-        self.check(&mut state);
-        drop(state);
-        self.changed.notify_all();
-        outcome
+        self.spill.reclaim();
+        (outcome, recorded)
     }
 
     /// Frees a victim's RAM copy: kept in the pool when evicting for the budget (the room is
@@ -272,6 +289,9 @@ impl Shared {
         let reserve = self.governor.reserve_ram();
         let in_budget = room != Room::ReserveOnly;
         let mut wait_releaser = reserve > 0;
+        // Victims whose spill failed in this call: not chosen again, so that the copies
+        // that can go for free are tried before giving up.
+        let mut failed = HashSet::new();
         loop {
             if wait_releaser {
                 // Copies still being freed are not available yet; they will be in a moment.
@@ -308,8 +328,8 @@ impl Shared {
                 if over > evictable || room == Room::NoEviction {
                     return Err(over_budget(&state, evictable));
                 }
-                let plan = self.plan(&mut state, over, EvictReason::Budget, Some(id));
-                if !self.evicted_or_waited(state, plan) {
+                let plan = self.plan(&mut state, over, EvictReason::Budget, Some(id), &failed);
+                if !self.evicted_or_waited(state, plan, &mut failed) {
                     return Err(over_budget(&self.lock(), 0));
                 }
                 wait_releaser = false;
@@ -339,8 +359,8 @@ impl Shared {
                     wait_releaser = true;
                     continue;
                 }
-                let plan = self.plan(&mut state, short, EvictReason::Reserve, Some(id));
-                if !self.evicted_or_waited(state, plan) {
+                let plan = self.plan(&mut state, short, EvictReason::Reserve, Some(id), &failed);
+                if !self.evicted_or_waited(state, plan, &mut failed) {
                     return Err(under_reserve());
                 }
                 wait_releaser = true;
@@ -356,7 +376,12 @@ impl Shared {
     /// Carries out a plan outside the lock, or when it is empty waits for an eviction in
     /// flight to commit. Says whether anything changed (bytes freed, or a commit waited for):
     /// `false` means evicting cannot make progress now.
-    fn evicted_or_waited(&self, mut state: MutexGuard<'_, State>, plan: Plan) -> bool {
+    fn evicted_or_waited(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        plan: Plan,
+        failed: &mut HashSet<TensorId>,
+    ) -> bool {
         self.check(&mut state);
         if plan.is_empty() {
             if state.entries().any(|(_, t)| t.busy) {
@@ -366,7 +391,9 @@ impl Shared {
             return false;
         }
         drop(state);
-        self.carry_out(plan).freed_bytes > 0
+        let before = failed.len();
+        let (outcome, recorded) = self.carry_out_noting(plan, failed);
+        outcome.freed_bytes > 0 || recorded || failed.len() > before
     }
 
     /// Frees what the governor asks for: called by the monitor thread.
@@ -386,12 +413,24 @@ impl Shared {
             // Under pressure give back at least an eighth of what is held, and release the
             // mapped pages of idle models so the kernel can reclaim them first.
             let need = short.max(state.anon / 8);
-            let plan = self.plan(&mut state, need, EvictReason::Pressure, None);
+            let plan = self.plan(
+                &mut state,
+                need,
+                EvictReason::Pressure,
+                None,
+                &HashSet::new(),
+            );
             let idle_mapped = state.release_idle_mapped();
             Stats::add(&self.stats.mapped_released_bytes, idle_mapped);
             plan
         } else {
-            self.plan(&mut state, short, EvictReason::Reserve, None)
+            self.plan(
+                &mut state,
+                short,
+                EvictReason::Reserve,
+                None,
+                &HashSet::new(),
+            )
         };
         self.check(&mut state);
         drop(state);

@@ -16,6 +16,9 @@ pub(super) enum View {
         offset: usize,
         len: usize,
     },
+    /// Only while the guard is dropped: its share of the copy is given up before the pin, so
+    /// whoever frees the copy next holds the last reference.
+    Released,
 }
 
 /// A pinned view of one tensor's bytes, from a RAM copy or the mapped source.
@@ -62,7 +65,7 @@ impl TensorGuard {
     /// The copy the bytes come from.
     pub fn tier(&self) -> Tier {
         match self.view {
-            View::Ram(_) => Tier::Ram,
+            View::Ram(_) | View::Released => Tier::Ram,
             View::Mapped { .. } => Tier::Mapped,
         }
     }
@@ -125,6 +128,7 @@ impl TensorGuard {
                 offset,
                 len,
             } => source.mapped_bytes(*offset, *len),
+            View::Released => &[],
         }
     }
 }
@@ -144,6 +148,9 @@ impl AsRef<[u8]> for TensorGuard {
 
 impl Drop for TensorGuard {
     fn drop(&mut self) {
+        // The copy first, then the pin: once unpinned, an eviction may free the copy at once,
+        // and must find no other reference to it.
+        drop(std::mem::replace(&mut self.view, View::Released));
         self.shared.unpin(self.id);
     }
 }

@@ -448,7 +448,11 @@ impl Store {
             (found.0, found.1, found.2, guard)
         };
         if let Err(err) = extent.source.fault_in(extent.offset, len) {
-            if !was_mapped && let Ok(entry) = self.shared.lock().tensor_mut(id) {
+            // Unmarked only when no other guard relies on the pages being marked.
+            if !was_mapped
+                && let Ok(entry) = self.shared.lock().tensor_mut(id)
+                && entry.pins == 1
+            {
                 entry.mapped = false;
             }
             return Err(err.into());
@@ -528,9 +532,18 @@ impl Store {
         }
         self.shared.check(&mut state);
         drop(state);
-        let restored = self
-            .shared
-            .restore(&name, len, &from, Target::Ram { reuse });
+        let restored = unwinding(|| {
+            self.shared
+                .restore(&name, len, &from, Target::Ram { reuse })
+        })
+        .unwrap_or_else(|| {
+            Err(StoreError::Restore(RestoreError::Panicked {
+                name: name.clone(),
+            }))
+        });
+        // Its share of a device copy goes before the pin does (see `TensorGuard::drop`).
+        let reads_spill = from.reads_spill();
+        drop(from);
         let mut state = self.shared.lock();
         state.unreserve(len);
         let result = match restored {
@@ -541,8 +554,8 @@ impl Store {
             })),
             Err(err) => Err(err),
         };
-        if from.reads_spill() {
-            state.end_spill_read(id, result.is_ok());
+        if reads_spill {
+            state.end_spill_read(id);
         }
         let result = match result.and_then(|buf| Ok((buf, state.tensor(id)?))) {
             Ok((buf, entry)) => {
@@ -558,7 +571,7 @@ impl Store {
                 Err(err)
             }
         };
-        if from.reads_spill() {
+        if reads_spill {
             // The extent it came from, punched outside the registry lock.
             self.shared.spill.reclaim();
         }
@@ -764,7 +777,8 @@ impl Store {
             state.tensor_mut(id)?.busy = true;
             (name, buf)
         };
-        let written = self.shared.spill.write(buf.as_slice());
+        let written = unwinding(|| self.shared.spill.write(buf.as_slice()))
+            .unwrap_or_else(|| Err(crate::spill::panicked("write")));
         drop(buf);
         let mut state = self.shared.lock();
         let result = match state.tensor_mut(id) {
@@ -815,17 +829,21 @@ impl Store {
         for &id in &ids {
             state.unpinned(id)?;
         }
+        // Entries (and with them the last references to the model's files, whose mappings are
+        // unmapped when dropped) are dropped after the lock is let go.
+        let mut closed = Vec::with_capacity(ids.len());
         for id in ids {
             let outcome = state.drop_clean(id, true);
             self.record_drop(outcome);
             state.release_ram(id);
             state.free_spilled(id);
             self.shared.release_device_copy(&mut state, id);
-            state.tensors[id.0 as usize] = None;
+            closed.push(state.tensors[id.0 as usize].take());
         }
-        state.models[model.0 as usize] = None;
+        let entry = state.models[model.0 as usize].take();
         self.shared.check(&mut state);
         drop(state);
+        drop((closed, entry));
         self.shared.spill.reclaim();
         Ok(())
     }
@@ -865,6 +883,15 @@ impl Shared {
         Stats::add(&self.stats.ram_dropped_bytes, outcome.ram_bytes);
         Stats::add(&self.stats.mapped_released_bytes, outcome.mapped_bytes);
     }
+}
+
+/// Runs work the store does outside its lock that may panic — a recipe, a plugged-in
+/// storage, device, reader or policy, a helper thread the system refuses to start — and
+/// turns a panic into `None`, so that the caller undoes what it marked (pins, reservations,
+/// busy flags) instead of leaving them set for good. The panic itself is reported by the
+/// panic hook as usual.
+pub(crate) fn unwinding<T>(f: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
 }
 
 /// The most host memory a store's transfer buffers hold beyond its RAM budget, for tensors

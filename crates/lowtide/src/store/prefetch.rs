@@ -95,7 +95,10 @@ impl Store {
             }
             let (len, has_copy) = {
                 let state = self.shared.lock();
-                let entry = state.tensor(id)?;
+                // A tensor closed meanwhile is simply not prefetched.
+                let Ok(entry) = state.tensor(id) else {
+                    continue;
+                };
                 (entry.len, entry.ram.is_some() || entry.device.is_some())
             };
             if has_copy {

@@ -395,18 +395,26 @@ impl State {
             return 0;
         };
         let len = buf.len();
-        if len >= POOL_MIN
-            && let Ok(buf) = Arc::try_unwrap(buf)
-        {
-            let buf = match buf {
-                RamBuf::Aligned(buf) => Some(buf),
-                RamBuf::Direct(buf) => Some(buf.into_inner()),
-                RamBuf::Owned(_) => None,
-            };
-            if let Some(buf) = buf {
-                self.pool_bytes += len;
-                self.pool.push((buf, len));
+        let buf = if len >= POOL_MIN {
+            match Arc::try_unwrap(buf) {
+                Ok(RamBuf::Aligned(buf)) => Err(buf),
+                Ok(RamBuf::Direct(buf)) => Err(buf.into_inner()),
+                Ok(owned) => Ok(Arc::new(owned)),
+                Err(shared) => Ok(shared),
             }
+        } else {
+            Ok(buf)
+        };
+        match buf {
+            Err(buf) => {
+                // Counted at its real size (block padding included): the releaser counts it
+                // so when the pool is flushed.
+                let size = buf.as_slice().len() as u64;
+                self.pool_bytes += size;
+                self.pool.push((buf, size));
+            }
+            // Not poolable: freed in the background, not under the registry lock.
+            Ok(buf) => self.releaser.release(buf),
         }
         self.trim_pool(budget);
         len
@@ -437,14 +445,14 @@ impl State {
         }
     }
 
-    /// A restore from `id`'s spill extent ended: with a RAM copy installed (`restored`) the
-    /// extent is no longer needed once no other restore reads it.
-    pub(super) fn end_spill_read(&mut self, id: TensorId, restored: bool) {
+    /// A restore from `id`'s spill extent ended: once the tensor has a RAM copy (installed by
+    /// this restore or another) the extent is no longer needed when no other restore reads it.
+    pub(super) fn end_spill_read(&mut self, id: TensorId) {
         let Ok(entry) = self.tensor_mut(id) else {
             return;
         };
         entry.spill_readers -= 1;
-        if restored && entry.ram.is_some() {
+        if entry.ram.is_some() {
             self.free_spilled(id);
         }
     }
