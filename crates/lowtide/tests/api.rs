@@ -238,3 +238,79 @@ fn making_room_without_progress_fails_instead_of_waiting() {
     );
     assert!(kept, "the kept copy is still there");
 }
+
+/// A tensor that cannot fit on the device even after unloading everything else is refused
+/// before anything is unloaded.
+#[test]
+fn an_upload_that_cannot_fit_unloads_nothing() {
+    let dir = common::tempdir();
+    let specs = vec![
+        TensorSpec::new("small.a", Dtype::U8, &[1 << 20]),
+        TensorSpec::new("small.b", Dtype::U8, &[1 << 20]),
+        TensorSpec::new("huge", Dtype::U8, &[5 << 20]),
+    ];
+    let path = common::write(&dir.path().join("m.safetensors"), &specs);
+    let store = Store::builder().ram_budget(32 << 20).build().unwrap();
+    let model = store.open_model(&path).unwrap();
+    let device = store.add_device(Arc::new(SimDevice::new("sim0", 4 << 20)));
+    for name in ["small.a", "small.b"] {
+        let id = store.tensor(model, name).unwrap();
+        drop(store.acquire_device(id, device).unwrap());
+    }
+    let huge = store.tensor(model, "huge").unwrap();
+    let err = store.acquire_device(huge, device).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Memory(lowtide::MemoryError::DeviceFull { .. })
+        ),
+        "{err}"
+    );
+    let on_device = store
+        .list(model)
+        .unwrap()
+        .iter()
+        .filter(|t| t.device.is_some())
+        .count();
+    assert_eq!(
+        on_device, 2,
+        "nothing was unloaded for a tensor that cannot fit"
+    );
+}
+
+/// When the first victim's spill fails, copies that can go for free are evicted instead.
+#[test]
+fn a_failed_spill_falls_back_on_clean_copies() {
+    let dir = common::tempdir();
+    let path = common::unet(&dir);
+    let spill_dir = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(2 << 20)
+        .spill_dir(spill_dir.path())
+        .spill_max(4096)
+        .build()
+        .unwrap();
+    let idle = store.open_model(&path).unwrap();
+    store.set_priority(idle, lowtide::Priority::Idle).unwrap();
+    // The first victim in policy order: dirty, in an idle model, and unspillable.
+    let dirty = store
+        .derive(idle, "patched", Dtype::U8, &[1 << 20], vec![9u8; 1 << 20])
+        .unwrap();
+    let active = store.open_model(&path).unwrap();
+    store
+        .set_priority(active, lowtide::Priority::Active)
+        .unwrap();
+    let clean = store
+        .tensor(active, "mid_block.resnets.0.conv1.weight")
+        .unwrap();
+    drop(store.acquire_ram(clean).unwrap());
+    // Needs room: the dirty copy cannot be spilled, the clean one is dropped instead.
+    let other = store
+        .tensor(active, "down_blocks.0.attentions.0.to_k.weight")
+        .unwrap();
+    let guard = store.acquire_ram(other).unwrap();
+    assert_eq!(guard.len(), 320 * 768 * 2);
+    assert!(store.info(dirty).unwrap().in_ram, "the dirty copy stays");
+    assert!(!store.info(clean).unwrap().in_ram, "the clean copy went");
+    assert!(store.stats().spill_failures >= 1);
+}
