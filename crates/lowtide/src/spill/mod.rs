@@ -196,7 +196,8 @@ impl SpillFile {
         move |source| SpillError::Io { dir, op, source }
     }
 
-    fn reserve_error(&self, len: u64, source: io::Error) -> SpillError {
+    /// A failed `fallocate` or write: a full file system is [`SpillError::NoSpace`].
+    fn space_error(&self, len: u64, op: &'static str, source: io::Error) -> SpillError {
         if is_full(&source) {
             SpillError::NoSpace {
                 dir: self.dir.clone(),
@@ -205,10 +206,14 @@ impl SpillFile {
         } else {
             SpillError::Io {
                 dir: self.dir.clone(),
-                op: "reserve space in",
+                op,
                 source,
             }
         }
+    }
+
+    fn reserve_error(&self, len: u64, source: io::Error) -> SpillError {
+        self.space_error(len, "reserve space in", source)
     }
 
     /// The file, created on first use; the caller holds the space lock (so it is created
@@ -304,18 +309,7 @@ impl SpillFile {
     }
 
     fn write_error(&self, len: u64, source: io::Error) -> SpillError {
-        if is_full(&source) {
-            SpillError::NoSpace {
-                dir: self.dir.clone(),
-                requested: len,
-            }
-        } else {
-            SpillError::Io {
-                dir: self.dir.clone(),
-                op: "write",
-                source,
-            }
-        }
+        self.space_error(len, "write", source)
     }
 
     /// Writes `bytes` to a new extent: space reserved first, then written, then checksummed.

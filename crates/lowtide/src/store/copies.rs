@@ -113,8 +113,8 @@ impl CopySource {
 impl Shared {
     /// Fills `into` with the tensor's `len` bytes from `from`. Returns the RAM copy for a
     /// RAM target. A spill extent that cannot be read falls back on the recipe if there is
-    /// one; without one, a checksum mismatch is [`StoreError::Restore(RestoreError::Lost)`] and an I/O error
-    /// [`StoreError::Restore(RestoreError::SpillRead)`] (the extent is kept: a retry may succeed).
+    /// one; without one, a checksum mismatch is [`RestoreError::Lost`] and an I/O error
+    /// [`RestoreError::SpillRead`] (the extent is kept: a retry may succeed).
     pub(super) fn restore(
         &self,
         name: &str,

@@ -201,23 +201,14 @@ impl Shared {
                 Victims::Of(model) => t.model == model,
                 Victims::Only(only) => *id == only,
             })
-            .map(|(id, t)| Candidate {
-                tensor: id,
-                priority: state.model(t.model).map(|m| m.priority).unwrap_or_default(),
-                last_use: t.last_use,
-                credit: t.credit,
-                len: t.len,
-                clean: t.is_clean(),
-                copy: Evicting::Device,
-                spilled: t.spilled.is_some(),
-                in_ram: t.ram.is_some(),
-                on_device: true,
-                recipe_cost: t.recipe.as_ref().map(super::Recipe::cost_per_byte),
-                ram_room: state.anon + state.reserved + state.releaser.pending() + t.len <= budget
+            .map(|(id, t)| {
+                let ram_room = state.anon + state.reserved + state.releaser.pending() + t.len
+                    <= budget
                     && (reserve == 0
                         || available.is_some_and(|a| {
                             reserve_shortfall(a.saturating_sub(state.reserved), t.len, reserve) == 0
-                        })),
+                        }));
+                state.candidate(id, t, Evicting::Device, ram_room)
             })
             .collect();
         if super::unwinding(|| self.policy.order(&mut candidates)).is_none() {
@@ -317,6 +308,28 @@ impl Shared {
                 kept.insert(moved_id);
             }
         }
+    }
+
+    /// A new allocation of `len` bytes on `device` for tensor `id`: room made by unloading
+    /// `victims`, the RAM reserve kept for a device in host memory, and the allocation made
+    /// outside the lock (a device may map memory or wait on its stream).
+    fn device_allocation(
+        &self,
+        device: &Arc<dyn Device>,
+        device_id: DeviceId,
+        victims: Victims,
+        id: TensorId,
+        name: &str,
+        len: u64,
+    ) -> Result<DeviceAlloc, StoreError> {
+        self.make_device_room(device, device_id, victims, name, len)?;
+        if device.in_host_memory() {
+            // Its memory is the host's: keep the reserve as for a RAM copy.
+            drop(self.admit(id, name, len, super::evict::Room::ReserveOnly)?);
+        }
+        device
+            .allocate(len)
+            .map_err(|err| allocation_error(err, name, &**device, len))
     }
 
     /// Unloads `victims` from the device until `len` bytes are free. When even unloading
@@ -579,24 +592,14 @@ impl Store {
                 }));
             }
         }
-        self.shared.make_device_room(
+        let alloc = self.shared.device_allocation(
             &device,
             device_id,
             Victims::AllBut(spare, Some(id)),
+            id,
             &name,
             len,
         )?;
-        if device.in_host_memory() {
-            // Its memory is the host's: keep the reserve as for a RAM copy.
-            drop(
-                self.shared
-                    .admit(id, &name, len, super::evict::Room::ReserveOnly)?,
-            );
-        }
-        // Allocated outside the lock (a device may map memory or wait on its stream).
-        let alloc = device
-            .allocate(len)
-            .map_err(|err| allocation_error(err, &name, &*device, len))?;
         let chosen = {
             let mut state = self.shared.lock_idle(id);
             let entry = match state.tensor(id) {
@@ -769,22 +772,14 @@ impl Store {
             super::check_len(&entry.name, entry.dtype, &entry.shape, bytes.len() as u64)?;
             (device, entry.name.clone(), entry.len)
         };
-        self.shared.make_device_room(
+        let alloc = self.shared.device_allocation(
             &device,
             device_id,
             Victims::AllBut(None, Some(id)),
+            id,
             &name,
             len,
         )?;
-        if device.in_host_memory() {
-            drop(
-                self.shared
-                    .admit(id, &name, len, super::evict::Room::ReserveOnly)?,
-            );
-        }
-        let alloc = device
-            .allocate(len)
-            .map_err(|err| allocation_error(err, &name, &*device, len))?;
         let written = device
             .upload(&alloc, 0, bytes)
             .and_then(|()| device.synchronize())
@@ -811,7 +806,7 @@ impl Store {
     }
 
     /// Records that the bytes of `guard`'s device copy were changed in place — by a kernel
-    /// through [`CudaDevice::device_ptr`](crate::CudaDevice), or through
+    /// through `CudaDevice::device_ptr` (the `cuda` feature), or through
     /// [`SimDevice::with_bytes_mut`](crate::SimDevice::with_bytes_mut) — so that the device
     /// copy is now the tensor's only copy: the tensor becomes dirty, its RAM copy and spill
     /// extent are dropped (they hold the old bytes), and an unload later moves the new bytes
@@ -831,7 +826,7 @@ impl Store {
     ///
     /// Call it while the guard still lives, and with no other guard of the tensor alive
     /// (another holder would be reading bytes that changed under it): otherwise
-    /// [`StoreError::Update(UpdateError::Pinned)`], and the store still takes the tensor for its old bytes — the
+    /// [`UpdateError::Pinned`], and the store still takes the tensor for its old bytes — the
     /// caller must not have written them then.
     pub fn mark_dirty_on_device(&self, guard: &DeviceGuard) -> Result<(), StoreError> {
         let mut state = self.shared.lock_idle(guard.id);

@@ -116,20 +116,7 @@ impl Shared {
                     && !t.busy
                     && t.ram.is_some()
             })
-            .map(|(id, t)| Candidate {
-                tensor: id,
-                priority: state.model(t.model).map(|m| m.priority).unwrap_or_default(),
-                last_use: t.last_use,
-                credit: t.credit,
-                len: t.len,
-                clean: t.is_clean(),
-                copy: Evicting::Ram,
-                spilled: t.spilled.is_some(),
-                in_ram: true,
-                on_device: t.device.is_some(),
-                recipe_cost: t.recipe.as_ref().map(super::Recipe::cost_per_byte),
-                ram_room: false,
-            })
+            .map(|(id, t)| state.candidate(id, t, Evicting::Ram, false))
             .collect();
         if super::unwinding(|| self.policy.order(&mut candidates)).is_none() {
             // A policy that panics evicts nothing.

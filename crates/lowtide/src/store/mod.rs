@@ -474,7 +474,7 @@ impl Store {
     ///
     /// The copy counts against the RAM budget (and, when set, the reserve); other copies are
     /// evicted in policy order to make room, with no lock held while they are written. Fails
-    /// with [`StoreError::Memory(MemoryError::OverBudget)`] or [`StoreError::Memory(MemoryError::UnderReserve)`] when even that is not
+    /// with [`MemoryError::OverBudget`] or [`MemoryError::UnderReserve`] when even that is not
     /// enough: nothing is allocated past the budget.
     pub fn acquire_ram(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
         self.acquire_ram_with(id, Room::Evict)

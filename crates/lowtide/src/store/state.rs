@@ -21,7 +21,7 @@ use super::{Recipe, StoreError};
 use crate::device::{Device, DeviceAlloc};
 use crate::dtype::Dtype;
 use crate::ids::{DeviceId, ModelId, TensorId};
-use crate::policy::{Priority, restore_cost};
+use crate::policy::{Candidate, Evicting, Priority, restore_cost};
 use crate::source::Source;
 use crate::spill::{Extent, SpillFile};
 use crate::sys::AlignedBuf;
@@ -306,6 +306,30 @@ impl State {
             .iter()
             .enumerate()
             .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
+    }
+
+    /// How the policy sees `t`'s `copy` as an eviction candidate.
+    pub(super) fn candidate(
+        &self,
+        id: TensorId,
+        t: &TensorEntry,
+        copy: Evicting,
+        ram_room: bool,
+    ) -> Candidate {
+        Candidate {
+            tensor: id,
+            priority: self.model(t.model).map(|m| m.priority).unwrap_or_default(),
+            last_use: t.last_use,
+            credit: t.credit,
+            len: t.len,
+            clean: t.is_clean(),
+            copy,
+            spilled: t.spilled.is_some(),
+            in_ram: t.ram.is_some(),
+            on_device: t.device.is_some(),
+            recipe_cost: t.recipe.as_ref().map(Recipe::cost_per_byte),
+            ram_room,
+        }
     }
 
     /// Records a use of `id` now.
