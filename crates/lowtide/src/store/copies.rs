@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use super::error::{MemoryError, RestoreError};
-use super::state::{FileExtent, RamBuf, TensorEntry};
+use super::ram::RamBuf;
+use super::state::{FileExtent, TensorEntry};
 use super::{Recipe, Shared, StoreError, Tier};
 use crate::device::{Device, DeviceAlloc};
 use crate::spill::{Extent, SpillError};

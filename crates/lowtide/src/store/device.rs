@@ -13,7 +13,8 @@ use std::sync::{Arc, MutexGuard};
 
 use super::copies::{CopySource, Target, alloc};
 use super::error::{HandleError, MemoryError, RestoreError, UpdateError};
-use super::state::{DeviceCopy, RamBuf, State};
+use super::ram::RamBuf;
+use super::state::{DeviceCopy, State};
 use super::{Shared, Store, StoreError, TensorId, Tier};
 use crate::device::{Device, DeviceAlloc, DeviceError};
 use crate::governor::reserve_shortfall;

@@ -17,7 +17,8 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
 use super::error::MemoryError;
-use super::state::{RamBuf, State};
+use super::ram::RamBuf;
+use super::state::State;
 use super::{Shared, StoreError};
 use crate::governor::{EvictReason, MemoryReading};
 use crate::ids::TensorId;

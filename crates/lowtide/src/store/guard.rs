@@ -7,7 +7,7 @@ use super::{Shared, TensorId, Tier};
 use crate::dtype::Dtype;
 use crate::element::Element;
 use crate::source::Source;
-use crate::store::state::RamBuf;
+use crate::store::ram::RamBuf;
 
 pub(super) enum View {
     Ram(Arc<RamBuf>),

@@ -14,6 +14,7 @@ mod error;
 mod evict;
 mod guard;
 mod prefetch;
+mod ram;
 mod release;
 mod state;
 
@@ -39,7 +40,7 @@ use crate::stats::{Stats, StatsSnapshot};
 use copies::{CopySource, Target};
 use evict::Room;
 use guard::View;
-pub use state::TensorBytes;
+pub use ram::TensorBytes;
 use state::{FileExtent, ModelEntry, State, TensorEntry};
 
 /// Where a copy of a tensor's bytes lives.

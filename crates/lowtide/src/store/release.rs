@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use super::state::RamBuf;
+use super::ram::RamBuf;
 
 /// Copies smaller than this are freed at once: cheap, and not worth a thread's wake-up.
 const BACKGROUND_MIN: u64 = 1 << 20;
@@ -168,7 +168,8 @@ impl std::fmt::Debug for Releaser {
 mod tests {
     use std::sync::Arc;
 
-    use super::{RamBuf, Releaser};
+    use super::Releaser;
+    use crate::store::ram::RamBuf;
     use crate::sys::AlignedBuf;
 
     fn buf(len: usize) -> Arc<RamBuf> {
