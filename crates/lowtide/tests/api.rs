@@ -314,3 +314,33 @@ fn a_failed_spill_falls_back_on_clean_copies() {
     assert!(!store.info(clean).unwrap().in_ram, "the clean copy went");
     assert!(store.stats().spill_failures >= 1);
 }
+
+/// A recipe that needs its own tensor is an error, not a stack overflow, and leaves nothing
+/// pinned or reserved.
+#[test]
+fn a_recipe_that_needs_itself_is_an_error() {
+    let dir = common::tempdir();
+    let (store, model) = store_with(&dir, 64 << 20);
+    let me = Arc::new(std::sync::OnceLock::new());
+    let recipe = {
+        let (store, me) = (store.clone(), Arc::clone(&me));
+        lowtide::Recipe::new(0.1, move || {
+            let id = *me.get().expect("set after derive");
+            store
+                .acquire_ram(id)
+                .map(|guard| guard.to_vec())
+                .unwrap_or_default()
+        })
+    };
+    let id = store
+        .derive_with_recipe(model, "loop", Dtype::U8, &[4096], vec![1u8; 4096], recipe)
+        .unwrap();
+    me.set(id).unwrap();
+    // Cheap to recompute: dropped, not spilled.
+    assert_eq!(store.free_memory(u64::MAX).recipe_bytes, 4096);
+    let err = store.acquire_ram(id).unwrap_err();
+    assert!(matches!(err, StoreError::Restore(_)), "{err}");
+    let info = store.info(id).unwrap();
+    assert_eq!((info.pins, info.in_ram), (0, false));
+    assert_eq!(store.stats().anon_bytes, 0);
+}

@@ -222,6 +222,11 @@ impl Shared {
         recipe: &Recipe,
         into: &Target<'_>,
     ) -> Result<Option<RamBuf>, StoreError> {
+        let Some(_depth) = RecipeDepth::enter() else {
+            return Err(StoreError::Restore(RestoreError::RecipeLoop {
+                name: name.to_owned(),
+            }));
+        };
         let bytes = (recipe.compute)();
         if bytes.len() as u64 != len {
             return Err(StoreError::Restore(RestoreError::Recipe {
@@ -282,6 +287,35 @@ impl Shared {
             }
             Ok(())
         })
+    }
+}
+
+/// Recipes that acquire tensors whose recipes acquire tensors...: nesting deeper than this on
+/// one thread is a loop (a recipe needing its own tensor), an error instead of a stack
+/// overflow.
+const RECIPE_DEPTH_MAX: u32 = 32;
+
+thread_local! {
+    static RECIPE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// One level of recipe nesting on this thread, for as long as it lives.
+struct RecipeDepth;
+
+impl RecipeDepth {
+    fn enter() -> Option<Self> {
+        RECIPE_DEPTH.with(|depth| {
+            (depth.get() < RECIPE_DEPTH_MAX).then(|| {
+                depth.set(depth.get() + 1);
+                RecipeDepth
+            })
+        })
+    }
+}
+
+impl Drop for RecipeDepth {
+    fn drop(&mut self) {
+        RECIPE_DEPTH.with(|depth| depth.set(depth.get() - 1));
     }
 }
 

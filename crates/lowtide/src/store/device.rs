@@ -585,12 +585,24 @@ impl Store {
                 .shared
                 .unload_from(other, Victims::Only(id), |o| o.freed_bytes > 0)?;
             if outcome.freed_bytes == 0 {
-                return Err(StoreError::Memory(MemoryError::DeviceFull {
-                    name,
-                    device: device.name(),
-                    requested: len,
-                    available: 0,
-                }));
+                // Not moved: gone already (another thread did it), pinned meanwhile, or its
+                // bytes could go nowhere.
+                let state = self.shared.lock();
+                let entry = state.tensor(id)?;
+                if entry.device.as_ref().is_some_and(|c| c.device == other) {
+                    if entry.pins > 0 {
+                        return Err(StoreError::Update(UpdateError::Pinned {
+                            name,
+                            pins: entry.pins,
+                        }));
+                    }
+                    return Err(StoreError::Memory(MemoryError::DeviceFull {
+                        name,
+                        device: device.name(),
+                        requested: len,
+                        available: 0,
+                    }));
+                }
             }
         }
         let alloc = self.shared.device_allocation(

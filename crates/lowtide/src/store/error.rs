@@ -267,6 +267,16 @@ pub enum RestoreError {
         /// The tensor.
         name: String,
     },
+    /// Recipes nested more than 32 deep on one thread: a recipe that needs its own tensor,
+    /// or a cycle of them.
+    #[error(
+        "tensor `{}`: its recipe needs itself (recipes nested more than 32 deep)",
+        Escaped(name)
+    )]
+    RecipeLoop {
+        /// The tensor.
+        name: String,
+    },
     /// A recipe produced the wrong number of bytes.
     #[error(
         "tensor `{}`: its recipe produced {}, expected {}",
