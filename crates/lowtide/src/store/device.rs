@@ -437,11 +437,13 @@ impl Shared {
         Option<Result<crate::spill::Extent, crate::spill::SpillError>>,
     ) {
         let len = copy.len();
+        // A host that cannot give the buffer, or a failed download: streamed to the spill
+        // file instead.
         let downloaded = (to_ram > 0)
             .then(|| {
-                let mut buf = AlignedBufOrNone::new(len)?;
-                match device.download(copy, 0, buf.0.as_mut_slice()) {
-                    Ok(()) => Some(buf.0),
+                let mut buf = alloc("", len).ok()?;
+                match device.download(copy, 0, buf.as_mut_slice()) {
+                    Ok(()) => Some(buf),
                     Err(err) => {
                         log::warn!("download from {} failed: {err}", device.name());
                         None
@@ -512,16 +514,6 @@ impl Shared {
         }
         available
             .is_none_or(|a| reserve_shortfall(a.saturating_sub(state.reserved), len, reserve) == 0)
-    }
-}
-
-/// A fresh RAM buffer for a download, or `None` when the host cannot give one (the bytes are
-/// then streamed to the spill file instead).
-struct AlignedBufOrNone(crate::sys::AlignedBuf);
-
-impl AlignedBufOrNone {
-    fn new(len: u64) -> Option<Self> {
-        alloc("", len).ok().map(Self)
     }
 }
 
