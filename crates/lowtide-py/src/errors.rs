@@ -213,7 +213,7 @@ fn describe(err: &StoreError) -> Raised {
             _ => Raised::new("RestoreError", &message),
         },
         StoreError::Source(s) => source_error(s, &message),
-        StoreError::Thread { .. } => Raised::new("LowtideError", &message),
+        // `Thread`, and areas added later.
         _ => Raised::new("LowtideError", &message),
     };
     raised.retryable = err.is_retryable();

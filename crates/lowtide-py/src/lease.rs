@@ -108,11 +108,13 @@ impl Lease {
 
     /// DLPack dtype and shape of the export.
     fn dl_layout(&self) -> (DLDataType, Vec<i64>) {
-        let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
-        let flat = vec![self.len as i64];
+        // Dimensions and lengths of an allocation fit in `isize`, so in `i64`.
+        let dim = |d: usize| i64::try_from(d).unwrap_or(i64::MAX);
+        let shape: Vec<i64> = self.shape.iter().map(|&d| dim(d)).collect();
+        let flat = vec![dim(self.len)];
         let uint = |bits| DLDataType::scalar(DLDataTypeCode::UINT, bits);
         let bits = self.dtype.bits();
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             // Packed sub-byte types (F4, F6): their bytes.
             return (uint(8), flat);
         }
@@ -360,7 +362,8 @@ impl Lease {
         unsafe {
             (*view).buf = lease.addr as *mut c_void;
             (*view).obj = slf.clone().into_any().into_ptr();
-            (*view).len = lease.len as isize;
+            // An allocation's length fits in `isize`.
+            (*view).len = isize::try_from(lease.len).unwrap_or(isize::MAX);
             (*view).readonly = 0;
             (*view).itemsize = 1;
             (*view).format = if flags & pyo3::ffi::PyBUF_FORMAT == pyo3::ffi::PyBUF_FORMAT {

@@ -9,7 +9,7 @@ pub(crate) fn bytes_of(value: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
         return text
             .trim()
             .parse::<lowtide::ByteSize>()
-            .map(|size| size.bytes())
+            .map(lowtide::ByteSize::bytes)
             .map_err(|err| PyValueError::new_err(format!("{what}: {err}")));
     }
     if value.is_instance_of::<pyo3::types::PyBool>() {
