@@ -1,0 +1,85 @@
+"""lowtide: keeps model weights in the fastest memory that fits, under a RAM budget.
+
+A :class:`Store` holds the tensors of ``.safetensors`` model files. Clean tensors (equal to
+their bytes in the file) are dropped when memory runs low and read again from the file;
+dirty ones (replaced, derived) are spilled to disk. Views hand the store's own RAM copy to
+NumPy and PyTorch without a copy, and pin it while any array or tensor made from it lives::
+
+    import lowtide
+
+    with lowtide.Store(ram_budget="8GiB") as store:
+        unet = store.open_model("unet.safetensors")    # validated and mapped; nothing read
+        weight = unet.torch("conv_in.weight")          # read into a pinned RAM copy, no copy
+        ...
+        del weight                                     # unpinned: evictable again
+        store.release(unet)                            # drops clean copies, writes nothing
+
+Sizes are ints (bytes) or strings such as ``"8GiB"`` and ``"512MB"``. Every call that reads,
+writes, waits or evicts releases the GIL.
+"""
+
+from lowtide._errors import (
+    AllocFailed,
+    BadShape,
+    ByteLength,
+    ConfigError,
+    DeviceFull,
+    DuplicateName,
+    HandleError,
+    Lost,
+    LowtideError,
+    MalformedModel,
+    NoCopy,
+    NoSuchTensor,
+    NotFromFile,
+    OverBudget,
+    Pinned,
+    RecipeMismatch,
+    RestoreError,
+    SourceChanged,
+    SourceError,
+    SourceIoError,
+    SpillFailed,
+    SpillReadFailed,
+    StoreMemoryError,
+    UnderReserve,
+    UnknownHandle,
+    UpdateError,
+)
+from lowtide._lowtide import Lease, Model, Prefetch, Store, TensorInfo, __version__, parse_size
+
+__all__ = [
+    "AllocFailed",
+    "BadShape",
+    "ByteLength",
+    "ConfigError",
+    "DeviceFull",
+    "DuplicateName",
+    "HandleError",
+    "Lease",
+    "Lost",
+    "LowtideError",
+    "MalformedModel",
+    "Model",
+    "NoCopy",
+    "NoSuchTensor",
+    "NotFromFile",
+    "OverBudget",
+    "Pinned",
+    "Prefetch",
+    "RecipeMismatch",
+    "RestoreError",
+    "SourceChanged",
+    "SourceError",
+    "SourceIoError",
+    "SpillFailed",
+    "SpillReadFailed",
+    "Store",
+    "StoreMemoryError",
+    "TensorInfo",
+    "UnderReserve",
+    "UnknownHandle",
+    "UpdateError",
+    "__version__",
+    "parse_size",
+]

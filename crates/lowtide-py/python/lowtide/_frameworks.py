@@ -1,0 +1,101 @@
+"""NumPy and PyTorch conversions used by the extension: dtype tables, views, bytes of arrays.
+
+Views never copy: NumPy and PyTorch see the pinned RAM copy itself through DLPack. Dtypes
+that a framework lacks (NumPy: BF16 and the float8 types) come as unsigned integers of the
+same width; sub-byte types (F4, F6) as their packed bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# safetensors dtype -> torch dtype attribute name; missing attributes fall back to bits.
+_TORCH = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
+# Exported by DLPack as their bits (uint8); viewed as the float type afterwards.
+_VIEWED_AS_BITS = {"F8_E4M3", "F8_E5M2", "F8_E8M0"}
+
+# NumPy dtype -> safetensors dtype, for bytes handed in.
+_FROM_NUMPY = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
+    "int64": "I64",
+    "uint64": "U64",
+}
+
+_FROM_TORCH = {value: key for key, value in _TORCH.items()}
+
+
+def to_numpy(lease: Any) -> np.ndarray:
+    """A NumPy array over the lease's memory (no copy); BF16 and float8 as their bits."""
+    if lease.dtype in ("BF16", *_VIEWED_AS_BITS):
+        return np.from_dlpack(lease.bits())
+    return np.from_dlpack(lease)
+
+
+def to_torch(lease: Any, device: Any = None) -> Any:
+    """A torch tensor over the lease's memory (no copy), or a copy of it on ``device``."""
+    import torch
+
+    tensor = torch.from_dlpack(lease)
+    if lease.dtype in _VIEWED_AS_BITS:
+        name = _TORCH[lease.dtype]
+        if hasattr(torch, name):
+            tensor = tensor.view(getattr(torch, name))
+    if device is not None and torch.device(device) != tensor.device:
+        tensor = tensor.to(device)
+    return tensor
+
+
+def as_bytes(data: Any) -> tuple[memoryview, str | None, tuple[int, ...] | None]:
+    """The bytes of a torch tensor, a NumPy array or any buffer, as a flat memoryview (a copy
+    only where the data is not contiguous host memory), with its dtype and shape if known."""
+    module = type(data).__module__
+    if module.startswith("torch"):
+        import torch
+
+        tensor = data.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        dtype = _FROM_TORCH.get(str(tensor.dtype).removeprefix("torch."))
+        shape = tuple(tensor.shape)
+        flat = tensor.reshape(-1).view(torch.uint8)
+        return memoryview(flat.numpy()).cast("B"), dtype, shape
+    if isinstance(data, np.ndarray):
+        array = np.ascontiguousarray(data)
+        dtype = _FROM_NUMPY.get(array.dtype.name)
+        return memoryview(array.reshape(-1).view(np.uint8)), dtype, tuple(array.shape)
+    view = memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B"), None, None

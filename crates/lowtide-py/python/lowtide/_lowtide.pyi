@@ -1,0 +1,194 @@
+"""Type stubs of the extension module (`lowtide._lowtide`); see the package docstring."""
+
+from collections.abc import Buffer
+from os import PathLike
+from typing import Any, Self
+
+__version__: str
+
+Size = int | str
+"""A size: bytes as an int, or a string such as ``"8GiB"`` or ``"512MB"``."""
+
+def parse_size(size: Size) -> int:
+    """Parses a size such as ``"8GiB"``, ``"512MB"`` or ``1024`` into bytes."""
+
+class Store:
+    """Model weights under a RAM budget; a context manager that closes the store.
+
+    ``ram_budget``: the most bytes of RAM copies (default: half the available memory).
+    ``reserve_ram``: keep the system's available memory above this (default 0, off).
+    ``spill_dir``: directory of the unnamed spill file (default: the temp directory).
+    ``spill_max``: the most bytes the spill file may hold (default: no limit).
+    ``pressure``: watch memory pressure (PSI) on a thread (default: on iff ``reserve_ram``).
+    ``mapped_readahead``: mapped reads use the kernel's readahead (default False).
+    Raises :class:`lowtide.ConfigError` for impossible settings.
+    """
+
+    def __init__(
+        self,
+        ram_budget: Size | None = None,
+        reserve_ram: Size | None = None,
+        spill_dir: str | PathLike[str] | None = None,
+        spill_max: Size | None = None,
+        pressure: bool | None = None,
+        mapped_readahead: bool = False,
+    ) -> None: ...
+    @property
+    def ram_budget(self) -> int:
+        """The RAM budget in bytes."""
+    @property
+    def reserve_ram(self) -> int:
+        """The RAM reserve in bytes (0 when off)."""
+    @property
+    def closed(self) -> bool:
+        """Whether the store was closed."""
+    def open_model(self, path: str | PathLike[str]) -> Model:
+        """Opens a ``.safetensors`` file, a directory of shards or a shard index: validated
+        and mapped, no tensor data read."""
+    def release(self, model: Model) -> dict[str, int]:
+        """Drops the clean copies of every unpinned tensor of ``model``; writes nothing.
+        Returns ``ram_bytes``, ``mapped_bytes`` freed and tensors ``kept``."""
+    def free_memory(self, nbytes: Size) -> dict[str, int]:
+        """Evicts at least ``nbytes`` of RAM copies in policy order if it can (clean ones
+        dropped, dirty ones spilled). Returns the Rust ``FreeOutcome`` fields."""
+    def prefetch(self, model: Model) -> Prefetch:
+        """Restores ``model``'s tensors into RAM in the background, never evicting."""
+    def derive(
+        self,
+        model: Model,
+        name: str,
+        data: Any,
+        dtype: str | None = None,
+        shape: list[int] | tuple[int, ...] | None = None,
+    ) -> TensorInfo:
+        """Registers a new dirty tensor from a torch tensor, a NumPy array or any buffer
+        (one copy). ``dtype`` (a safetensors name such as ``"BF16"``) and ``shape`` default
+        to the array's."""
+    def stats(self) -> dict[str, int | float]:
+        """The store's counters, with the Rust ``StatsSnapshot`` field names."""
+    def wait_released(self) -> None:
+        """Waits until the copies dropped so far were given back to the system."""
+    def close(self) -> None:
+        """Closes every unpinned model and the store; live views keep their copies."""
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+class Model:
+    """A model opened in a store."""
+
+    @property
+    def path(self) -> str:
+        """The path the model was opened from."""
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor now, ordered by name."""
+    def names(self) -> list[str]:
+        """The tensor names, ordered."""
+    def info(self, name: str) -> TensorInfo:
+        """One tensor's info now (raises :class:`lowtide.NoSuchTensor`)."""
+    def lease(self, name: str) -> Lease:
+        """Pins a RAM copy of the tensor (read from the file or the spill file if needed)."""
+    def numpy(self, name: str) -> Any:
+        """A NumPy array over the pinned RAM copy, no copy (BF16 and float8 as their bits:
+        ``uint16``/``uint8``). Pinned while the array or any view of it lives."""
+    def torch(self, name: str, device: Any = None) -> Any:
+        """A torch tensor over the pinned RAM copy, no copy; on another ``device``, a copy
+        there. Writable: writes change the RAM copy only (see :meth:`Lease.mark_dirty`)."""
+    def replace(self, name: str, data: Any) -> None:
+        """Replaces the tensor's bytes with ``data``'s (one copy); it becomes dirty. Raises
+        :class:`lowtide.Pinned` while views of it are alive."""
+    def derive(
+        self,
+        name: str,
+        data: Any,
+        dtype: str | None = None,
+        shape: list[int] | tuple[int, ...] | None = None,
+    ) -> TensorInfo:
+        """Like :meth:`Store.derive` for this model."""
+    def revert(self, name: str) -> int:
+        """Reverts a patched tensor to its bytes in the file; returns bytes freed."""
+    def spill(self, name: str) -> int:
+        """Spills a dirty tensor's RAM copy now; returns RAM bytes freed."""
+    def release(self) -> dict[str, int]:
+        """Like :meth:`Store.release` for this model."""
+    def prefetch(self) -> Prefetch:
+        """Like :meth:`Store.prefetch` for this model."""
+    def __len__(self) -> int: ...
+    def __contains__(self, name: str) -> bool: ...
+
+class TensorInfo:
+    """What the store knows about one tensor at one moment."""
+
+    name: str
+    """Name within its model."""
+    dtype: str
+    """The file's dtype name, such as ``"BF16"``."""
+    shape: tuple[int, ...]
+    """Shape, outermost dimension first."""
+    nbytes: int
+    """Length in bytes."""
+    clean: bool
+    """Its bytes equal its extent in the file."""
+    tiers: list[str]
+    """Where copies are now, fastest first: ``"device"``, ``"ram"``, ``"mapped"``,
+    ``"spilled"`` (the file itself is not listed)."""
+    pins: int
+    """Live pins: one per lease still held by the lease or by arrays made from it."""
+    @property
+    def in_ram(self) -> bool:
+        """Whether it has a RAM copy now."""
+
+class Lease(Buffer):
+    """A pinned RAM copy of one tensor, for ``numpy.from_dlpack``, ``torch.from_dlpack``,
+    ``memoryview`` or any buffer consumer (writable, no copy). A context manager: leaving the
+    block ends the lease's own pin; arrays made from it keep theirs."""
+
+    @property
+    def name(self) -> str:
+        """The tensor's name."""
+    @property
+    def dtype(self) -> str:
+        """The file's dtype name."""
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape."""
+    @property
+    def nbytes(self) -> int:
+        """Length in bytes."""
+    @property
+    def data_ptr(self) -> int:
+        """The address of the first byte (for zero-copy checks)."""
+    @property
+    def closed(self) -> bool:
+        """Whether the lease was closed."""
+    def close(self) -> None:
+        """Ends the lease's own pin (after a buffer export: when the object is freed)."""
+    def bits(self) -> Lease:
+        """A lease sharing this pin that exports unsigned integers of the dtype's width."""
+    def mark_dirty(self) -> None:
+        """Keeps writes made through this lease (one copy, then ``replace``); closes it.
+        Raises :class:`lowtide.Pinned` while arrays made from it are alive."""
+    def __dlpack__(
+        self,
+        stream: Any = None,
+        *,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+    def __len__(self) -> int: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+class Prefetch:
+    """A prefetch running in the background."""
+
+    def wait(self) -> dict[str, int | bool]:
+        """Waits for it; returns ``tensors``, ``bytes``, ``skipped_bytes``, ``cancelled``."""
+    def cancel(self) -> None:
+        """Asks it to stop after the tensor it is restoring."""
+    @property
+    def done(self) -> bool:
+        """Whether it has finished."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: synthetic safetensors files written by the reference implementation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import lowtide
+
+
+def torch_or_skip():
+    """The torch module; tests that need it skip without it, but fail in CI (CI=true)."""
+    try:
+        import torch
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("torch is not installed, and CI requires the torch tests to run")
+        pytest.skip("torch is not installed (scripts/test installs it unless told not to)")
+    return torch
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    """A small model: a few dtypes and shapes, each tensor 4 KiB or less."""
+    rng = np.random.default_rng(7)
+    tensors = {
+        "a.f32": rng.standard_normal((16, 32)).astype(np.float32),
+        "b.f16": rng.standard_normal((8, 8)).astype(np.float16),
+        "c.i64": np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+        "d.u8": rng.integers(0, 255, size=(100,), dtype=np.uint8),
+        "e.bool": rng.integers(0, 2, size=(3, 5)).astype(np.bool_),
+        "f.scalar": np.array(3.5, dtype=np.float64),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        yield store
