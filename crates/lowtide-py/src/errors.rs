@@ -148,6 +148,9 @@ fn describe(err: &StoreError) -> Raised {
             UpdateError::NotFromFile { name } => {
                 Raised::new("NotFromFile", &message).attr("name", Str(name.clone()))
             }
+            UpdateError::NotInRam { name } => {
+                Raised::new("NotInRam", &message).attr("name", Str(name.clone()))
+            }
             UpdateError::Spill { name, .. } => {
                 Raised::new("SpillFailed", &message).attr("name", Str(name.clone()))
             }

@@ -12,7 +12,8 @@
 //! in-place write to such a tensor kills the process), so no mapping is ever handed out.
 //!
 //! Writes through a lease's memory change the RAM copy only; the store still holds the
-//! tensor clean, and may drop the copy once it is unpinned. `Lease.mark_dirty` keeps them.
+//! tensor clean, and may drop the copy once it is unpinned. `Lease.mark_dirty` (or
+//! `Model.mark_dirty`) keeps them: the copy becomes the tensor's only copy, without a copy.
 
 use std::ffi::{CStr, c_int, c_void};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,10 +28,12 @@ use lowtide::{Dtype, TensorGuard, TensorId, Tier};
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::errors::{Attr, IntoPy, Raised};
+use crate::errors::IntoPy;
 
-/// A pinned RAM copy. Dropping it unpins the tensor.
-struct Pin(TensorGuard);
+/// A pinned RAM copy: held only for its drop, which unpins the tensor.
+struct Pin {
+    _guard: TensorGuard,
+}
 
 #[derive(Default)]
 struct LeaseState {
@@ -84,7 +87,7 @@ impl Lease {
             len,
             raw: false,
             state: Arc::new(Mutex::new(LeaseState {
-                pin: Some(Arc::new(Pin(guard))),
+                pin: Some(Arc::new(Pin { _guard: guard })),
                 ..LeaseState::default()
             })),
         }
@@ -263,43 +266,13 @@ impl Lease {
         })
     }
 
-    /// Keeps the writes made through this lease: copies the bytes (one copy, GIL released)
-    /// and replaces the tensor with them, so that it becomes dirty (spilled when evicted,
-    /// never dropped). The lease is closed. Arrays and tensors made from it must be gone
-    /// first: while any lives this raises `Pinned` and changes nothing.
+    /// Keeps the writes made through this lease's views: the tensor's RAM copy (the memory
+    /// they share) becomes its only copy, spilled when evicted, never dropped. Nothing is
+    /// copied; the lease and its views stay usable.
     fn mark_dirty(&self, py: Python<'_>) -> PyResult<()> {
-        let pin = {
-            let mut state = self.lock();
-            let shared = state.pin.as_ref().map_or(0, Arc::strong_count);
-            if state.closed || shared == 0 {
-                return Err(PyValueError::new_err(format!(
-                    "the lease of tensor `{}` is closed",
-                    self.name
-                )));
-            }
-            if shared > 1 || state.buffer_exported {
-                return Err(Raised::new(
-                    "Pinned",
-                    format!(
-                        "tensor `{}`: arrays or tensors made from its lease are still alive; delete them before mark_dirty",
-                        self.name
-                    ),
-                )
-                .attr("name", Attr::Str(self.name.clone()))
-                .attr("pins", Attr::Int(shared as u64))
-                .into_pyerr(py));
-            }
-            state.closed = true;
-            state.pin.take().expect("checked above")
-        };
+        self.share()?;
         let (store, id) = (self.store.clone(), self.id);
-        py.detach(move || {
-            let copy = pin.0.bytes().to_vec();
-            // Unpinned first: `replace` refuses pinned tensors.
-            drop(pin);
-            store.replace(id, copy)
-        })
-        .py_err(py)
+        py.detach(move || store.mark_dirty(id)).py_err(py)
     }
 
     #[pyo3(signature = (stream=None, *, max_version=None, dl_device=None, copy=None))]

@@ -454,6 +454,14 @@ impl Model {
         self.derive(py, name, data, dtype, shape)
     }
 
+    /// Keeps the writes made in place through the tensor's views (`copy_`, `+=`): its RAM
+    /// copy becomes its only copy, spilled when evicted, never dropped. Nothing is copied;
+    /// views may stay alive. Raises `NotInRam` when it has no RAM copy.
+    fn mark_dirty(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        let (store, id) = self.tensor(py, name)?;
+        py.detach(|| store.mark_dirty(id)).py_err(py)
+    }
+
     /// Reverts a patched tensor to its bytes in the file; returns the bytes of copies freed.
     fn revert(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
         let (store, id) = self.tensor(py, name)?;

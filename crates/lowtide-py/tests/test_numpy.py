@@ -168,16 +168,31 @@ def test_pinned_replace_and_mark_dirty(store, model_file):
     with pytest.raises(lowtide.Pinned) as err:
         model.replace("c.i64", np.zeros((2, 3, 4), dtype=np.int64))
     assert err.value.retryable and err.value.pins == 1
-    with pytest.raises(lowtide.Pinned):
-        lease.mark_dirty()  # the array is still alive
+    lease.mark_dirty()  # kept, no copy: the array stays alive and shares the copy
+    assert not lease.closed
+    assert array.ctypes.data == np.from_dlpack(lease).ctypes.data
     del array
-    lease.mark_dirty()
-    assert lease.closed
+    lease.close()
+    gc.collect()
     info = model.info("c.i64")
     assert not info.clean and info.pins == 0
     store.free_memory("1GiB")  # a dirty copy is spilled, never dropped
     expected = np.arange(24, dtype=np.int64).reshape(2, 3, 4) + 100
     assert np.array_equal(model.numpy("c.i64"), expected)
+
+
+def test_writes_without_mark_dirty_are_lost_on_release(store, model_file):
+    model = store.open_model(model_file)
+    array = model.numpy("c.i64")
+    array += 100  # a write through the view, not marked
+    del array
+    gc.collect()
+    store.free_memory("1GiB")  # the copy is clean: dropped, nothing written
+    assert np.array_equal(model.numpy("c.i64"), np.arange(24, dtype=np.int64).reshape(2, 3, 4))
+    with pytest.raises(lowtide.NotInRam):
+        gc.collect()
+        store.free_memory("1GiB")
+        model.mark_dirty("c.i64")
 
 
 def test_errors_are_exceptions_with_fields(tmp_path: Path, model_file):

@@ -344,3 +344,30 @@ fn a_recipe_that_needs_itself_is_an_error() {
     assert_eq!((info.pins, info.in_ram), (0, false));
     assert_eq!(store.stats().anon_bytes, 0);
 }
+
+/// A RAM copy written in place through its guard's memory (as a binding's DLPack view would)
+/// is kept once marked dirty: spilled on eviction, never dropped.
+#[test]
+fn a_ram_copy_marked_dirty_is_kept() {
+    let dir = common::tempdir();
+    let (store, model) = store_with(&dir, 64 << 20);
+    let name = "conv_in.bias";
+    let id = store.tensor(model, name).unwrap();
+    let guard = store.acquire_ram(id).unwrap();
+    // Not marked: an eviction drops the copy (it is clean).
+    assert!(matches!(
+        store.mark_dirty(store.tensor(model, "logit_scale").unwrap()),
+        Err(StoreError::Update(lowtide::UpdateError::NotInRam { .. }))
+    ));
+    store.mark_dirty(id).unwrap();
+    let info = store.info(id).unwrap();
+    assert!(!info.clean && info.in_ram && info.pins == 1);
+    let bytes = guard.to_vec();
+    drop(guard);
+    let outcome = store.free_memory(u64::MAX);
+    assert_eq!(outcome.spilled_bytes, bytes.len() as u64, "{outcome:?}");
+    assert_eq!(store.acquire_ram(id).unwrap().to_vec(), bytes);
+    // Reverting returns to the file.
+    store.revert(id).unwrap();
+    assert!(store.info(id).unwrap().clean);
+}

@@ -71,6 +71,10 @@ class NotFromFile(UpdateError, ValueError):
     """Only tensors opened from a file can be reverted to it."""
 
 
+class NotInRam(UpdateError):
+    """``mark_dirty`` of a tensor without a RAM copy: there are no writes to keep."""
+
+
 class SpillFailed(UpdateError, OSError):
     """A dirty tensor could not be written to the spill file; it keeps its RAM copy."""
 
@@ -148,6 +152,7 @@ __all__ = [
     "NoCopy",
     "NoSuchTensor",
     "NotFromFile",
+    "NotInRam",
     "OverBudget",
     "Pinned",
     "RecipeMismatch",

@@ -104,6 +104,10 @@ class Model:
         shape: list[int] | tuple[int, ...] | None = None,
     ) -> TensorInfo:
         """Like :meth:`Store.derive` for this model."""
+    def mark_dirty(self, name: str) -> None:
+        """Keeps writes made in place through the tensor's views (``copy_``, ``+=``): its RAM
+        copy becomes its only copy, spilled when evicted, never dropped. Nothing is copied;
+        views may stay alive. Raises :class:`lowtide.NotInRam` without a RAM copy."""
     def revert(self, name: str) -> int:
         """Reverts a patched tensor to its bytes in the file; returns bytes freed."""
     def spill(self, name: str) -> int:
@@ -165,8 +169,9 @@ class Lease(Buffer):
     def bits(self) -> Lease:
         """A lease sharing this pin that exports unsigned integers of the dtype's width."""
     def mark_dirty(self) -> None:
-        """Keeps writes made through this lease (one copy, then ``replace``); closes it.
-        Raises :class:`lowtide.Pinned` while arrays made from it are alive."""
+        """Keeps writes made through this lease's views: the RAM copy they share becomes the
+        tensor's only copy (spilled when evicted, never dropped). Nothing is copied; the
+        lease and its views stay usable."""
     def __dlpack__(
         self,
         stream: Any = None,

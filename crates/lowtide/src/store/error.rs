@@ -126,6 +126,12 @@ pub enum UpdateError {
         /// Its shape.
         shape: Vec<usize>,
     },
+    /// The operation needs the tensor's RAM copy, and it has none.
+    #[error("tensor `{}` has no RAM copy to mark dirty", Escaped(name))]
+    NotInRam {
+        /// The tensor.
+        name: String,
+    },
     /// The operation needs the tensor unpinned, but a guard is alive.
     #[error("tensor `{}` is in use by {pins} guard(s)", Escaped(name))]
     Pinned {

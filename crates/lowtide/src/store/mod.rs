@@ -701,6 +701,43 @@ impl Store {
         Ok(())
     }
 
+    /// Records that the tensor's RAM copy was written in place — through a pointer a binding
+    /// handed to a framework (a DLPack or buffer-protocol view of a [`TensorGuard`]'s bytes,
+    /// which PyTorch may patch with `copy_`) — so that its RAM copy is now its only copy: the
+    /// tensor becomes dirty (its file pages, recipe and spill extent no longer hold its bytes)
+    /// and is spilled when evicted, never dropped. Nothing is copied.
+    ///
+    /// Guards may be alive: they share that one RAM copy. Fails when the tensor has no RAM
+    /// copy ([`UpdateError::NotInRam`]: the writes, if any, went nowhere lowtide keeps) or a
+    /// device guard holds its device copy, whose bytes are now stale ([`UpdateError::Pinned`]).
+    /// Writes made before this call and after the copy was last restored are kept; a copy
+    /// written without it stays clean and its writes are lost when it is dropped.
+    pub fn mark_dirty(&self, id: TensorId) -> Result<(), StoreError> {
+        let mut state = self.shared.lock_idle(id);
+        let entry = state.tensor(id)?;
+        if entry.ram.is_none() {
+            return Err(StoreError::Update(UpdateError::NotInRam {
+                name: entry.name.clone(),
+            }));
+        }
+        if let Some(copy) = &entry.device
+            && Arc::strong_count(&copy.alloc) > 1
+        {
+            return Err(StoreError::Update(UpdateError::Pinned {
+                name: entry.name.clone(),
+                pins: entry.pins,
+            }));
+        }
+        // A device copy, a spill extent and a recipe all hold the old bytes.
+        self.shared.release_device_copy(&mut state, id);
+        state.make_dirty(id)?;
+        state.touch(id)?;
+        self.shared.check(&mut state);
+        drop(state);
+        self.shared.spill.reclaim();
+        Ok(())
+    }
+
     /// Reverts a patched tensor to its original bytes in its file: its RAM, device and spill
     /// copies are dropped (nothing is written) and it is clean again — switching a LoRA off
     /// costs no write. Fails for tensors that were derived rather than opened from a file, and
