@@ -316,6 +316,7 @@ impl Model {
         let store = self.shared.get()?;
         let running = py.detach(|| store.prefetch(self.id)).py_err(py)?;
         Ok(Prefetch {
+            cancel: running.canceller(),
             running: Mutex::new(Some(running)),
             outcome: Mutex::new(None),
         })
@@ -569,6 +570,8 @@ impl TensorInfo {
 pub(crate) struct Prefetch {
     running: Mutex<Option<lowtide::Prefetch>>,
     outcome: Mutex<Option<lowtide::PrefetchOutcome>>,
+    /// Reaches the prefetch also while `wait` holds it (on another thread, GIL released).
+    cancel: lowtide::PrefetchCancel,
 }
 
 #[pymethods]
@@ -597,11 +600,10 @@ impl Prefetch {
         Ok(dict.unbind())
     }
 
-    /// Asks it to stop after the tensor it is restoring.
+    /// Asks it to stop after the tensor it is restoring, also while another thread waits
+    /// for it.
     fn cancel(&self) {
-        if let Some(running) = &*self.running.lock().unwrap_or_else(PoisonError::into_inner) {
-            running.cancel();
-        }
+        self.cancel.cancel();
     }
 
     /// Whether it has finished.

@@ -425,3 +425,62 @@ fn model_file_read_faults_are_errors_and_leave_nothing_behind() {
         "the retry reads the right bytes"
     );
 }
+
+/// Model-file reads that wait on a barrier the first time: the test knows a restore is under
+/// way, and lets it go.
+#[derive(Debug)]
+struct BlockingSource {
+    barrier: Arc<Barrier>,
+    blocked: AtomicBool,
+}
+
+impl BlockingSource {
+    fn block_once(&self) {
+        if !self.blocked.swap(true, Ordering::SeqCst) {
+            self.barrier.wait();
+            self.barrier.wait();
+        }
+    }
+}
+
+impl lowtide::SourceIo for BlockingSource {
+    fn read_direct(&self, file: &std::fs::File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.block_once();
+        lowtide::FileIo.read_direct(file, offset, buf)
+    }
+
+    fn read_cached(&self, file: &std::fs::File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.block_once();
+        lowtide::FileIo.read_cached(file, offset, buf)
+    }
+}
+
+#[test]
+fn a_prefetch_is_cancelled_while_another_thread_waits_for_it() {
+    let dir = common::tempdir();
+    let path = common::unet(&dir);
+    let barrier = Arc::new(Barrier::new(2));
+    let store = Store::builder()
+        .ram_budget(64 << 20)
+        .source_io(Arc::new(BlockingSource {
+            barrier: Arc::clone(&barrier),
+            blocked: AtomicBool::new(false),
+        }))
+        .build()
+        .unwrap();
+    let model = store.open_model(&path).unwrap();
+    let count = store.tensors(model).unwrap().len();
+    let prefetch = store.prefetch(model).unwrap();
+    let cancel = prefetch.canceller();
+    let waiter = std::thread::spawn(move || prefetch.wait());
+    // The first tensor's read has started and waits.
+    barrier.wait();
+    cancel.cancel();
+    barrier.wait();
+    let outcome = waiter.join().unwrap().unwrap();
+    assert!(outcome.cancelled, "{outcome:?}");
+    assert!(
+        outcome.tensors >= 1 && (outcome.tensors as usize) < count,
+        "{outcome:?}"
+    );
+}

@@ -193,7 +193,8 @@ class Prefetch:
     def wait(self) -> dict[str, int | bool]:
         """Waits for it; returns ``tensors``, ``bytes``, ``skipped_bytes``, ``cancelled``."""
     def cancel(self) -> None:
-        """Asks it to stop after the tensor it is restoring."""
+        """Asks it to stop after the tensor it is restoring, also while another thread
+        waits for it."""
     @property
     def done(self) -> bool:
         """Whether it has finished."""

@@ -27,7 +27,7 @@ pub use device::{DeviceGuard, LoadOutcome, UnloadOutcome};
 pub use error::{ConfigError, HandleError, MemoryError, RestoreError, StoreError, UpdateError};
 pub use evict::FreeOutcome;
 pub use guard::{TensorGuard, ViewError};
-pub use prefetch::{Prefetch, PrefetchOutcome};
+pub use prefetch::{Prefetch, PrefetchCancel, PrefetchOutcome};
 pub use state::DropOutcome;
 
 use crate::dtype::Dtype;

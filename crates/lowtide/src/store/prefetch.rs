@@ -35,7 +35,24 @@ pub struct Prefetch {
     thread: Option<JoinHandle<Result<PrefetchOutcome, StoreError>>>,
 }
 
+/// Cancels a prefetch from any thread, also while another thread waits for it
+/// ([`Prefetch::canceller`]).
+#[derive(Debug, Clone)]
+pub struct PrefetchCancel(Arc<AtomicBool>);
+
+impl PrefetchCancel {
+    /// Asks the prefetch to stop after the tensor it is restoring.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Prefetch {
+    /// A handle that cancels this prefetch, usable while [`Prefetch::wait`] runs elsewhere.
+    pub fn canceller(&self) -> PrefetchCancel {
+        PrefetchCancel(Arc::clone(&self.cancel))
+    }
+
     /// Waits for it to finish.
     pub fn wait(mut self) -> Result<PrefetchOutcome, StoreError> {
         let thread = self.thread.take().expect("joined only here");
