@@ -870,7 +870,7 @@ impl Store {
             }));
         }
         let released = state.drop_clean(id, false);
-        self.record_drop(released);
+        self.shared.record_drop(released);
         state.free_ram(id);
         state.make_dirty(id)?;
         state.touch(id)?;

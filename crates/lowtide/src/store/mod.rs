@@ -689,7 +689,7 @@ impl Store {
         };
         // The file's pages and any device copy no longer hold this tensor's bytes.
         let released = state.drop_clean(id, false);
-        self.record_drop(released);
+        self.shared.record_drop(released);
         state.free_ram(id);
         self.shared.release_device_copy(&mut state, id);
         state.make_dirty(id)?;
@@ -769,7 +769,7 @@ impl Store {
         let mut state = self.shared.lock();
         state.unpinned(id)?;
         let outcome = state.drop_clean(id, true);
-        self.record_drop(outcome);
+        self.shared.record_drop(outcome);
         self.shared.check(&mut state);
         Ok(outcome)
     }
@@ -782,7 +782,7 @@ impl Store {
         for id in ids {
             total += state.drop_clean(id, true);
         }
-        self.record_drop(total);
+        self.shared.record_drop(total);
         self.shared.check(&mut state);
         Ok(total)
     }
@@ -872,7 +872,7 @@ impl Store {
         let mut closed = Vec::with_capacity(ids.len());
         for id in ids {
             let outcome = state.drop_clean(id, true);
-            self.record_drop(outcome);
+            self.shared.record_drop(outcome);
             state.release_ram(id);
             state.free_spilled(id);
             self.shared.release_device_copy(&mut state, id);
@@ -904,10 +904,6 @@ impl Store {
     pub fn wait_released(&self) {
         let releaser = Arc::clone(&self.shared.lock().releaser);
         releaser.wait();
-    }
-
-    fn record_drop(&self, outcome: DropOutcome) {
-        self.shared.record_drop(outcome);
     }
 }
 
