@@ -88,6 +88,15 @@ impl Store {
         Ok(self.shared.get()?.reserve_ram())
     }
 
+    /// Changes the RAM reserve (a size; 0 turns it off). Applied by the next allocation, the
+    /// pressure monitor's next tick, or `relieve_reserve()`.
+    #[setter]
+    fn set_reserve_ram(&self, bytes: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = bytes_of(bytes, "reserve_ram")?;
+        self.shared.get()?.set_reserve_ram(bytes);
+        Ok(())
+    }
+
     /// Whether the store was closed.
     #[getter]
     fn closed(&self) -> bool {
@@ -125,12 +134,29 @@ impl Store {
         let bytes = bytes_of(nbytes, "nbytes")?;
         let store = self.shared.get()?;
         let outcome = py.detach(|| store.free_memory(bytes));
+        free_outcome(py, &outcome)
+    }
+
+    /// Frees RAM copies until the available memory is back above the reserve (clean copies
+    /// dropped, dirty ones spilled), as the pressure monitor does on its ticks.
+    fn relieve_reserve(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let store = self.shared.get()?;
+        let outcome = py.detach(|| store.relieve_reserve());
+        free_outcome(py, &outcome)
+    }
+
+    /// The memory reading the governor acts on now: `available` (the smaller of
+    /// `mem_available` and the cgroup's headroom), and the cgroup's `cgroup_limit` and
+    /// `cgroup_usage` (None outside a limited cgroup).
+    fn memory(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let store = self.shared.get()?;
+        let reading = py.detach(|| store.memory());
         let dict = PyDict::new(py);
-        dict.set_item("freed_bytes", outcome.freed_bytes)?;
-        dict.set_item("dropped_bytes", outcome.dropped_bytes)?;
-        dict.set_item("spilled_bytes", outcome.spilled_bytes)?;
-        dict.set_item("recipe_bytes", outcome.recipe_bytes)?;
-        dict.set_item("spill_failures", outcome.spill_failures)?;
+        dict.set_item("available", reading.available)?;
+        dict.set_item("mem_available", reading.mem_available)?;
+        let cgroup = reading.cgroup.as_ref();
+        dict.set_item("cgroup_limit", cgroup.and_then(|c| c.limit))?;
+        dict.set_item("cgroup_usage", cgroup.map(|c| c.usage))?;
         Ok(dict.unbind())
     }
 
@@ -172,7 +198,8 @@ impl Store {
     }
 
     /// Closes every model opened through this store that nothing pins, and the store itself.
-    /// Live leases and arrays keep their copies until they are gone. Idempotent.
+    /// Live leases and arrays keep their copies until they are gone. Returns once the memory
+    /// of the copies it dropped is back with the system. Idempotent.
     fn close(&self, py: Python<'_>) {
         let store = self
             .shared
@@ -193,6 +220,8 @@ impl Store {
                     // A pinned model stays open in the Rust store until the last view goes.
                     let _ = store.close_model(model);
                 }
+                // The caller may count on the memory being free once `close` returns.
+                store.wait_released();
             });
         }
     }
@@ -615,4 +644,14 @@ impl Prefetch {
             .as_ref()
             .is_none_or(lowtide::Prefetch::is_finished)
     }
+}
+
+fn free_outcome(py: Python<'_>, outcome: &lowtide::FreeOutcome) -> PyResult<Py<PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("freed_bytes", outcome.freed_bytes)?;
+    dict.set_item("dropped_bytes", outcome.dropped_bytes)?;
+    dict.set_item("spilled_bytes", outcome.spilled_bytes)?;
+    dict.set_item("recipe_bytes", outcome.recipe_bytes)?;
+    dict.set_item("spill_failures", outcome.spill_failures)?;
+    Ok(dict.unbind())
 }

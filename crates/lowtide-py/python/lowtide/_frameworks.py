@@ -62,11 +62,21 @@ def to_numpy(lease: Any) -> np.ndarray:
     return np.from_dlpack(lease)
 
 
+_from_capsule: Any = None
+
+
 def to_torch(lease: Any, device: Any = None) -> Any:
     """A torch tensor over the lease's memory (no copy), or a copy of it on ``device``."""
+    global _from_capsule
+    if _from_capsule is None:
+        import torch.utils.dlpack
+
+        _from_capsule = torch.utils.dlpack.from_dlpack
     import torch
 
-    tensor = torch.from_dlpack(lease)
+    # The capsule itself: `torch.from_dlpack(lease)` would first ask for the device and the
+    # protocol version, which costs more than the rest of a view (docs/performance.md).
+    tensor = _from_capsule(lease.__dlpack__())
     if lease.dtype in _VIEWED_AS_BITS:
         name = _TORCH[lease.dtype]
         if hasattr(torch, name):

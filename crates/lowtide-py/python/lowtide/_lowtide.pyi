@@ -38,7 +38,10 @@ class Store:
         """The RAM budget in bytes."""
     @property
     def reserve_ram(self) -> int:
-        """The RAM reserve in bytes (0 when off)."""
+        """The RAM reserve in bytes (0 when off). Settable (a size; 0 turns it off): applied
+        by the next allocation, the pressure monitor's next tick or :meth:`relieve_reserve`."""
+    @reserve_ram.setter
+    def reserve_ram(self, size: Size) -> None: ...
     @property
     def closed(self) -> bool:
         """Whether the store was closed."""
@@ -51,6 +54,14 @@ class Store:
     def free_memory(self, nbytes: Size) -> dict[str, int]:
         """Evicts at least ``nbytes`` of RAM copies in policy order if it can (clean ones
         dropped, dirty ones spilled). Returns the Rust ``FreeOutcome`` fields."""
+    def relieve_reserve(self) -> dict[str, int]:
+        """Frees RAM copies until the available memory is back above ``reserve_ram``: clean
+        copies dropped, dirty ones spilled, in policy order (what the pressure monitor does
+        on its ticks). Returns the same fields as :meth:`free_memory`."""
+    def memory(self) -> dict[str, int | None]:
+        """The reading the governor acts on: ``available`` bytes (the smaller of
+        ``mem_available`` and the memory cgroup's headroom), ``mem_available``,
+        ``cgroup_limit`` and ``cgroup_usage`` (None outside a limited cgroup)."""
     def prefetch(self, model: Model) -> Prefetch:
         """Restores ``model``'s tensors into RAM in the background, never evicting."""
     def derive(
@@ -69,7 +80,8 @@ class Store:
     def wait_released(self) -> None:
         """Waits until the copies dropped so far were given back to the system."""
     def close(self) -> None:
-        """Closes every unpinned model and the store; live views keep their copies."""
+        """Closes every unpinned model and the store; live views keep their copies. Returns
+        once the memory of the copies it dropped is back with the system."""
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> bool: ...
 

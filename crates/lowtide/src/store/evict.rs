@@ -385,7 +385,7 @@ impl Shared {
     }
 
     /// Frees what the governor asks for: called by the monitor thread.
-    pub(super) fn relieve(&self, pressure: bool) {
+    pub(super) fn relieve(&self, pressure: bool) -> FreeOutcome {
         // Copies still being freed first, without holding the store's lock meanwhile.
         let releaser = Arc::clone(&self.lock().releaser);
         releaser.wait();
@@ -422,12 +422,12 @@ impl Shared {
         };
         self.check(&mut state);
         drop(state);
-        self.carry_out(plan);
+        self.carry_out(plan)
     }
 }
 
 impl crate::governor::Relieve for Shared {
     fn tick(&self, pressure: bool) {
-        self.relieve(pressure);
+        let _ = self.relieve(pressure);
     }
 }

@@ -794,6 +794,15 @@ impl Store {
         self.shared.evict(bytes, EvictReason::Request, None)
     }
 
+    /// Frees RAM copies until the available memory is back above the RAM reserve, as the
+    /// pressure monitor does on each of its ticks: clean copies dropped, dirty ones spilled,
+    /// in policy order. Call it after unpinning many tensors (a framework unloading a model)
+    /// to apply the reserve at once instead of at the next tick or allocation. Frees nothing
+    /// when the reserve is off or met.
+    pub fn relieve_reserve(&self) -> FreeOutcome {
+        self.shared.relieve(false)
+    }
+
     /// Spills one dirty tensor's RAM copy now. On error (disk full, `spill_max`) the tensor
     /// keeps its RAM copy. Returns the RAM bytes freed: none for a clean tensor, one already
     /// spilled, or one a guard pinned while it was written (it then has both copies).

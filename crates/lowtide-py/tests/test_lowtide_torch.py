@@ -1,0 +1,232 @@
+"""``lowtide.torch``: real ``nn.Module``s whose weights lowtide holds. Skipped without torch
+(failing instead in CI)."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+from conftest import torch_or_skip
+
+import lowtide
+
+torch = torch_or_skip()
+nn = torch.nn
+import lowtide.torch as lt  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width, bias=False)
+        self.to_v = nn.Linear(width, width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.proj(attn @ v)
+        return x + self.ff(x)
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.register_buffer("scale", torch.tensor([0.5]))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, image):
+        x = self.conv(image).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x * self.scale).mean(1)
+
+
+@pytest.fixture
+def reference(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    path = tmp_path / "net.safetensors"
+    save_file(net.state_dict(), str(path))
+    return net, path
+
+
+def _meta_net() -> nn.Module:
+    with torch.device("meta"):
+        return Net().eval()
+
+
+def _input():
+    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def _write_bytes() -> int:
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["write_bytes"])
+
+
+def test_a_module_under_a_tight_budget_runs_identical_forwards(reference, tmp_path):
+    net, path = reference
+    expected = net(_input())
+    total = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    with lowtide.Store(ram_budget=total // 3, spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        assert managed.total_bytes == total
+        assert all(p.device.type == "meta" for p in module.parameters())
+        loaded = managed.load("cpu", budget=total // 4)
+        assert 0 < loaded <= total // 4
+        for _ in range(3):
+            with torch.no_grad():
+                assert torch.equal(module(_input()), expected)
+        assert store.stats()["anon_peak_bytes"] <= store.ram_budget
+        assert managed.loaded_bytes == loaded  # streamed weights left after their forward
+
+
+def test_cpu_weights_are_lowtides_ram_copies_in_place(reference, tmp_path):
+    _, path = reference
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu")
+        model = managed._models[0]
+        weight = module.blocks[0].to_q.weight
+        with model.lease("blocks.0.to_q.weight") as lease:
+            assert weight.data_ptr() == lease.data_ptr  # no second copy
+        assert model.info("blocks.0.to_q.weight").pins >= 1
+        del weight
+        managed.unload()
+        gc.collect()
+        assert all(t.pins == 0 and not t.in_ram for t in model.tensors())
+
+
+def test_unloading_unchanged_weights_writes_nothing(reference, tmp_path):
+    net, path = reference
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu")
+        with torch.no_grad():
+            module(_input())
+        before = _write_bytes()
+        freed = managed.unload()
+        store.wait_released()
+        assert freed == managed.total_bytes
+        assert managed.loaded_bytes == 0
+        assert store.stats()["bytes_written"] == 0
+        assert _write_bytes() - before == 0
+        with torch.no_grad():  # usable again: the forward brings the weights back
+            assert torch.equal(module(_input()), net(_input()))
+
+
+def _lora(net: nn.Module, rank: int, seed: int, naming: str) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, sub in net.named_modules():
+        if isinstance(sub, nn.Linear) and name.startswith("blocks."):
+            down = torch.randn(rank, sub.in_features, generator=gen) * 0.1
+            up = torch.randn(sub.out_features, rank, generator=gen) * 0.1
+            if naming == "kohya":
+                stem = "lora_unet_" + name.replace(".", "_")
+                tensors[f"{stem}.lora_down.weight"] = down
+                tensors[f"{stem}.lora_up.weight"] = up
+                tensors[f"{stem}.alpha"] = torch.tensor(float(rank) / 2)
+            else:
+                tensors[f"unet.{name}.lora_A.weight"] = down
+                tensors[f"unet.{name}.lora_B.weight"] = up
+    return tensors
+
+
+def _patched_reference(net: nn.Module, lora: dict, strength: float, naming: str) -> nn.Module:
+    import copy
+
+    patched = copy.deepcopy(net)
+    for name, sub in patched.named_modules():
+        if isinstance(sub, nn.Linear) and name.startswith("blocks."):
+            if naming == "kohya":
+                stem = "lora_unet_" + name.replace(".", "_")
+                down, up = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"]
+                alpha = float(lora[f"{stem}.alpha"])
+            else:
+                down, up = lora[f"unet.{name}.lora_A.weight"], lora[f"unet.{name}.lora_B.weight"]
+                alpha = None
+            with torch.no_grad():
+                sub.weight.copy_(lt.merge_lora(sub.weight, down, up, alpha, strength))
+    return patched
+
+
+@pytest.mark.parametrize("naming", ["kohya", "diffusers"])
+def test_patch_and_unpatch_round_trip_to_the_files_bytes(reference, tmp_path, naming):
+    from safetensors.torch import save_file
+
+    net, path = reference
+    lora = _lora(net, rank=4, seed=5, naming=naming)
+    lora_path = tmp_path / f"lora-{naming}.safetensors"
+    save_file(lora, str(lora_path))
+    expected = _patched_reference(net, lora, 0.7, naming)(_input())
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu", budget=managed.total_bytes // 2)  # some patched weights unloaded
+        report = managed.patch(lora_path, 0.7)
+        assert len(report.patched) == 4 * 6 and not report.unmatched
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)
+        model = managed._models[0]
+        assert not model.info("blocks.0.to_q.weight").clean
+        assert managed.unpatch() == 24
+        assert all(t.clean for t in model.tensors())
+        managed.load("cpu")
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for name, tensor in net.state_dict().items():
+            assert torch.equal(state[name], tensor), name
+        assert store.stats()["bytes_written"] == 0  # no backup, nothing spilled
+
+
+def test_a_patched_weight_unloaded_under_the_reserve_is_spilled_and_comes_back(reference, tmp_path):
+    from safetensors.torch import save_file
+
+    net, path = reference
+    lora = _lora(net, rank=4, seed=9, naming="kohya")
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    expected = _patched_reference(net, lora, 1.0, "kohya")(_input())
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu")
+        managed.patch(tmp_path / "lora.safetensors")
+        # Available memory is now always under the reserve: patched weights must go to disk.
+        store.reserve_ram = store.memory()["available"] + (1 << 40)
+        managed.unload()
+        gc.collect()
+        model = managed._models[0]
+        spilled = [t for t in model.tensors() if not t.clean]
+        assert spilled and all(t.tiers == ["spilled"] for t in spilled)
+        assert store.stats()["bytes_written"] >= sum(t.nbytes for t in spilled)
+        store.reserve_ram = 0
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)  # read back, checksums verified
+
+
+def test_bad_bindings_are_clear_errors(reference, tmp_path):
+    _, path = reference
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        with torch.device("meta"):
+            wider = Net(width=32)
+        with pytest.raises(ValueError, match=r"conv\.weight"):
+            lt.manage(wider, store, path)
+        with pytest.raises(KeyError, match="not in the model files"):
+            lt.manage(_meta_net(), store, path, key_map=lambda n: "model." + n)
+        managed = lt.manage(_meta_net(), store, path, key_map=lambda n: n)
+        with pytest.raises(ValueError, match="no LoRA"):
+            managed.patch({"nothing": torch.zeros(1)})
