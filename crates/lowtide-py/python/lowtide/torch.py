@@ -338,11 +338,15 @@ class ManagedModule:
             used += slot.nbytes
         return used
 
-    def unload(self, nbytes: int | str | None = None) -> int:
+    def unload(self, nbytes: int | str | None = None, *, keep_cached: bool = False) -> int:
         """Frees at least ``nbytes`` of loaded weights (default: all), unchanged ones first,
         least recently used first. Unchanged weights are let go with nothing written; patched
         ones go to lowtide's RAM, and to the spill file when the available memory is under the
         store's reserve. The module stays usable: its next forward brings weights back.
+
+        With ``keep_cached`` the store keeps the unchanged weights' RAM copies as a cache
+        under its budget (evicted in policy order when other loads need the room, never
+        written), so that a reload costs no I/O; by default their RAM is freed at once.
         Returns the bytes taken off the device."""
         want = None if nbytes is None else lowtide.parse_size(nbytes)
         loaded = [s for s in self._slots if s.tensor is not None and s.in_use == 0]
@@ -354,7 +358,9 @@ class ManagedModule:
             slot.resident = False
             self._drop(slot)
             freed += slot.nbytes
-        if want is None:
+        if keep_cached:
+            pass
+        elif want is None:
             for model in self._models:
                 self.store.release(model)  # clean copies: dropped, nothing written
         elif self.device.type == "cpu" and freed:
