@@ -242,7 +242,7 @@ class Decoder(nn.Module):
         for block in self.mid:
             h = block(h)
         for pair, up in zip(self.blocks, self.ups, strict=True):
-            for block in pair:
+            for block in pair:  # type: ignore[attr-defined]
                 h = block(h)
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return torch.tanh(self.conv_out(F.silu(self.norm_out(h))))

@@ -100,11 +100,12 @@ def as_bytes(data: Any) -> tuple[memoryview, str | None, tuple[int, ...] | None]
         dtype = _FROM_TORCH.get(str(tensor.dtype).removeprefix("torch."))
         shape = tuple(tensor.shape)
         flat = tensor.reshape(-1).view(torch.uint8)
-        return memoryview(flat.numpy()).cast("B"), dtype, shape
+        return memoryview(flat.numpy()).cast("B"), dtype, shape  # type: ignore[arg-type]
     if isinstance(data, np.ndarray):
         array = np.ascontiguousarray(data)
         dtype = _FROM_NUMPY.get(array.dtype.name)
-        return memoryview(array.reshape(-1).view(np.uint8)), dtype, tuple(array.shape)
+        flat_array = array.reshape(-1).view(np.uint8)
+        return memoryview(flat_array), dtype, tuple(array.shape)  # type: ignore[arg-type]
     view = memoryview(data)
     if not view.c_contiguous:
         view = memoryview(view.tobytes())

@@ -1,8 +1,9 @@
 """Type stubs of the extension module (`lowtide._lowtide`); see the package docstring."""
 
-from collections.abc import Buffer
 from os import PathLike
 from typing import Any, Self
+
+from typing_extensions import Buffer
 
 __version__: str
 

@@ -96,9 +96,8 @@ def write_model(path: Path, size: int) -> None:
         out.write(text)
         for _, shape, _ in tensors:
             # Finite BF16 values: random mantissas and signs around exponent 0x7c (~0.01..0.03).
-            bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-            bits = (bits & 0x807F) | 0x3C00
-            out.write(bits.tobytes())
+            raw = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+            out.write(((raw & 0x807F) | 0x3C00).astype(np.uint16).tobytes())
         out.flush()
         os.fsync(out.fileno())
     tmp.rename(path)

@@ -192,7 +192,7 @@ class Lowtide:
         return {"store": {key: stats[key] for key in keys if key in stats}}
 
 
-def _kohya_pairs(state: dict) -> dict[str, tuple]:
+def _kohya_pairs(state: dict[str, Any]) -> dict[str, tuple[Any, Any, float | None]]:
     pairs = {}
     for key in state:
         if key.endswith(".lora_down.weight"):
@@ -222,9 +222,12 @@ def session(
     from lowtide._demo_models import DTYPE, Sizes
 
     sizes = Sizes.at(scale)
-    runner = {"classic": Classic, "mmap-offload": MmapOffload, "lowtide": Lowtide}[strategy](
-        paths, sizes, cap, work
-    )
+    kinds: dict[str, type[Classic] | type[Lowtide]] = {
+        "classic": Classic,
+        "mmap-offload": MmapOffload,
+        "lowtide": Lowtide,
+    }
+    runner = kinds[strategy](paths, sizes, cap, work)
     digest = hashlib.sha256()
     loras = [paths["lora0"], paths["lora1"], paths["lora0"]]
     gen = torch.Generator().manual_seed(42)

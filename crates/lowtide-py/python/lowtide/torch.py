@@ -171,25 +171,26 @@ class ManagedModule:
                         slot.owners.append((sub, attr))
                         self._by_module.setdefault(id(sub), []).append(slot)
                     continue
-                key = key_map(name) if key_map is not None else name
-                if key is None:
+                mapped = key_map(name) if key_map is not None else name
+                if mapped is None:
                     continue
-                model = where.get(key)
-                if model is None:
+                key = mapped
+                found = where.get(key)
+                if found is None:
                     missing.append(name if key == name else f"{name} (key {key})")
                     continue
-                info = model.info(key)
+                info = found.info(key)
                 dtype = _torch_dtype(info.dtype)
                 shape = tuple(tensor.shape)
                 if info.shape != shape or dtype != tensor.dtype:
                     raise ValueError(
                         f"{name}: the module has {tensor.dtype} {list(shape)}, "
-                        f"{model.path} has `{key}` as {info.dtype} {list(info.shape)}"
+                        f"{found.path} has `{key}` as {info.dtype} {list(info.shape)}"
                     )
                 slot = _Slot(
                     name=name,
                     key=key,
-                    model=model,
+                    model=found,
                     owners=[(sub, attr)],
                     buffer=is_buffer,
                     shape=shape,
