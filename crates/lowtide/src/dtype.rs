@@ -262,7 +262,10 @@ mod tests {
             if let Some(id) = dtype.ggml_id() {
                 assert_eq!(Dtype::from_ggml_id(id), Some(dtype));
             }
-            assert_eq!(dtype.is_quantized(), dtype.block().elements > 1 && dtype.ggml_id().is_some());
+            assert_eq!(
+                dtype.is_quantized(),
+                dtype.block().elements > 1 && dtype.ggml_id().is_some()
+            );
             if dtype.is_quantized() {
                 assert_ne!(dtype.bits() % 8, 0, "{dtype}");
             }

@@ -136,7 +136,9 @@ pub enum GgufError {
         version: u32,
     },
     /// The file ends inside the header.
-    #[error("{what} at byte offset {offset} needs {needed} bytes, past the end of the {file_len}-byte file")]
+    #[error(
+        "{what} at byte offset {offset} needs {needed} bytes, past the end of the {file_len}-byte file"
+    )]
     Truncated {
         /// The field being read.
         what: &'static str,
@@ -178,7 +180,10 @@ pub enum GgufError {
         offset: u64,
     },
     /// A value type id that GGUF does not define.
-    #[error("key `{}`: unknown value type {value_type} at byte offset {offset}", Escaped(key))]
+    #[error(
+        "key `{}`: unknown value type {value_type} at byte offset {offset}",
+        Escaped(key)
+    )]
     UnknownValueType {
         /// The key.
         key: String,
@@ -201,7 +206,10 @@ pub enum GgufError {
         offset: u64,
     },
     /// A `BOOL` byte other than 0 or 1.
-    #[error("key `{}`: bool byte {byte} at byte offset {offset} is not 0 or 1", Escaped(key))]
+    #[error(
+        "key `{}`: bool byte {byte} at byte offset {offset} is not 0 or 1",
+        Escaped(key)
+    )]
     Bool {
         /// The key.
         key: String,
@@ -235,7 +243,10 @@ pub enum GgufError {
         offset: u64,
     },
     /// A tensor has more dimensions than [`MAX_GGUF_DIMS`].
-    #[error("tensor `{}`: {n_dims} dimensions at byte offset {offset}, over the {max} ggml allows", Escaped(name))]
+    #[error(
+        "tensor `{}`: {n_dims} dimensions at byte offset {offset}, over the {max} ggml allows",
+        Escaped(name)
+    )]
     Dims {
         /// The tensor.
         name: String,
@@ -247,7 +258,10 @@ pub enum GgufError {
         offset: u64,
     },
     /// A tensor type id that ggml does not define.
-    #[error("tensor `{}`: unknown tensor type {type_id} at byte offset {offset}", Escaped(name))]
+    #[error(
+        "tensor `{}`: unknown tensor type {type_id} at byte offset {offset}",
+        Escaped(name)
+    )]
     UnknownTensorType {
         /// The tensor.
         name: String,
@@ -257,7 +271,10 @@ pub enum GgufError {
         offset: u64,
     },
     /// The number of elements (or of bytes) overflows 63 bits, ggml's `int64_t`.
-    #[error("tensor `{}`: dims {dims:?} (innermost first) at byte offset {offset} overflow", Escaped(name))]
+    #[error(
+        "tensor `{}`: dims {dims:?} (innermost first) at byte offset {offset} overflow",
+        Escaped(name)
+    )]
     ShapeOverflow {
         /// The tensor.
         name: String,

@@ -159,8 +159,7 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
     fn text(&mut self, what: &'static str) -> Result<String> {
         let offset = self.pos;
         let bytes = self.bytes(what)?;
-        String::from_utf8(bytes.into_vec())
-            .map_err(|_| GgufError::NotUtf8 { what, offset }.into())
+        String::from_utf8(bytes.into_vec()).map_err(|_| GgufError::NotUtf8 { what, offset }.into())
     }
 
     /// A value type id.
@@ -307,9 +306,9 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
         let data_offset = self.u64("a tensor's data offset")?;
 
         let shape_at = dims_offset + 4;
-        let elements = dims
-            .iter()
-            .try_fold(1u64, |n, &d| n.checked_mul(d).filter(|&n| n <= MAX_NE && d <= MAX_NE));
+        let elements = dims.iter().try_fold(1u64, |n, &d| {
+            n.checked_mul(d).filter(|&n| n <= MAX_NE && d <= MAX_NE)
+        });
         let block = dtype.block();
         let innermost = dims.first().copied().unwrap_or(1);
         if elements.is_some() && !innermost.is_multiple_of(block.elements) {

@@ -68,6 +68,11 @@ impl fmt::Display for GgufValueType {
 pub struct GgufString(pub(crate) Box<[u8]>);
 
 impl GgufString {
+    /// A string of `bytes`.
+    pub fn new(bytes: impl Into<Box<[u8]>>) -> Self {
+        Self(bytes.into())
+    }
+
     /// Its bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -81,6 +86,18 @@ impl GgufString {
     /// Its text, invalid UTF-8 replaced with U+FFFD.
     pub fn to_string_lossy(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.0)
+    }
+}
+
+impl From<&str> for GgufString {
+    fn from(text: &str) -> Self {
+        Self(text.as_bytes().into())
+    }
+}
+
+impl From<String> for GgufString {
+    fn from(text: String) -> Self {
+        Self(text.into_bytes().into())
     }
 }
 
