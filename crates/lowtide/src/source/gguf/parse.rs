@@ -149,16 +149,20 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
         Ok(count)
     }
 
-    /// A string's bytes.
-    fn bytes(&mut self, what: &'static str) -> Result<Box<[u8]>> {
-        let len = self.count(what, MAX_GGUF_STRING_LEN)?;
+    /// A string's bytes; `len_what` names its length field.
+    fn bytes(&mut self, len_what: &'static str, what: &'static str) -> Result<Box<[u8]>> {
+        let len = self.count(len_what, MAX_GGUF_STRING_LEN)?;
         Ok(self.take(len, what)?.into())
     }
 
     /// A string that must be UTF-8 (a key or a tensor name).
     fn text(&mut self, what: &'static str) -> Result<String> {
         let offset = self.pos;
-        let bytes = self.bytes(what)?;
+        let len_what = match what {
+            "a tensor name" => "the length of a tensor name",
+            _ => "the length of a metadata key",
+        };
+        let bytes = self.bytes(len_what, what)?;
         String::from_utf8(bytes.into_vec()).map_err(|_| GgufError::NotUtf8 { what, offset }.into())
     }
 
@@ -201,7 +205,9 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
             GgufValueType::I32 => GgufValue::I32(i32::from_le_bytes(self.array("an INT32")?)),
             GgufValueType::F32 => GgufValue::F32(f32::from_le_bytes(self.array("a FLOAT32")?)),
             GgufValueType::Bool => GgufValue::Bool(self.bool(key)?),
-            GgufValueType::String => GgufValue::String(GgufString(self.bytes("a string")?)),
+            GgufValueType::String => GgufValue::String(GgufString(
+                self.bytes("the length of a string", "a string")?,
+            )),
             GgufValueType::Array => GgufValue::Array(self.array_value(key, depth + 1)?),
             GgufValueType::U64 => GgufValue::U64(u64::from_le_bytes(self.array("a UINT64")?)),
             GgufValueType::I64 => GgufValue::I64(i64::from_le_bytes(self.array("an INT64")?)),
@@ -234,7 +240,7 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
             .into());
         }
         let ty = self.value_type(key)?;
-        let count = self.count("array length", MAX_GGUF_ARRAY_LEN)?;
+        let count = self.count("the length of an array", MAX_GGUF_ARRAY_LEN)?;
         // Every element takes at least `min_size` bytes: they are in the file (and under
         // the cap) before anything is allocated for them.
         self.need(count * ty.min_size(), "an array's elements")?;
@@ -260,7 +266,9 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
             GgufValueType::String => {
                 let mut out = Vec::with_capacity(capacity);
                 for _ in 0..count {
-                    out.push(GgufString(self.bytes("a string")?));
+                    out.push(GgufString(
+                        self.bytes("the length of a string", "a string")?,
+                    ));
                 }
                 GgufArray::String(out)
             }
@@ -363,8 +371,8 @@ pub(crate) fn parse<R: ReadAt + ?Sized>(src: &R, file_len: u64) -> Result<Parsed
     if !(2..=3).contains(&version) {
         return Err(GgufError::Version { version }.into());
     }
-    let n_tensors = r.count("tensor count", MAX_GGUF_TENSORS)?;
-    let n_keys = r.count("metadata count", MAX_GGUF_KEYS)?;
+    let n_tensors = r.count("the tensor count", MAX_GGUF_TENSORS)?;
+    let n_keys = r.count("the metadata count", MAX_GGUF_KEYS)?;
 
     let (metadata, alignment) = metadata(&mut r, n_keys)?;
 
