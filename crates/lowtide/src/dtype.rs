@@ -185,11 +185,17 @@ impl Dtype {
             .checked_mul(bytes)
     }
 
-    /// Bytes of a tensor of `shape` (outermost dimension first), or `None` on overflow or when
-    /// the innermost dimension is not a whole number of blocks. For types of one-element
+    /// Bytes of a tensor of `shape` (outermost dimension first), or `None` when the number of
+    /// elements or of bytes overflows (a shape with a zero dimension has none) or when the
+    /// innermost dimension is not a whole number of blocks. For types of one-element
     /// blocks this is [`Dtype::bytes_for`] of the product.
     pub fn bytes_for_shape(self, shape: &[u64]) -> Option<u64> {
-        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?;
+        // The product itself, whatever the order: a zero dimension makes it zero.
+        let elements = if shape.contains(&0) {
+            0
+        } else {
+            shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?
+        };
         let innermost = shape.last().copied().unwrap_or(1);
         let Block { elements: n, .. } = self.block();
         if n > 1 && !self.is_safetensors() && !innermost.is_multiple_of(n) {
@@ -283,5 +289,6 @@ mod tests {
         assert_eq!(Dtype::Q4_0.bytes_for_shape(&[32, 2]), None);
         assert_eq!(Dtype::Q6_K.bytes_for_shape(&[1 << 62, 256]), None);
         assert_eq!(Dtype::F32.bytes_for_shape(&[]), Some(4));
+        assert_eq!(Dtype::F32.bytes_for_shape(&[u64::MAX, 2, 0]), Some(0));
     }
 }

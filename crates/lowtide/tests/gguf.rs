@@ -294,6 +294,11 @@ fn offsets_shapes_and_names() {
             "{dims:?}: {e:?}"
         );
     }
+    // A zero dimension makes the product zero whatever the others (each under int64).
+    let zero = Raw::new(3, 1, 0)
+        .tensor("w", &[0, 1 << 40, 1 << 40], f32, 0)
+        .data(32, 0);
+    assert_eq!(gguf_image(&zero).unwrap().1[0].len, 0);
     // Elements fit int64 but the bytes of F64 do not fit u64: also an overflow.
     let e = err(&Raw::new(3, 1, 0)
         .tensor("w", &[1 << 62], 28, 0)

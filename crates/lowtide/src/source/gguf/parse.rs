@@ -314,9 +314,15 @@ impl<R: ReadAt + ?Sized> Reader<'_, R> {
         let data_offset = self.u64("a tensor's data offset")?;
 
         let shape_at = dims_offset + 4;
-        let elements = dims.iter().try_fold(1u64, |n, &d| {
-            n.checked_mul(d).filter(|&n| n <= MAX_NE && d <= MAX_NE)
-        });
+        // The product itself, whatever the order: a zero dimension makes it zero.
+        let elements = if dims.iter().any(|&d| d > MAX_NE) {
+            None
+        } else if dims.contains(&0) {
+            Some(0)
+        } else {
+            dims.iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d).filter(|&n| n <= MAX_NE))
+        };
         let block = dtype.block();
         let innermost = dims.first().copied().unwrap_or(1);
         if elements.is_some() && !innermost.is_multiple_of(block.elements) {
