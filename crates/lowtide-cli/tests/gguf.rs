@@ -182,7 +182,10 @@ fn malformed_gguf_files_exit_1_with_the_check_and_the_byte_offset() {
     let cases: [(Vec<u8>, &str); 3] = [
         (good[..30].to_vec(), "past the end"),
         (unknown, "unknown tensor type 77"),
-        (good[..layout.offsets[0] as usize + 71].to_vec(), "runs past the end"),
+        (
+            good[..layout.offsets[0] as usize + 71].to_vec(),
+            "runs past the end",
+        ),
     ];
     for (bytes, says) in cases {
         let out = run(&bytes);

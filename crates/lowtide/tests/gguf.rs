@@ -452,7 +452,7 @@ fn a_gguf_model_is_served_through_every_tier() {
         let expected = want(&spec.name, info.len);
         let ram = store.acquire_ram(id).unwrap();
         assert_eq!(ram.tier(), Tier::Ram);
-        assert!(&ram[..] == &expected[..], "{}: RAM bytes", spec.name);
+        assert!(ram[..] == expected[..], "{}: RAM bytes", spec.name);
         drop(ram);
         store.drop_clean(id).unwrap();
         let mapped = common::mapped(&store, id).unwrap();

@@ -1,6 +1,6 @@
 //! Property tests of the GGUF parser: random valid files (every ggml type, random shapes and
 //! metadata) read back exactly as written, and valid headers with a field overwritten by an
-//! interesting value (a count, length, type id, dimension or offset: 0, 1, 2^40, u64::MAX,
+//! interesting value (a count, length, type id, dimension or offset: 0, 1, 2^40, `u64::MAX`,
 //! ...) either accepted and self-consistent (`fuzz/checks.rs`) or rejected with a typed error,
 //! never a panic.
 
