@@ -60,8 +60,10 @@ pub(crate) struct Parsed {
 /// ggml holds dimensions and element counts in `int64_t`.
 const MAX_NE: u64 = i64::MAX as u64;
 
-/// Bytes read at a time at least (the buffer then doubles): most headers in one read.
-const CHUNK: u64 = 1 << 20;
+/// Bytes of the first read (the buffer then doubles as the parse needs more). Small, because
+/// what a read takes past the header is tensor data pulled into the page cache, which a cold
+/// restore would then copy from there: at most this much, or the header's size, is.
+const CHUNK: u64 = 16 << 10;
 
 /// The bytes of the header read so far (`buf` holds the file's bytes `0..buf.len()`) and the
 /// position of the next field.
