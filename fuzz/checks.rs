@@ -28,3 +28,33 @@ pub(crate) fn index(data: &[u8]) {
         }
     }
 }
+
+/// Any bytes as a whole GGUF file image: accepted with a power-of-two alignment, every tensor
+/// inside the image at an aligned offset, its length that of its type and shape (whole
+/// blocks), no two non-empty tensors overlapping and no name twice; or rejected with a typed
+/// error; never a panic.
+pub(crate) fn gguf(data: &[u8]) {
+    if let Ok((gguf, tensors)) = lowtide::parse::gguf_image(data) {
+        let len = data.len() as u64;
+        let align = gguf.alignment();
+        assert!(align.is_power_of_two());
+        assert!(gguf.data_start() >= gguf.header_len());
+        assert_eq!(gguf.data_start() % align, 0);
+        assert_eq!(tensors.len(), gguf.tensors().len());
+        let mut names = std::collections::HashSet::new();
+        let mut end = 0;
+        for t in &tensors {
+            assert!(names.insert(t.name.as_str()), "{} twice", t.name);
+            assert!(t.offset.checked_add(t.len).is_some_and(|e| e <= len));
+            assert_eq!((t.offset - gguf.data_start()) % align, 0);
+            assert_eq!(t.dtype.bytes_for_shape(&t.shape), Some(t.len));
+            assert!(t.dtype.ggml_id().is_some());
+            if t.len > 0 {
+                assert!(t.offset >= end, "{} overlaps", t.name);
+                end = t.offset + t.len;
+            }
+        }
+        let mut keys = std::collections::HashSet::new();
+        assert!(gguf.metadata().iter().all(|(k, _)| keys.insert(k)));
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use lowtide::direct::{IoShape, cached_bytes, drop_cached};
 use lowtide::{AlignedBytes, ByteSize, Dtype, MemoryReading, Store};
-use lowtide_testkit::{ProcIo, TensorSpec, write_safetensors};
+use lowtide_testkit::{ProcIo, TensorSpec, write_gguf, write_safetensors};
 use serde::Serialize;
 
 /// Arguments of `lowtide bench`.
@@ -24,6 +24,28 @@ pub(crate) struct Args {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// Format of the test file: the same tensors (64 MiB each) in a safetensors or a GGUF
+    /// file (F16 tensors in GGUF: restores read bytes, whatever their type).
+    #[arg(long, value_enum, default_value_t = Format::Safetensors)]
+    format: Format,
+}
+
+/// The test file's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// `lowtide-bench-<n>x64MiB.safetensors`, BF16 tensors.
+    Safetensors,
+    /// `lowtide-bench-<n>x64MiB.gguf`, F16 tensors.
+    Gguf,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Gguf => "gguf",
+        }
+    }
 }
 
 /// Each tensor of the test file: 64 MiB, a large projection weight.
@@ -73,6 +95,8 @@ struct Figures {
     clean_drop_bytes_written: u64,
     acquire_release_ns: f64,
     // Context.
+    /// Format of the test file (`safetensors` or `gguf`).
+    format: &'static str,
     bytes: u64,
     /// The RAM budget of the steady-state figures: a quarter of the file, between two
     /// tensors and 512 MiB, so that each pass must evict.
@@ -214,6 +238,7 @@ const SPILL_AHEAD: u64 = 256 << 20;
 #[derive(Debug)]
 struct Plan {
     path: PathBuf,
+    format: Format,
     count: u64,
     /// Bytes of tensor data in the test file.
     total: u64,
@@ -224,10 +249,10 @@ struct Plan {
 impl Plan {
     /// Refuses a size whose files do not fit in `dir` or whose copies do not fit in memory,
     /// naming the size and what is free.
-    fn new(dir: &Path, size: u64) -> anyhow::Result<Self> {
+    fn new(dir: &Path, size: u64, format: Format) -> anyhow::Result<Self> {
         let count = size.div_ceil(TENSOR).max(1);
         let total = count.saturating_mul(TENSOR);
-        let path = dir.join(format!("lowtide-bench-{count}x64MiB.safetensors"));
+        let path = dir.join(format!("lowtide-bench-{count}x64MiB.{}", format.name()));
         let reused = lowtide::ModelFiles::open(&path).is_ok_and(|m| m.total_bytes() == total);
         // The test file (its header is under a MiB), then the spill rounds and the raw
         // writes, one after the other: the spill file's extents and what it reserved ahead,
@@ -271,6 +296,7 @@ impl Plan {
         }
         Ok(Self {
             path,
+            format,
             count,
             total,
             reused,
@@ -288,17 +314,33 @@ fn test_file(plan: &Plan) -> anyhow::Result<()> {
         .ok()
         .and_then(|count| specs.try_reserve_exact(count).ok())
         .with_context(|| format!("cannot allocate the specs of {} tensors", plan.count))?;
+    let dtype = match plan.format {
+        Format::Safetensors => Dtype::BF16,
+        Format::Gguf => Dtype::F16,
+    };
     specs.extend(
         (0..plan.count)
-            .map(|i| TensorSpec::new(format!("blocks.{i}.weight"), Dtype::BF16, &[4096, 8192])),
+            .map(|i| TensorSpec::new(format!("blocks.{i}.weight"), dtype, &[4096, 8192])),
     );
     eprintln!(
         "writing the test file {} ({})",
         plan.path.display(),
         ByteSize(plan.total)
     );
-    write_safetensors(&plan.path, &specs, &BTreeMap::new(), fill)
-        .with_context(|| format!("cannot write {}", plan.path.display()))?;
+    let cannot = || format!("cannot write {}", plan.path.display());
+    match plan.format {
+        Format::Safetensors => {
+            write_safetensors(&plan.path, &specs, &BTreeMap::new(), fill).with_context(cannot)?;
+        }
+        Format::Gguf => {
+            // 64 MiB tensors are multiples of the alignment: the data is one contiguous run.
+            let meta = [(
+                "general.architecture".to_owned(),
+                lowtide::GgufValue::String("lowtide-bench".into()),
+            )];
+            write_gguf(&plan.path, &specs, &meta, fill).with_context(cannot)?;
+        }
+    }
     Ok(())
 }
 
@@ -500,6 +542,7 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
     let start = lowtide::Source::open(&path)?.data_start();
     let gib = total as f64 / f64::from(1u32 << 30);
     let mut f = Figures {
+        format: plan.format.name(),
         bytes: total,
         ..Figures::default()
     };
@@ -658,7 +701,7 @@ fn row(name: &str, value: &str, baseline: Option<(&str, f64, f64)>, verdict: Opt
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let plan = Plan::new(&dir, args.size.bytes())?;
+    let plan = Plan::new(&dir, args.size.bytes(), args.format)?;
     let f = measure(&dir, &plan)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
@@ -670,8 +713,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
 
 fn print_table(f: &Figures, dir: &Path) {
     println!(
-        "lowtide bench: {} in {}; page cache {}",
+        "lowtide bench: {} {} in {}; page cache {}",
         ByteSize(f.bytes),
+        f.format,
         dir.display(),
         if f.cold {
             "emptied before each cold figure"

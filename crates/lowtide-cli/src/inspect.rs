@@ -4,20 +4,29 @@
 //! stdout empty. The output is written from the opened sources as it goes, without a copy of
 //! the tensor list: a header of a million tensors costs its parse, not several copies of it.
 //! Names from files are shown with control characters escaped (`--json` escapes them as JSON).
+//!
+//! GGUF files are listed like safetensors files, with a summary of their metadata under the
+//! table; in `--json` their file rows add `format` and `gguf` (version, alignment,
+//! architecture, name, key count) and `metadata` holds their typed values as JSON (arrays of
+//! more than [`ARRAY_SHOWN`] elements as `{"element_type", "len"}`), their tensor rows add
+//! `ggml_type` and `dims` (as written, innermost first). See `docs/gguf.md`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
-use lowtide::{ByteSize, Escaped, EscapedPath, ModelFiles, Source};
+use lowtide::{
+    ByteSize, Escaped, EscapedPath, Gguf, GgufTensorInfo, GgufValue, ModelFiles, Source,
+};
 use serde::Serialize;
 use serde::ser::SerializeSeq;
 
 /// Arguments of `lowtide inspect`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// `.safetensors` files, directories of shards, or `*.safetensors.index.json` files.
+    /// `.safetensors` or `.gguf` files, directories of shards, or `*.safetensors.index.json`
+    /// files.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
     /// Print JSON instead of a table.
@@ -85,7 +94,76 @@ struct FileRow<'a> {
     tensors: usize,
     /// Length of the whole file, header included.
     file_len: u64,
-    metadata: &'a BTreeMap<String, String>,
+    metadata: Metadata<'a>,
+    /// `"gguf"` for GGUF files (absent for safetensors, the format of old reports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gguf: Option<GgufSummary<'a>>,
+}
+
+/// A file's metadata: safetensors' `__metadata__` strings, or GGUF's typed values.
+enum Metadata<'a> {
+    Safetensors(&'a BTreeMap<String, String>),
+    Gguf(&'a Gguf),
+}
+
+/// Arrays of more elements are shown as their element type and length.
+pub(crate) const ARRAY_SHOWN: usize = 64;
+
+/// A GGUF value in `--json`: as JSON, long arrays summarised.
+struct ValueJson<'a>(&'a GgufValue);
+
+impl Serialize for ValueJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0 {
+            GgufValue::Array(array) if array.len() > ARRAY_SHOWN => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry("element_type", array.element_type().name())?;
+                map.serialize_entry("len", &array.len())?;
+                map.end()
+            }
+            value => value.serialize(serializer),
+        }
+    }
+}
+
+impl Serialize for Metadata<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Metadata::Safetensors(map) => map.serialize(serializer),
+            Metadata::Gguf(gguf) => serializer.collect_map(
+                gguf.metadata()
+                    .iter()
+                    .map(|(key, value)| (key, ValueJson(value))),
+            ),
+        }
+    }
+}
+
+/// The `gguf` object of a GGUF file's row.
+#[derive(Serialize)]
+struct GgufSummary<'a> {
+    version: u32,
+    alignment: u64,
+    architecture: Option<&'a str>,
+    name: Option<&'a str>,
+    keys: usize,
+    data_start: u64,
+}
+
+impl<'a> GgufSummary<'a> {
+    fn of(gguf: &'a Gguf) -> Self {
+        Self {
+            version: gguf.version(),
+            alignment: gguf.alignment(),
+            architecture: gguf.architecture(),
+            name: gguf.name(),
+            keys: gguf.metadata().len(),
+            data_start: gguf.data_start(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -96,6 +174,11 @@ struct TensorRow<'a> {
     file: &'a str,
     offset: u64,
     bytes: u64,
+    /// GGUF only: the ggml type id and the dimensions as written (innermost first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ggml_type: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dims: Option<&'a [u64]>,
 }
 
 /// The `files` array.
@@ -124,7 +207,11 @@ impl Serialize for Files<'_> {
                 bytes: data_bytes(source),
                 tensors: source.tensors().len(),
                 file_len: source.file_len(),
-                metadata: source.metadata(),
+                metadata: source
+                    .gguf()
+                    .map_or(Metadata::Safetensors(source.metadata()), Metadata::Gguf),
+                format: source.gguf().map(|_| "gguf"),
+                gguf: source.gguf().map(GgufSummary::of),
             })?;
         }
         seq.end()
@@ -135,7 +222,12 @@ impl Serialize for Tensors<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.tensor_count()))?;
         for (source, file) in &self.0.files {
+            let infos: std::collections::HashMap<&str, &GgufTensorInfo> = source
+                .gguf()
+                .map(|g| g.tensors().iter().map(|t| (t.name.as_str(), t)).collect())
+                .unwrap_or_default();
             for t in source.tensors() {
+                let info = infos.get(t.name.as_str());
                 seq.serialize_element(&TensorRow {
                     name: &t.name,
                     dtype: t.dtype.name(),
@@ -143,6 +235,8 @@ impl Serialize for Tensors<'_> {
                     file,
                     offset: t.offset,
                     bytes: t.len,
+                    ggml_type: info.and_then(|i| i.dtype.ggml_id()),
+                    dims: info.map(|i| i.dims.as_slice()),
                 })?;
             }
         }
@@ -244,6 +338,28 @@ fn print_table(out: &mut impl Write, listing: &Listing<'_>) -> io::Result<()> {
             Count(source.tensors().len(), "tensor"),
             ByteSize(data_bytes(source))
         )?;
+    }
+    let ggufs: Vec<(&Source, &Gguf)> = listing
+        .files
+        .iter()
+        .filter_map(|(source, _)| source.gguf().map(|g| (*source, g)))
+        .collect();
+    if !ggufs.is_empty() {
+        writeln!(out, "gguf metadata:")?;
+        for (source, gguf) in ggufs {
+            let or_none =
+                |s: Option<&str>| s.map_or_else(|| "(none)".to_owned(), |s| Escaped(s).to_string());
+            writeln!(
+                out,
+                "  {}  version {}, architecture {}, name {}, alignment {}, {}",
+                EscapedPath(source.path()),
+                gguf.version(),
+                or_none(gguf.architecture()),
+                or_none(gguf.name()),
+                gguf.alignment(),
+                Count(gguf.metadata().len(), "key"),
+            )?;
+        }
     }
     writeln!(
         out,

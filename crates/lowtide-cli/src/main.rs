@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate safetensors files (or sharded models) and list their tensors.
+    /// Validate safetensors or GGUF files (or sharded models) and list their tensors.
     Inspect(inspect::Args),
     /// Run a workflow (TOML) with one strategy, or compare all three under a memory cap.
     #[command(

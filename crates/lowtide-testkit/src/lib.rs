@@ -2,6 +2,7 @@
 //!
 //! - Safetensors writers ([`write_safetensors`], [`create_safetensors`]) that name a file only
 //!   once it is complete.
+//! - GGUF writers ([`write_gguf`], [`gguf_image`]) for synthetic GGUF files.
 //! - [`synth`]: the synthetic models, deterministic bytes with realistic shapes.
 //! - Fixtures for tests: temporary directories, models written with [`synth::pattern`] bytes
 //!   ([`write()`], [`unet()`]) and file systems mounted for a test ([`Mount`]).
@@ -9,12 +10,14 @@
 //!   `lowtide` command reports and tests check.
 
 mod fixture;
+mod gguf;
 mod mount;
 mod procfs;
 pub mod synth;
 mod writer;
 
 pub use fixture::{tempdir, unet, unet_specs, write};
+pub use gguf::{GgufLayout, encode_gguf_value, gguf_header, gguf_image, write_gguf};
 pub use mount::Mount;
 pub use procfs::{ProcIo, ProcMemory};
 pub use synth::{expected, pattern};

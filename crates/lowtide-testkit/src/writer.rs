@@ -178,15 +178,15 @@ fn write_body(
 
 /// A file being written that has no name yet (`O_TMPFILE`), or, where the file system refuses
 /// that, a unique temporary name that is removed on drop unless the file was published.
-struct Unnamed {
-    file: File,
+pub(crate) struct Unnamed {
+    pub(crate) file: File,
     dir: PathBuf,
     temporary: Option<PathBuf>,
 }
 
 impl Unnamed {
     /// A new file in the directory of `path`.
-    fn create(path: &Path) -> io::Result<Self> {
+    pub(crate) fn create(path: &Path) -> io::Result<Self> {
         Self::create_in(path, true)
     }
 
@@ -249,7 +249,7 @@ impl Unnamed {
     }
 
     /// Gives the file the name `target`, replacing what has that name.
-    fn replace(&mut self, target: &Path) -> io::Result<()> {
+    pub(crate) fn replace(&mut self, target: &Path) -> io::Result<()> {
         if self.temporary.is_none() {
             // Linux cannot link over a name: link to a unique name, then rename it over. Only
             // a kill between the two leaves that name, for the next writer to remove.

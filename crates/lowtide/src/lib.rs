@@ -45,15 +45,18 @@ pub use aligned::AlignedBytes;
 #[cfg(feature = "cuda")]
 pub use device::CudaDevice;
 pub use device::{Device, DeviceAlloc, DeviceError, SimDevice};
-pub use dtype::{Dtype, UnknownDtype};
+pub use dtype::{Block, Dtype, UnknownDtype};
 pub use element::Element;
 pub use governor::{CgroupMemory, CgroupVersion, EvictReason, MemoryReading, PressureTrigger};
 pub use half::{bf16, f16};
 pub use policy::{DefaultPolicy, Evicting, EvictionPolicy, Fate, Priority};
 pub use size::{ByteSize, ParseSizeError};
 pub use source::{
-    Change, FileIdentity, FileIo, HeaderError, IndexError, MAX_HEADER_LEN, ModelFiles, Source,
-    SourceError, SourceIo, SourceTensor, TensorLocation,
+    Change, FileIdentity, FileIo, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, Gguf, GgufArray, GgufError,
+    GgufString, GgufTensorInfo, GgufValue, GgufValueType, HeaderError, IndexError,
+    MAX_GGUF_ARRAY_DEPTH, MAX_GGUF_ARRAY_LEN, MAX_GGUF_DIMS, MAX_GGUF_HEADER_LEN, MAX_GGUF_KEYS,
+    MAX_GGUF_STRING_LEN, MAX_GGUF_TENSORS, MAX_HEADER_LEN, ModelFiles, Source, SourceError,
+    SourceFormat, SourceIo, SourceTensor, TensorLocation,
 };
 pub use spill::{DiskStorage, STORAGE_BLOCK, SpillError, Storage, StorageFile};
 pub use stats::StatsSnapshot;
@@ -74,5 +77,13 @@ pub mod parse {
     /// validates a file. Never panics.
     pub fn safetensors_image(bytes: &[u8]) -> Result<Vec<crate::SourceTensor>, crate::HeaderError> {
         crate::source::parse_image(bytes)
+    }
+
+    /// Validates a whole GGUF file image held in memory, as [`crate::Source::open`] validates
+    /// a GGUF file: the header and the tensors in the order of their data. Never panics.
+    pub fn gguf_image(
+        bytes: &[u8],
+    ) -> Result<(crate::Gguf, Vec<crate::SourceTensor>), crate::GgufError> {
+        crate::source::parse_gguf_image(bytes)
     }
 }

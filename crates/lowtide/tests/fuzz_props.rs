@@ -1,6 +1,7 @@
 //! A bounded run of the fuzz targets' properties (`fuzz/checks.rs`) that normal CI executes:
 //! random bytes, random byte edits of valid inputs, and random index documents. The open-ended
-//! runs are `cargo fuzz run header` and `cargo fuzz run index` (see the README).
+//! runs are `cargo fuzz run header`, `cargo fuzz run index` and `cargo fuzz run gguf` (see the
+//! README).
 
 mod common;
 
@@ -24,6 +25,40 @@ fn valid_image() -> &'static [u8] {
             TensorSpec::new("c.q", Dtype::U8, &[2, 2, 2]),
         ];
         std::fs::read(common::write(&dir.path().join("m.safetensors"), &specs)).unwrap()
+    })
+}
+
+/// A valid GGUF image: tensors of block and plain types, metadata of every value type.
+fn valid_gguf() -> &'static [u8] {
+    static IMAGE: OnceLock<Vec<u8>> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        use lowtide::{GgufArray, GgufValue};
+        let specs = [
+            TensorSpec::new("a.weight", Dtype::Q4_K, &[2, 256]),
+            TensorSpec::new("b.bias", Dtype::F32, &[7]),
+            TensorSpec::new("c.q", Dtype::Q8_0, &[3, 32]),
+        ];
+        let meta = vec![
+            ("general.alignment".to_owned(), GgufValue::U32(32)),
+            (
+                "general.architecture".to_owned(),
+                GgufValue::String("llama".into()),
+            ),
+            ("k.u8".to_owned(), GgufValue::U8(7)),
+            ("k.bool".to_owned(), GgufValue::Bool(true)),
+            ("k.f64".to_owned(), GgufValue::F64(0.5)),
+            (
+                "k.tokens".to_owned(),
+                GgufValue::Array(GgufArray::String(vec!["a".into(), "bc".into()])),
+            ),
+            (
+                "k.nested".to_owned(),
+                GgufValue::Array(GgufArray::Array(vec![GgufArray::I16(vec![1, -2])])),
+            ),
+        ];
+        lowtide_testkit::gguf_image(&specs, &meta, |i, b| b.fill(i as u8))
+            .unwrap()
+            .0
     })
 }
 
@@ -71,6 +106,27 @@ proptest! {
     #[test]
     fn header_edited_valid_images(data in edited(valid_image())) {
         checks::header(&data);
+    }
+
+    #[test]
+    fn gguf_random_bytes(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        checks::gguf(&data);
+    }
+
+    #[test]
+    fn gguf_random_bytes_after_a_valid_prefix(
+        version in prop_oneof![Just(2u32), Just(3u32)],
+        data in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut image = b"GGUF".to_vec();
+        image.extend_from_slice(&version.to_le_bytes());
+        image.extend_from_slice(&data);
+        checks::gguf(&image);
+    }
+
+    #[test]
+    fn gguf_edited_valid_images(data in edited(valid_gguf())) {
+        checks::gguf(&data);
     }
 
     #[test]

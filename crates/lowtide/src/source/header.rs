@@ -481,7 +481,13 @@ fn check_entry(
     data_start: u64,
     file_len: u64,
 ) -> Result<RawTensor, HeaderError> {
-    let Ok(dtype) = entry.dtype.parse::<Dtype>() else {
+    // The ggml block types are dtypes of GGUF files only.
+    let Some(dtype) = entry
+        .dtype
+        .parse::<Dtype>()
+        .ok()
+        .filter(|d| d.is_safetensors())
+    else {
         return Err(HeaderError::UnknownDtype {
             name,
             dtype: entry.dtype.into_owned(),
@@ -614,6 +620,11 @@ mod tests {
         let dtype = r#"{"a":{"dtype":"F17","shape":[4],"data_offsets":[0,4]}}"#;
         assert!(matches!(
             check(dtype, 4),
+            Err(HeaderError::UnknownDtype { .. })
+        ));
+        let ggml = r#"{"a":{"dtype":"Q4_0","shape":[32],"data_offsets":[0,18]}}"#;
+        assert!(matches!(
+            check(ggml, 18),
             Err(HeaderError::UnknownDtype { .. })
         ));
         let huge = r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#;

@@ -1,10 +1,12 @@
-//! Sources: immutable model files, validated completely and mapped read-only.
+//! Sources: immutable model files (safetensors or GGUF), validated completely and mapped
+//! read-only.
 //!
 //! A [`Source`] is opened once: its header is read with `pread` (never through the mapping, so a
 //! short file cannot raise SIGBUS), validated in full, and only then is the file mapped
 //! `MAP_SHARED` read-only. Its identity (device, inode, size, modification time) is recorded and
 //! checked again before every restore; a changed file is [`SourceError::Changed`].
 
+mod gguf;
 mod header;
 mod io;
 mod model_files;
@@ -15,6 +17,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+pub use gguf::{
+    GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, Gguf, GgufArray, GgufError, GgufString, GgufTensorInfo,
+    GgufValue, GgufValueType, MAX_GGUF_ARRAY_DEPTH, MAX_GGUF_ARRAY_LEN, MAX_GGUF_DIMS,
+    MAX_GGUF_HEADER_LEN, MAX_GGUF_KEYS, MAX_GGUF_STRING_LEN, MAX_GGUF_TENSORS,
+};
 pub use header::{HeaderError, MAX_HEADER_LEN};
 pub use io::{FileIo, SourceIo};
 pub use model_files::{IndexError, ModelFiles, TensorLocation, parse_index_json};
@@ -96,6 +103,15 @@ pub enum SourceError {
         #[source]
         source: HeaderError,
     },
+    /// The file starts with `GGUF` but is not a valid GGUF file.
+    #[error("{}: invalid GGUF file", path.display())]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// The check that failed and where.
+        #[source]
+        source: GgufError,
+    },
     /// A sharded model's index or directory is inconsistent.
     #[error("{}: invalid sharded model", path.display())]
     Index {
@@ -115,14 +131,36 @@ pub enum SourceError {
     },
 }
 
+/// The format of a source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SourceFormat {
+    /// safetensors: a JSON header, then the data.
+    Safetensors,
+    /// GGUF (llama.cpp): a binary header of typed metadata, then the aligned data section.
+    Gguf,
+}
+
+impl SourceFormat {
+    /// `"safetensors"` or `"gguf"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceFormat::Safetensors => "safetensors",
+            SourceFormat::Gguf => "gguf",
+        }
+    }
+}
+
 /// A tensor entry of a source: where its bytes are and what they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceTensor {
     /// Name as in the header.
     pub name: String,
-    /// Element type.
+    /// Element type (for GGUF files, the ggml type: `Q4_K` and the like are [`Dtype`]s).
     pub dtype: Dtype,
-    /// Shape.
+    /// Shape, outermost dimension first (row-major, as PyTorch and NumPy show it). GGUF files
+    /// write dimensions innermost first: this is their order reversed, and
+    /// [`GgufTensorInfo::dims`] keeps the order as written.
     pub shape: Vec<u64>,
     /// Absolute byte offset of the data in the file.
     pub offset: u64,
@@ -154,7 +192,48 @@ pub(crate) fn parse_image(bytes: &[u8]) -> Result<Vec<SourceTensor>, HeaderError
     Ok(source_tensors(header.tensors, header.data_start))
 }
 
-/// An opened, validated, mapped safetensors file.
+/// Validates a whole GGUF file image in memory (for fuzzing and property tests).
+pub(crate) fn parse_gguf_image(bytes: &[u8]) -> Result<(Gguf, Vec<SourceTensor>), GgufError> {
+    match gguf::parse(bytes, bytes.len() as u64) {
+        Ok(parsed) => {
+            let tensors = gguf_tensors(&parsed);
+            Ok((parsed.gguf, tensors))
+        }
+        Err(gguf::Failure::Invalid(err)) => Err(err),
+        // An image in memory only fails to read past its end, which the parser checks first.
+        Err(gguf::Failure::Io(_)) => Err(GgufError::Truncated {
+            what: "the header",
+            offset: 0,
+            needed: 0,
+            file_len: bytes.len() as u64,
+        }),
+    }
+}
+
+/// The tensors of a parsed GGUF header, in the order of their data (ties: header order).
+fn gguf_tensors(parsed: &gguf::Parsed) -> Vec<SourceTensor> {
+    let mut tensors: Vec<(usize, SourceTensor)> = parsed
+        .gguf
+        .tensors
+        .iter()
+        .zip(&parsed.extents)
+        .enumerate()
+        .map(|(i, (info, &(offset, len)))| {
+            let tensor = SourceTensor {
+                name: info.name.clone(),
+                dtype: info.dtype,
+                shape: info.dims.iter().rev().copied().collect(),
+                offset,
+                len,
+            };
+            (i, tensor)
+        })
+        .collect();
+    tensors.sort_by_key(|(i, t)| (t.offset, *i));
+    tensors.into_iter().map(|(_, t)| t).collect()
+}
+
+/// An opened, validated, mapped safetensors or GGUF file.
 #[derive(Debug)]
 pub struct Source {
     path: PathBuf,
@@ -165,6 +244,8 @@ pub struct Source {
     tensors: Vec<SourceTensor>,
     by_name: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
+    /// The header of a GGUF file.
+    gguf: Option<Box<Gguf>>,
     /// The same file opened with `O_DIRECT`, on first cold restore (`None`: refused).
     direct: OnceLock<Option<File>>,
     /// How its bytes are read ([`FileIo`] unless a store set another before first use).
@@ -186,6 +267,9 @@ impl Source {
 
     /// Opens and validates `path`, then maps it read-only. `path` must be a regular file (or a
     /// symbolic link to one); anything else is refused without blocking.
+    ///
+    /// A file that starts with the magic `GGUF` is read as GGUF (whatever its name), any
+    /// other as safetensors.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let path = path.as_ref();
         let file = crate::sys::open::open_regular_file(path).map_err(|source| SourceError::Io {
@@ -213,6 +297,14 @@ impl Source {
             source,
         };
         let file_len = identity.size;
+        let mut magic = [0u8; 4];
+        if file_len >= 4 {
+            file.read_exact_at(&mut magic, 0)
+                .map_err(io("read the header of"))?;
+        }
+        if magic == gguf::GGUF_MAGIC {
+            return Self::from_gguf(path, file, identity);
+        }
         if file_len < header::PREFIX_LEN {
             return Err(invalid(HeaderError::TooShort { file_len }));
         }
@@ -245,9 +337,69 @@ impl Source {
             tensors,
             by_name,
             metadata: header.metadata,
+            gguf: None,
             direct: OnceLock::new(),
             io: OnceLock::new(),
         })
+    }
+
+    /// Validates and maps the GGUF file `file`.
+    fn from_gguf(path: PathBuf, file: File, identity: FileIdentity) -> Result<Self, SourceError> {
+        let parsed = match gguf::parse(&file, identity.size) {
+            Ok(parsed) => parsed,
+            Err(gguf::Failure::Invalid(source)) => return Err(SourceError::Gguf { path, source }),
+            Err(gguf::Failure::Io(source)) => {
+                return Err(SourceError::Io {
+                    path,
+                    op: "read the header of",
+                    source,
+                });
+            }
+        };
+        let mapping = match Mapping::map(&file, identity.size) {
+            Ok(mapping) => mapping,
+            Err(source) => {
+                return Err(SourceError::Io {
+                    path,
+                    op: "map",
+                    source,
+                });
+            }
+        };
+        let tensors = gguf_tensors(&parsed);
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path,
+            file,
+            mapping,
+            identity,
+            data_start: parsed.gguf.data_start,
+            tensors,
+            by_name,
+            metadata: BTreeMap::new(),
+            gguf: Some(Box::new(parsed.gguf)),
+            direct: OnceLock::new(),
+            io: OnceLock::new(),
+        })
+    }
+
+    /// The file's format.
+    pub fn format(&self) -> SourceFormat {
+        if self.gguf.is_some() {
+            SourceFormat::Gguf
+        } else {
+            SourceFormat::Safetensors
+        }
+    }
+
+    /// The header of a GGUF file: its version, alignment, typed metadata and tensor infos as
+    /// written (`None` for safetensors).
+    pub fn gguf(&self) -> Option<&Gguf> {
+        self.gguf.as_deref()
     }
 
     /// The path it was opened from.
@@ -260,7 +412,8 @@ impl Source {
         self.identity.size
     }
 
-    /// Absolute offset of the data buffer (just after the header).
+    /// Absolute offset of the data buffer (just after the header; for GGUF, the aligned start
+    /// of the data section).
     pub fn data_start(&self) -> u64 {
         self.data_start
     }
@@ -280,7 +433,8 @@ impl Source {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The header's `__metadata__` map.
+    /// The header's `__metadata__` map (empty for GGUF files: their metadata is typed, see
+    /// [`Source::gguf`]).
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
     }

@@ -949,10 +949,9 @@ pub fn scratch_bytes(largest: u64, device_chunk: usize) -> u64 {
 }
 
 fn check_len(name: &str, dtype: Dtype, shape: &[usize], actual: u64) -> Result<(), StoreError> {
-    let elements = shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-    let Some(expected) = elements.and_then(|n| dtype.bytes_for(n)) else {
+    // For ggml block types the innermost dimension must also be whole blocks.
+    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let Some(expected) = dtype.bytes_for_shape(&dims) else {
         return Err(StoreError::Update(UpdateError::BadShape {
             name: name.to_owned(),
             dtype,

@@ -1,0 +1,7 @@
+//! `cargo fuzz run gguf`: any bytes as a GGUF file image.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::gguf(data));
