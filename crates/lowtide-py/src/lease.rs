@@ -116,6 +116,20 @@ impl Lease {
         let shape: Vec<i64> = self.shape.iter().map(|&d| dim(d)).collect();
         let flat = vec![dim(self.len)];
         let uint = |bits| DLDataType::scalar(DLDataTypeCode::UINT, bits);
+        if self.dtype.is_quantized() {
+            // ggml blocks: their bytes, one row of blocks per innermost row, as the reference
+            // GGUF reader shows them (`[..., ne0]` becomes `[..., ne0 / elements * bytes]`).
+            let block = self.dtype.block();
+            let mut rows = shape;
+            return match rows.last_mut() {
+                Some(last) if block.elements > 0 => {
+                    let per_row = u64::try_from(*last).unwrap_or(0) / block.elements * block.bytes;
+                    *last = i64::try_from(per_row).unwrap_or(i64::MAX);
+                    (uint(8), rows)
+                }
+                _ => (uint(8), flat),
+            };
+        }
         let bits = self.dtype.bits();
         if !bits.is_multiple_of(8) {
             // Packed sub-byte types (F4, F6): their bytes.

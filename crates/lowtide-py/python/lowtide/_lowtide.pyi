@@ -47,8 +47,8 @@ class Store:
     def closed(self) -> bool:
         """Whether the store was closed."""
     def open_model(self, path: str | PathLike[str]) -> Model:
-        """Opens a ``.safetensors`` file, a directory of shards or a shard index: validated
-        and mapped, no tensor data read."""
+        """Opens a ``.safetensors`` file, a directory of shards, a shard index or a ``.gguf``
+        file: validated and mapped, no tensor data read."""
     def release(self, model: Model) -> dict[str, int]:
         """Drops the clean copies of every unpinned tensor of ``model``; writes nothing.
         Returns ``ram_bytes``, ``mapped_bytes`` freed and tensors ``kept``."""
@@ -102,7 +102,9 @@ class Model:
         """Pins a RAM copy of the tensor (read from the file or the spill file if needed)."""
     def numpy(self, name: str) -> Any:
         """A NumPy array over the pinned RAM copy, no copy (BF16 and float8 as their bits:
-        ``uint16``/``uint8``). Pinned while the array or any view of it lives."""
+        ``uint16``/``uint8``; ggml quantized types as ``uint8`` blocks, the innermost
+        dimension in bytes, as the reference GGUF reader shows them). Pinned while the array
+        or any view of it lives."""
     def torch(self, name: str, device: Any = None) -> Any:
         """A torch tensor over the pinned RAM copy, no copy; on another ``device``, a copy
         there. Writable: writes change the RAM copy only (see :meth:`Lease.mark_dirty`)."""
@@ -138,9 +140,11 @@ class TensorInfo:
     name: str
     """Name within its model."""
     dtype: str
-    """The file's dtype name, such as ``"BF16"``."""
+    """The file's dtype name, such as ``"BF16"``; in a GGUF file the ggml type, such as
+    ``"F16"`` or ``"Q4_K"``."""
     shape: tuple[int, ...]
-    """Shape, outermost dimension first."""
+    """Shape, outermost dimension first (for GGUF, the file's ``ne`` reversed); for a
+    quantized type the logical shape in elements."""
     nbytes: int
     """Length in bytes."""
     clean: bool
