@@ -2,9 +2,9 @@
 
 A :class:`Store` holds the tensors of ``.safetensors`` and ``.gguf`` model files. Clean
 tensors (equal to their bytes in the file) are dropped when memory runs low and read again
-from the file;
-dirty ones (replaced, derived) are spilled to disk. Views hand the store's own RAM copy to
-NumPy and PyTorch without a copy, and pin it while any array or tensor made from it lives::
+from the file; dirty ones (replaced, derived) are spilled to disk. Views hand the store's own
+RAM copy to NumPy and PyTorch without a copy, and pin it while any array or tensor made from
+it lives::
 
     import lowtide
 
