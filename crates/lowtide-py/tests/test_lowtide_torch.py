@@ -230,3 +230,21 @@ def test_bad_bindings_are_clear_errors(reference, tmp_path):
         managed = lt.manage(_meta_net(), store, path, key_map=lambda n: n)
         with pytest.raises(ValueError, match="no LoRA"):
             managed.patch({"nothing": torch.zeros(1)})
+
+
+def test_patching_a_module_that_fills_the_budget_makes_room_for_the_lora(reference, tmp_path):
+    from safetensors.torch import save_file
+
+    net, path = reference
+    lora = _lora(net, rank=4, seed=11, naming="kohya")
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    expected = _patched_reference(net, lora, 0.5, "kohya")(_input())
+    total = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    with lowtide.Store(ram_budget=total, spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        assert managed.load("cpu") == total  # every byte of the budget pinned by the module
+        managed.patch(tmp_path / "lora.safetensors", 0.5)  # the LoRA's reads need room
+        assert managed.loaded_bytes < total  # idle weights were let go for it
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)

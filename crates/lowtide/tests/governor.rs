@@ -102,10 +102,20 @@ fn clean_copies_go_before_dirty_ones_used_at_the_same_time() {
     assert!(back.iter().all(|&b| b == 3));
     assert_eq!(store.stats().bytes_restored_spill, 256 * 1024);
     drop(back);
+    let info = store.info(dirty).unwrap();
     assert!(
-        !store.info(dirty).unwrap().spilled,
-        "the extent is freed once restored"
+        info.in_ram && info.spilled,
+        "the extent stays while the bytes are unchanged: {info:?}"
     );
+    // Evicted again: its RAM copy is dropped, nothing written a second time.
+    let freed = store.free_memory(2 * 256 * 1024);
+    assert_eq!(freed.spilled_bytes, 0);
+    let info = store.info(dirty).unwrap();
+    assert!(!info.in_ram && info.spilled, "{info:?}");
+    assert_eq!(store.stats().bytes_written, 256 * 1024);
+    // A write frees the extent: the spill copy is stale.
+    store.replace(dirty, vec![4; 256 * 1024]).unwrap();
+    assert!(!store.info(dirty).unwrap().spilled);
     assert_eq!(store.spill_used(), 0);
 }
 

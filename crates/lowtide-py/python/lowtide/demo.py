@@ -46,9 +46,9 @@ OVERHEAD = 640 << 20
 
 
 def default_cap(weights: int) -> int:
-    """Below the models' total: the largest model must fit with room to spare, not all of
-    them."""
-    return int(weights * 0.85)
+    """Half the models' total (at least 1 GiB, the process's own share): the largest model
+    does not fit beside the process, let alone all of them."""
+    return max(weights // 2, 1 << 30)
 
 
 # --- the session, run in a child ----------------------------------------------------------
@@ -476,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         "classic, mmap-offload and lowtide, each in a capped child process.",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="model size factor (default 1)")
-    parser.add_argument("--cap", help="memory cap (default: 85%% of the weights' size)")
+    parser.add_argument(
+        "--cap", help="memory cap (default: half the weights' size, at least 1 GiB)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
         "--dir",

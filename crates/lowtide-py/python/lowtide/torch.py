@@ -255,17 +255,21 @@ class ManagedModule:
 
     def _bring(self, slot: _Slot) -> None:
         """Loads one weight, making room by letting go of idle ones if the store is full."""
-        while True:
-            try:
-                tensor = self._fetch(slot)
-                break
-            except (lowtide.OverBudget, lowtide.UnderReserve):
-                if not self._make_room(slot.nbytes, keep=slot):
-                    raise
+        tensor = self._with_room(slot.nbytes, lambda: self._fetch(slot), keep=slot)
         slot.tensor = tensor
         self._place(slot, tensor)
 
-    def _make_room(self, nbytes: int, keep: _Slot) -> bool:
+    def _with_room(self, nbytes: int, fetch: Callable[[], Any], keep: _Slot | None = None) -> Any:
+        """``fetch()``, retried after letting go of idle loaded weights while the store says
+        it is over its budget or under its reserve; raises when nothing idle is left."""
+        while True:
+            try:
+                return fetch()
+            except (lowtide.OverBudget, lowtide.UnderReserve):
+                if not self._make_room(nbytes, keep=keep):
+                    raise
+
+    def _make_room(self, nbytes: int, keep: _Slot | None = None) -> bool:
         """Lets go of idle loaded weights, least recently used first, until ``nbytes`` are
         free; returns whether any was let go."""
         idle = [s for s in self._slots if s.tensor is not None and s.in_use == 0 and s is not keep]
@@ -484,7 +488,9 @@ class ManagedModule:
             model = lora_model
 
             def get(key: str) -> torch.Tensor:
-                return model.torch(key).clone()
+                info = model.info(key)
+                # A copy of its own: the LoRA's RAM copy is let go at once.
+                return self._with_room(info.nbytes, lambda: model.torch(key).clone())
 
         found: dict[str, dict[str, str]] = {}
         for key in keys:

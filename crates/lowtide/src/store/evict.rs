@@ -189,8 +189,7 @@ impl Shared {
         }
         // Each victim commits right after its own write: its `busy` mark lasts one write.
         for (id, buf, credit) in plan.spills {
-            let result = super::unwinding(|| self.spill.write(buf.as_slice()))
-                .unwrap_or_else(|| Err(crate::spill::panicked("write")));
+            let result = self.write_spill(buf.as_slice());
             drop(buf);
             let mut state = self.lock();
             let Ok(entry) = state.tensor_mut(id) else {
@@ -423,6 +422,30 @@ impl Shared {
         self.check(&mut state);
         drop(state);
         self.carry_out(plan)
+    }
+}
+
+impl Shared {
+    /// Writes `bytes` to the spill file. When the disk or `spill_max` has no room, the spill
+    /// copies of tensors whose RAM copy is unchanged since it was read from them are freed
+    /// (they are redundant: evicting such a RAM copy would drop it) and the write is tried once
+    /// more.
+    pub(super) fn write_spill(
+        &self,
+        bytes: &[u8],
+    ) -> Result<crate::spill::Extent, crate::SpillError> {
+        let write = || {
+            super::unwinding(|| self.spill.write(bytes))
+                .unwrap_or_else(|| Err(crate::spill::panicked("write")))
+        };
+        match write() {
+            Err(crate::SpillError::NoSpace { .. } | crate::SpillError::Limit { .. })
+                if self.lock().free_redundant_spills() > 0 =>
+            {
+                write()
+            }
+            other => other,
+        }
     }
 }
 

@@ -824,8 +824,7 @@ impl Store {
             state.tensor_mut(id)?.busy = true;
             (name, buf)
         };
-        let written = unwinding(|| self.shared.spill.write(buf.as_slice()))
-            .unwrap_or_else(|| Err(crate::spill::panicked("write")));
+        let written = self.shared.write_spill(buf.as_slice());
         drop(buf);
         let mut state = self.shared.lock();
         let result = match state.tensor_mut(id) {

@@ -71,6 +71,9 @@ pub(super) struct TensorEntry {
     pub(super) busy: bool,
     /// Restores reading its spill extent outside the lock: the extent stays until they end.
     pub(super) spill_readers: u32,
+    /// Extents this tensor no longer uses (its bytes changed) that restores still read: freed
+    /// when the last of them ends.
+    pub(super) retired: Vec<Extent>,
 }
 
 impl TensorEntry {
@@ -99,6 +102,7 @@ impl TensorEntry {
             credit: 0.0,
             busy: false,
             spill_readers: 0,
+            retired: Vec::new(),
         }
     }
 
@@ -394,34 +398,65 @@ impl State {
         match self.tensor_mut(id) {
             Ok(entry) => {
                 if let Some(old) = entry.spilled.replace(extent) {
-                    spill.free(old);
+                    Self::retire(&spill, entry, old);
                 }
             }
             Err(_) => spill.free(extent),
         }
     }
 
-    /// Frees `id`'s spill extent, unless a restore is still reading it (then the last one
-    /// frees it when it ends, see [`State::end_spill_read`]).
+    /// Frees `id`'s spill extent (its bytes changed, or it is clean again). One that a restore
+    /// is still reading is retired instead, and freed when the last such restore ends (see
+    /// [`State::end_spill_read`]).
     pub(super) fn free_spilled(&mut self, id: TensorId) {
         let spill = Arc::clone(&self.spill);
         if let Ok(entry) = self.tensor_mut(id)
-            && entry.spill_readers == 0
             && let Some(extent) = entry.spilled.take()
         {
-            spill.free(extent);
+            Self::retire(&spill, entry, extent);
         }
     }
 
-    /// A restore from `id`'s spill extent ended: once the tensor has a RAM copy (installed by
-    /// this restore or another) the extent is no longer needed when no other restore reads it.
+    fn retire(spill: &SpillFile, entry: &mut TensorEntry, extent: Extent) {
+        if entry.spill_readers == 0 {
+            spill.free(extent);
+        } else {
+            entry.retired.push(extent);
+        }
+    }
+
+    /// Frees the spill extents of tensors that also have a RAM copy (unchanged since it was
+    /// read from the extent) and that no restore reads: the spill file needs the room for
+    /// bytes held nowhere else. Returns how many were freed.
+    pub(super) fn free_redundant_spills(&mut self) -> usize {
+        let spill = Arc::clone(&self.spill);
+        let mut freed = 0;
+        for entry in self.tensors.iter_mut().flatten() {
+            if entry.ram.is_some()
+                && entry.spill_readers == 0
+                && let Some(extent) = entry.spilled.take()
+            {
+                spill.free(extent);
+                freed += 1;
+            }
+        }
+        freed
+    }
+
+    /// A restore from `id`'s spill extent ended. The extent stays with the tensor while its
+    /// bytes are unchanged: evicting the RAM copy again then drops it, writing nothing (a
+    /// write through `replace` or `mark_dirty` frees the extent, `make_dirty`). Extents
+    /// retired meanwhile are freed by the last restore that read them.
     pub(super) fn end_spill_read(&mut self, id: TensorId) {
+        let spill = Arc::clone(&self.spill);
         let Ok(entry) = self.tensor_mut(id) else {
             return;
         };
         entry.spill_readers -= 1;
-        if entry.ram.is_some() {
-            self.free_spilled(id);
+        if entry.spill_readers == 0 {
+            for extent in entry.retired.drain(..) {
+                spill.free(extent);
+            }
         }
     }
 
