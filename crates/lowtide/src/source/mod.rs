@@ -252,6 +252,15 @@ pub struct Source {
     io: OnceLock<std::sync::Arc<dyn SourceIo>>,
 }
 
+/// What every source is made of, whatever its format.
+struct Parts {
+    path: PathBuf,
+    file: File,
+    mapping: Mapping,
+    identity: FileIdentity,
+    data_start: u64,
+}
+
 impl Source {
     /// Lets the kernel's readahead serve faults on the mapping (see
     /// [`crate::StoreBuilder::mapped_readahead`]).
@@ -323,24 +332,45 @@ impl Source {
         let mapping = Mapping::map(&file, file_len).map_err(io("map"))?;
 
         let tensors = source_tensors(header.tensors, header.data_start);
+        Ok(Self::assemble(
+            Parts {
+                path,
+                file,
+                mapping,
+                identity,
+                data_start: header.data_start,
+            },
+            tensors,
+            header.metadata,
+            None,
+        ))
+    }
+
+    /// A source of validated `tensors`, findable by name.
+    fn assemble(
+        parts: Parts,
+        tensors: Vec<SourceTensor>,
+        metadata: BTreeMap<String, String>,
+        gguf: Option<Box<Gguf>>,
+    ) -> Self {
         let by_name = tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Ok(Self {
-            path,
-            file,
-            mapping,
-            identity,
-            data_start: header.data_start,
+        Self {
+            path: parts.path,
+            file: parts.file,
+            mapping: parts.mapping,
+            identity: parts.identity,
+            data_start: parts.data_start,
             tensors,
             by_name,
-            metadata: header.metadata,
-            gguf: None,
+            metadata,
+            gguf,
             direct: OnceLock::new(),
             io: OnceLock::new(),
-        })
+        }
     }
 
     /// Validates and maps the GGUF file `file`.
@@ -367,24 +397,19 @@ impl Source {
             }
         };
         let tensors = gguf_tensors(&parsed);
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(Self {
-            path,
-            file,
-            mapping,
-            identity,
-            data_start: parsed.gguf.data_start,
+        let data_start = parsed.gguf.data_start;
+        Ok(Self::assemble(
+            Parts {
+                path,
+                file,
+                mapping,
+                identity,
+                data_start,
+            },
             tensors,
-            by_name,
-            metadata: BTreeMap::new(),
-            gguf: Some(Box::new(parsed.gguf)),
-            direct: OnceLock::new(),
-            io: OnceLock::new(),
-        })
+            BTreeMap::new(),
+            Some(Box::new(parsed.gguf)),
+        ))
     }
 
     /// The file's format.
