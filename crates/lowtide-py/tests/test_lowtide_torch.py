@@ -248,3 +248,16 @@ def test_patching_a_module_that_fills_the_budget_makes_room_for_the_lora(referen
         assert managed.loaded_bytes < total  # idle weights were let go for it
         with torch.no_grad():
             assert torch.equal(module(_input()), expected)
+
+
+def test_a_forward_that_raises_leaves_no_weight_held(reference, tmp_path):
+    _, path = reference
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        with torch.no_grad(), pytest.raises(RuntimeError):
+            module(torch.zeros(1, 5, 6, 6))  # 5 channels where the conv takes 3
+        assert all(slot.in_use == 0 for slot in managed._slots)
+        assert managed.loaded_bytes == 0  # the conv's streamed weight left after the error
+        with torch.no_grad():
+            module(_input())  # and the module still runs

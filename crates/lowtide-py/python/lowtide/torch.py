@@ -210,7 +210,9 @@ class ManagedModule:
         for sub in self.module.modules():
             if id(sub) in self._by_module:
                 self._hooks.append(sub.register_forward_pre_hook(self._before))
-                self._hooks.append(sub.register_forward_hook(self._after))
+                # Called also when the forward raises, so that its weights are not held as
+                # in use for good.
+                self._hooks.append(sub.register_forward_hook(self._after, always_call=True))
 
     def _place(self, slot: _Slot, tensor: torch.Tensor) -> None:
         value: torch.Tensor = tensor if slot.buffer else nn.Parameter(tensor, requires_grad=False)
