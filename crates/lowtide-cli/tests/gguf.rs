@@ -9,74 +9,17 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use common::{json_of, lowtide, text};
 use lowtide::{Dtype, GgufValue};
-use lowtide_testkit::{TensorSpec, write_gguf};
+use lowtide_testkit::{TensorSpec, gguf_reference_files, same_json, write_gguf};
 use serde_json::Value;
-
-const MISSING_PACKAGE: i32 = 3;
-
-fn python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../python-venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
-}
 
 /// The reference files and their manifest, or `None` when Python or its packages are missing
 /// and `CI` is not set.
 fn reference(test: &str) -> Option<(tempfile::TempDir, Value)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../lowtide/tests/reference/write_gguf_reference.py");
-    let dir = lowtide_testkit::tempdir();
-    let python = python();
-    let missing = |what: &str| {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: {what}; `scripts/test` installs gguf and numpy into target/python-venv"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {test}: {what}. It needs Python with gguf and numpy (pip install gguf \
-             numpy); with CI set, this is a failure"
-        );
-        None
-    };
-    let output = match Command::new(&python).arg(&script).arg(dir.path()).output() {
-        Ok(output) => output,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return missing(&format!("{} is not installed", python.display()));
-        }
-        Err(err) => panic!("cannot run {}: {err}", python.display()),
-    };
-    if output.status.code() == Some(MISSING_PACKAGE) {
-        return missing(text(&output.stderr).trim());
-    }
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    let manifest = std::fs::read(dir.path().join("manifest.json")).unwrap();
-    Some((dir, serde_json::from_slice(&manifest).unwrap()))
-}
-
-/// JSON values agree; `FLOAT32` numbers compare as `f32`.
-fn same(a: &Value, b: &Value, f32: bool) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) if f32 => {
-            x.as_f64().map(|v| v as f32) == y.as_f64().map(|v| v as f32)
-        }
-        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
-            x.as_f64() == y.as_f64()
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b, f32))
-        }
-        _ => a == b,
-    }
+    gguf_reference_files(test, Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 #[test]
@@ -122,7 +65,7 @@ fn inspect_json_agrees_with_the_reference_reader() {
                 assert_eq!(value["element_type"], m["element_type"], "{rel}: {key}");
             } else {
                 assert!(
-                    same(value, &m["value"], f32),
+                    same_json(value, &m["value"], f32),
                     "{rel}: {key}: {value} != {}",
                     m["value"]
                 );

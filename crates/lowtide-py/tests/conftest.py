@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -12,15 +13,20 @@ from safetensors.numpy import save_file
 import lowtide
 
 
-def torch_or_skip():
-    """The torch module; tests that need it skip without it, but fail in CI (CI=true)."""
+def import_or_skip(name: str, hint: str):
+    """The module `name`; tests that need it skip without it (saying `hint`), but fail in CI
+    (CI=true), whose test command installs it."""
     try:
-        import torch
+        return importlib.import_module(name)
     except ImportError:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("torch is not installed, and CI requires the torch tests to run")
-        pytest.skip("torch is not installed (scripts/test installs it unless told not to)")
-    return torch
+            pytest.fail(f"{name} is not installed, and CI requires the tests that use it to run")
+        pytest.skip(f"{name} is not installed ({hint})")
+
+
+def torch_or_skip():
+    """The torch module; tests that need it skip without it, but fail in CI (CI=true)."""
+    return import_or_skip("torch", "scripts/test installs it unless told not to")
 
 
 @pytest.fixture

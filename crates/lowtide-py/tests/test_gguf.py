@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import import_or_skip
 
 import lowtide
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("the reference gguf package is not installed, and CI requires it")
-        pytest.skip("the reference gguf package is not installed (scripts/test installs it)")
-    return gguf
+    return import_or_skip("gguf", "the reference GGUF package; scripts/test installs it")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@
 //! - [`synth`]: the synthetic models, deterministic bytes with realistic shapes.
 //! - Fixtures for tests: temporary directories, models written with [`synth::pattern`] bytes
 //!   ([`write()`], [`unet()`]) and file systems mounted for a test ([`Mount`]).
+//! - The reference GGUF files ([`gguf_reference_files`]) and a JSON comparison for them.
 //! - The process's own counters in `/proc/self` ([`ProcIo`], [`ProcMemory`]), which the
 //!   `lowtide` command reports and tests check.
 
@@ -13,6 +14,7 @@ mod fixture;
 mod gguf;
 mod mount;
 mod procfs;
+mod reference;
 pub mod synth;
 mod writer;
 
@@ -20,5 +22,6 @@ pub use fixture::{tempdir, unet, unet_specs, write};
 pub use gguf::{GgufLayout, encode_gguf_value, gguf_header, gguf_image, write_gguf};
 pub use mount::Mount;
 pub use procfs::{ProcIo, ProcMemory};
+pub use reference::{gguf_reference_files, same_json};
 pub use synth::{expected, pattern};
 pub use writer::{CreateOutcome, TensorSpec, create_safetensors, write_safetensors};

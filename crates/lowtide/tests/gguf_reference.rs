@@ -10,16 +10,13 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lowtide::{Dtype, Source, SourceFormat, Store, Tier};
 use serde::Deserialize;
 use serde_json::Value;
 
 /// Exit status of the script when a Python package is missing.
-const MISSING_PACKAGE: i32 = 3;
 
 #[derive(Debug, Deserialize)]
 struct Manifest {
@@ -79,76 +76,11 @@ impl Reference {
     }
 }
 
-/// The Python to run: the test venv of `scripts/test` when it exists, else `python3`.
-fn python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../python-venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
 fn reference(test: &str) -> Option<Reference> {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/write_gguf_reference.py");
-    let dir = common::tempdir();
-    let python = python();
-    let output = match Command::new(&python).arg(&script).arg(dir.path()).output() {
-        Ok(output) => output,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return missing(test, &format!("{} is not installed", python.display()));
-        }
-        Err(err) => panic!(
-            "cannot run {} {}: {err}",
-            python.display(),
-            script.display()
-        ),
-    };
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.code() == Some(MISSING_PACKAGE) {
-        return missing(test, stderr.trim());
-    }
-    assert!(
-        output.status.success(),
-        "{} {} failed ({}):\n{stderr}",
-        python.display(),
-        script.display(),
-        output.status
-    );
-    let manifest = fs::read(dir.path().join("manifest.json")).unwrap();
-    let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
+    let (dir, manifest) =
+        lowtide_testkit::gguf_reference_files(test, Path::new(env!("CARGO_TARGET_TMPDIR")))?;
+    let manifest: Manifest = serde_json::from_value(manifest).unwrap();
     Some(Reference { dir, manifest })
-}
-
-fn missing(test: &str, what: &str) -> Option<Reference> {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: {what}. The GGUF reference tests need Python with the packages gguf and \
-         numpy; `scripts/test` installs them into target/python-venv (pip install gguf numpy)"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipped: {test}: {what}. It needs Python with the packages gguf and numpy \
-         (pip install gguf numpy); with CI set, this is a failure"
-    );
-    None
-}
-
-/// `a` and `b` agree as JSON values; numbers of `FLOAT32` values compare as `f32`.
-fn same(a: &Value, b: &Value, f32: bool) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) if f32 => {
-            x.as_f64().map(|v| v as f32) == y.as_f64().map(|v| v as f32)
-        }
-        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
-            x.as_f64() == y.as_f64()
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b, f32))
-        }
-        _ => a == b,
-    }
 }
 
 #[test]
@@ -239,7 +171,11 @@ fn every_reference_gguf_file_opens_with_identical_tensors_and_metadata() {
             }
             let f32 = m.value_type == "FLOAT32" || m.element_type.as_deref() == Some("FLOAT32");
             let ours = serde_json::to_value(value).unwrap();
-            assert!(same(&ours, &m.value, f32), "{what}: {ours} != {}", m.value);
+            assert!(
+                lowtide_testkit::same_json(&ours, &m.value, f32),
+                "{what}: {ours} != {}",
+                m.value
+            );
         }
         assert_eq!(
             gguf.get("general.architecture").and_then(|v| v.as_str()),
