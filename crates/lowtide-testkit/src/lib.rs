@@ -22,6 +22,6 @@ pub use fixture::{tempdir, unet, unet_specs, write};
 pub use gguf::{GgufLayout, encode_gguf_value, gguf_header, gguf_image, write_gguf};
 pub use mount::Mount;
 pub use procfs::{ProcIo, ProcMemory};
-pub use reference::{gguf_reference_files, same_json};
+pub use reference::{gguf_reference_files, run_reference_writer, same_json};
 pub use synth::{expected, pattern};
 pub use writer::{CreateOutcome, TensorSpec, create_safetensors, write_safetensors};

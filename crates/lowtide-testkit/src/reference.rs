@@ -1,6 +1,6 @@
-//! Files written by the reference GGUF implementation (the `gguf` package's `GGUFWriter`,
-//! `crates/lowtide/tests/reference/write_gguf_reference.py`), for tests that cross-check
-//! lowtide against it.
+//! Files written by the reference implementations (the `safetensors` package,
+//! `crates/lowtide/tests/reference/write_reference.py`, and the `gguf` package's `GGUFWriter`,
+//! `write_gguf_reference.py`), for tests that cross-check lowtide against them.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// The exit status of the writer when Python lacks `gguf` or `numpy`.
+/// The exit status of a writer when Python lacks one of its packages.
 const MISSING_PACKAGE: i32 = 3;
 
 /// The Python to run: the test venv of `scripts/test` when it exists (beside the test's
@@ -29,20 +29,37 @@ pub fn gguf_reference_files(
     test: &str,
     target_tmpdir: &Path,
 ) -> Option<(tempfile::TempDir, Value)> {
+    run_reference_writer(test, target_tmpdir, "write_gguf_reference.py", "gguf numpy")
+}
+
+/// Runs a reference writer of `crates/lowtide/tests/reference/` (`script`) into a new
+/// temporary directory and returns it with the `manifest.json` the writer left there, or
+/// `None` (after saying why on stderr) when Python or one of `packages` (space-separated, as
+/// `pip install` takes them) is missing and `CI` is not set; with `CI` set that is a failure
+/// of `test`. The Python is the one of `scripts/test`'s venv when it exists (found from
+/// `target_tmpdir`, the test's `CARGO_TARGET_TMPDIR`), else `python3` from `PATH`.
+pub fn run_reference_writer(
+    test: &str,
+    target_tmpdir: &Path,
+    script: &str,
+    packages: &str,
+) -> Option<(tempfile::TempDir, Value)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../lowtide/tests/reference/write_gguf_reference.py");
+        .join("../lowtide/tests/reference")
+        .join(script);
     let dir = crate::tempdir();
     let python = python(target_tmpdir);
     let missing = |what: &str| {
         assert!(
             std::env::var_os("CI").is_none(),
-            "{test}: {what}. The GGUF reference tests need Python with the packages gguf and \
-             numpy; `scripts/test` installs them into target/python-venv (pip install gguf numpy)"
+            "{test}: {what}. The reference tests need Python with the packages {packages}; \
+             `scripts/test` installs them into target/python-venv (pip install {packages})"
         );
+        // Straight to the process's stderr, past the test harness's capture, so a skip shows.
         let _ = writeln!(
             std::io::stderr(),
-            "skipped: {test}: {what}. It needs Python with the packages gguf and numpy \
-             (pip install gguf numpy); with CI set, this is a failure"
+            "skipped: {test}: {what}. It needs Python with the packages {packages} \
+             (pip install {packages}); with CI set, this is a failure"
         );
         None
     };

@@ -2,22 +2,18 @@
 //! `tests/reference/write_reference.py`) read back through lowtide: names, dtypes, shapes,
 //! offsets and bytes must match what the reference wrote, tensor for tensor.
 //!
-//! Needs `python3` with `pip install safetensors numpy`. Without them the tests fail when `CI`
-//! is set (`.ci/run` installs them) and are skipped with a message on stderr otherwise.
+//! Needs Python with `pip install safetensors numpy` (the venv of `scripts/test` when it exists,
+//! else `python3`). Without them the tests fail when `CI` is set and are skipped with a message
+//! on stderr otherwise.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lowtide::{ModelFiles, Source, Store, Tier};
 use serde::Deserialize;
-
-/// Exit status of the script when a Python package is missing.
-const MISSING_PACKAGE: i32 = 3;
 
 #[derive(Debug, Deserialize)]
 struct Manifest {
@@ -99,50 +95,17 @@ impl Reference {
 }
 
 /// Runs the reference writer into a new temporary directory. `None` (after a message on
-/// stderr) when python3 or its packages are missing and `CI` is not set; a failure under `CI`.
+/// stderr) when Python or its packages are missing and `CI` is not set; a failure under `CI`.
 fn reference(test: &str) -> Option<Reference> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/write_reference.py");
-    let dir = common::tempdir();
-    let output = Command::new("python3")
-        .arg(&script)
-        .arg(dir.path())
-        .output();
-    let output = match output {
-        Ok(output) => output,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return missing(test, "python3 is not installed (not found on PATH)");
-        }
-        Err(err) => panic!("cannot run python3 {}: {err}", script.display()),
-    };
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.code() == Some(MISSING_PACKAGE) {
-        return missing(test, stderr.trim());
-    }
-    assert!(
-        output.status.success(),
-        "python3 {} failed ({}):\n{stderr}",
-        script.display(),
-        output.status
-    );
-    let manifest = fs::read(dir.path().join("manifest.json")).unwrap();
-    let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
+    let (dir, manifest) = lowtide_testkit::run_reference_writer(
+        test,
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "write_reference.py",
+        "safetensors numpy",
+    )?;
+    let manifest: Manifest = serde_json::from_value(manifest).unwrap();
     assert!(!manifest.tensors.is_empty());
     Some(Reference { dir, manifest })
-}
-
-fn missing(test: &str, what: &str) -> Option<Reference> {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: {what}. The reference-implementation tests need python3 with the packages \
-         safetensors and numpy; `.ci/run` installs them (pip install safetensors numpy)"
-    );
-    // Straight to the process's stderr, past the test harness's capture, so a skip shows.
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipped: {test}: {what}. It needs python3 with the packages safetensors and numpy \
-         (pip install safetensors numpy); with CI set, this is a failure"
-    );
-    None
 }
 
 /// Checks one opened file against the manifest: metadata, tensor set, and every tensor's
