@@ -49,8 +49,8 @@ class Net(nn.Module):
         return self.head(x * self.scale).mean(1)
 
 
-@pytest.fixture
-def reference(tmp_path: Path):
+def saved_net(tmp_path: Path) -> tuple[nn.Module, Path]:
+    """A seeded ``Net`` and the safetensors file of its weights."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -60,8 +60,13 @@ def reference(tmp_path: Path):
     return net, path
 
 
+@pytest.fixture
+def reference(tmp_path: Path):
+    return saved_net(tmp_path)
+
+
 def _meta_net() -> nn.Module:
-    with torch.device("meta"):
+    with lt.init_empty():
         return Net().eval()
 
 
@@ -223,12 +228,17 @@ def test_bad_bindings_are_clear_errors(reference, tmp_path):
     with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
         with torch.device("meta"):
             wider = Net(width=32)
-        with pytest.raises(ValueError, match=r"conv\.weight"):
+        with pytest.raises(lt.BindError, match=r"conv\.weight"):
             lt.manage(wider, store, path)
-        with pytest.raises(KeyError, match="not in the model files"):
+        with pytest.raises(lt.BindError, match="not in the model files") as err:
             lt.manage(_meta_net(), store, path, key_map=lambda n: "model." + n)
+        assert "name.removeprefix('model.')" in str(err.value)  # the way out, named
+        with pytest.raises(lt.BindError, match="no weight of the module was bound"):
+            lt.manage(_meta_net(), store, path, key_map=lambda n: None)
+        with pytest.raises(lt.BindError, match="no weight of the module was bound"):
+            lt.manage(_meta_net(), store, path, key_map=lambda n: "x." + n, strict=False)
         managed = lt.manage(_meta_net(), store, path, key_map=lambda n: n)
-        with pytest.raises(ValueError, match="no LoRA"):
+        with pytest.raises(lt.LoraError, match="no LoRA"):
             managed.patch({"nothing": torch.zeros(1)})
 
 
@@ -257,7 +267,7 @@ def test_a_forward_that_raises_leaves_no_weight_held(reference, tmp_path):
         managed = lt.manage(module, store, path)
         with torch.no_grad(), pytest.raises(RuntimeError):
             module(torch.zeros(1, 5, 6, 6))  # 5 channels where the conv takes 3
-        assert all(slot.in_use == 0 for slot in managed._slots)
+        assert managed.in_use == []
         assert managed.loaded_bytes == 0  # the conv's streamed weight left after the error
         with torch.no_grad():
             module(_input())  # and the module still runs
