@@ -13,13 +13,15 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyModule};
 
 /// An attribute value of an exception.
+#[derive(Clone)]
 pub(crate) enum Attr {
     Str(String),
     Int(u64),
     Shape(Vec<usize>),
 }
 
-/// What a Python exception is made of.
+/// What a Python exception is made of (built without the GIL, raised with it).
+#[derive(Clone)]
 pub(crate) struct Raised {
     class: &'static str,
     message: String,
@@ -54,7 +56,6 @@ impl Raised {
         let module = MODULE.get_or_try_init(py, || {
             PyModule::import(py, "lowtide._errors").map(Bound::unbind)
         })?;
-        let class = module.bind(py).getattr(self.class)?;
         let attrs = PyDict::new(py);
         for (name, value) in self.attrs {
             match value {
@@ -65,7 +66,14 @@ impl Raised {
                 }
             }
         }
-        let instance = class.call1((self.message, self.retryable, attrs))?;
+        // `_exception` picks the class (for an `OSError` with `errno`, the subclass that is
+        // also `FileNotFoundError`, `PermissionError`...).
+        let instance = module.bind(py).getattr("_exception")?.call1((
+            self.class,
+            self.message,
+            self.retryable,
+            attrs,
+        ))?;
         Ok(PyErr::from_value(instance))
     }
 }
@@ -91,6 +99,13 @@ pub(crate) fn store_error(py: Python<'_>, err: &StoreError) -> PyErr {
     describe(err).into_pyerr(py)
 }
 
+/// Like [`store_error`], the message led by what was being done.
+pub(crate) fn store_error_while(py: Python<'_>, doing: &str, err: &StoreError) -> PyErr {
+    let mut raised = describe(err);
+    raised.message = format!("{doing}: {}", raised.message);
+    raised.into_pyerr(py)
+}
+
 /// Converts a `Result` with a store error, for use after `py.detach`.
 pub(crate) trait IntoPy<T> {
     fn py_err(self, py: Python<'_>) -> PyResult<T>;
@@ -103,7 +118,7 @@ impl<T> IntoPy<T> for Result<T, StoreError> {
 }
 
 #[allow(clippy::too_many_lines)] // one arm per Rust variant, kept in one place on purpose
-fn describe(err: &StoreError) -> Raised {
+pub(crate) fn describe(err: &StoreError) -> Raised {
     use Attr::{Int, Shape, Str};
     let message = chain(err);
     let mut raised = match err {
@@ -216,19 +231,55 @@ fn describe(err: &StoreError) -> Raised {
             _ => Raised::new("RestoreError", &message),
         },
         StoreError::Source(s) => source_error(s, &message),
+        StoreError::Forked { owner_pid, pid } => Raised::new("Forked", &message)
+            .attr("owner_pid", Int(u64::from(*owner_pid)))
+            .attr("pid", Int(u64::from(*pid))),
         // `Thread`, and areas added later.
         _ => Raised::new("LowtideError", &message),
     };
     raised.retryable = err.is_retryable();
+    if let Some(errno) = os_errno(err) {
+        // The Python class is an `OSError`: `errno` picks its builtin subclass too
+        // (`FileNotFoundError` for ENOENT) and sets `strerror`, as `OSError(errno, ...)` does.
+        raised = raised.attr("errno", Int(u64::from(errno.unsigned_abs())));
+    }
     raised
+}
+
+/// The OS error number behind an error whose Python class is an `OSError` (reading or
+/// opening a model file, the spill file), found in its `source()` chain.
+fn os_errno(err: &StoreError) -> Option<i32> {
+    let os_class = matches!(
+        err,
+        StoreError::Source(SourceError::Io { .. })
+            | StoreError::Update(UpdateError::Spill { .. })
+            | StoreError::Restore(RestoreError::SpillRead { .. })
+    );
+    if !os_class {
+        return None;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(errno) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(errno);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 fn source_error(err: &SourceError, message: &str) -> Raised {
     match err {
         SourceError::Io { path: p, op, .. } => Raised::new("SourceIoError", message)
             .attr("path", path(p))
+            .attr("filename", path(p))
             .attr("op", Attr::Str((*op).into())),
-        SourceError::Header { path: p, .. } | SourceError::Index { path: p, .. } => {
+        SourceError::Header { path: p, .. }
+        | SourceError::Gguf { path: p, .. }
+        | SourceError::Index { path: p, .. } => {
             Raised::new("MalformedModel", message).attr("path", path(p))
         }
         SourceError::Changed { path: p, change } => Raised::new("SourceChanged", message)
@@ -236,6 +287,21 @@ fn source_error(err: &SourceError, message: &str) -> Raised {
             .attr("change", Attr::Str(change.to_string())),
         _ => Raised::new("SourceError", message),
     }
+}
+
+/// The Python exception for a call on a closed store.
+pub(crate) fn store_closed(py: Python<'_>) -> PyErr {
+    Raised::new("StoreClosed", "the store is closed").into_pyerr(py)
+}
+
+/// The Python exception for a call on a model closed by `Model.close()`.
+pub(crate) fn model_closed(py: Python<'_>, file: &std::path::Path) -> PyErr {
+    Raised::new(
+        "UnknownHandle",
+        format!("model {} is closed", file.display()),
+    )
+    .attr("path", path(file))
+    .into_pyerr(py)
 }
 
 /// The Python exception for an impossible store setting.

@@ -1,14 +1,18 @@
 //! `Store`, `Model`, `TensorInfo` and `Prefetch`: thin classes over [`lowtide::Store`].
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
-use lowtide::{Dtype, ModelId, TensorId, Tier};
+use lowtide::{Dtype, HandleError, ModelId, StoreError, TensorId, Tier};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use crate::errors::{IntoPy, config_error};
+use crate::errors::{
+    IntoPy, Raised, config_error, describe, model_closed, store_closed, store_error,
+    store_error_while,
+};
 use crate::lease::Lease;
 use crate::size::{bytes_of, optional_bytes};
 
@@ -20,12 +24,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// The Rust store, or `StoreClosed`.
     fn get(&self) -> PyResult<lowtide::Store> {
+        self.open().ok_or_else(|| Python::attach(store_closed))
+    }
+
+    /// The Rust store; `None` once closed.
+    fn open(&self) -> Option<lowtide::Store> {
         self.store
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| PyValueError::new_err("the store is closed"))
+    }
+
+    /// The models that `Store.close` closes: those not closed by their own `close`.
+    fn models(&self) -> MutexGuard<'_, Vec<ModelId>> {
+        self.models.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -112,15 +126,12 @@ impl Store {
     fn open_model(&self, py: Python<'_>, path: PathBuf) -> PyResult<Model> {
         let store = self.shared.get()?;
         let id = py.detach(|| store.open_model(&path)).py_err(py)?;
-        self.shared
-            .models
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(id);
+        self.shared.models().push(id);
         Ok(Model {
             shared: Arc::clone(&self.shared),
             id,
             path,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -129,7 +140,7 @@ impl Store {
         model.release(py)
     }
 
-    /// Evicts at least `nbytes` of RAM copies in policy order if it can.
+    /// Evicts at least `nbytes` of RAM copies in policy order if it can (GIL released).
     fn free_memory(&self, py: Python<'_>, nbytes: &Bound<'_, PyAny>) -> PyResult<Py<PyDict>> {
         let bytes = bytes_of(nbytes, "nbytes")?;
         let store = self.shared.get()?;
@@ -180,7 +191,7 @@ impl Store {
         model.derive(py, name, data, dtype, shape)
     }
 
-    /// The store's counters, with the Rust field names.
+    /// The store's counters (`lowtide.StoreStats`: the fields of the Rust `StatsSnapshot`).
     fn stats(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
         let stats = self.shared.get()?.stats();
         let dict = PyDict::new(py);
@@ -207,13 +218,7 @@ impl Store {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let models = std::mem::take(
-            &mut *self
-                .shared
-                .models
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let models = std::mem::take(&mut *self.shared.models());
         if let Some(store) = store {
             py.detach(move || {
                 for model in models {
@@ -284,18 +289,45 @@ fn stats_fields(stats: &lowtide::StatsSnapshot) -> Vec<(String, Stat)> {
 }
 
 /// A model opened in a store: its tensors, views of them and changes to them.
+///
+/// Its file stays open until `close()`, the end of a `with` block, the store's `close()`, or
+/// the object being freed (see `Drop`).
 #[pyclass(module = "lowtide", frozen)]
 pub(crate) struct Model {
     shared: Arc<Shared>,
     id: ModelId,
     path: PathBuf,
+    /// Set by `close`: calls then raise `UnknownHandle` naming the path.
+    closed: AtomicBool,
 }
 
 impl Model {
+    /// The Rust store, or `UnknownHandle` once this model is closed (`StoreClosed` once the
+    /// store is).
+    fn store(&self, py: Python<'_>) -> PyResult<lowtide::Store> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(model_closed(py, &self.path));
+        }
+        self.shared.get()
+    }
+
     fn tensor(&self, py: Python<'_>, name: &str) -> PyResult<(lowtide::Store, TensorId)> {
-        let store = self.shared.get()?;
+        let store = self.store(py)?;
         let id = store.tensor(self.id, name).py_err(py)?;
         Ok((store, id))
+    }
+
+    /// Closes the model in the Rust store (which refuses while a tensor is pinned), once.
+    fn close_in(&self, store: &lowtide::Store) -> Result<(), StoreError> {
+        match store.close_model(self.id) {
+            // Closed meanwhile by another thread's `close`.
+            Ok(()) | Err(StoreError::Handle(HandleError::UnknownModel { .. })) => {
+                self.closed.store(true, Ordering::Release);
+                self.shared.models().retain(|&id| id != self.id);
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
     }
 
     fn frameworks(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
@@ -332,7 +364,7 @@ impl Model {
     }
 
     fn release(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
-        let store = self.shared.get()?;
+        let store = self.store(py)?;
         let outcome = py.detach(|| store.release_model(self.id)).py_err(py)?;
         let dict = PyDict::new(py);
         dict.set_item("ram_bytes", outcome.ram_bytes)?;
@@ -342,12 +374,12 @@ impl Model {
     }
 
     fn prefetch(&self, py: Python<'_>) -> PyResult<Prefetch> {
-        let store = self.shared.get()?;
+        let store = self.store(py)?;
         let running = py.detach(|| store.prefetch(self.id)).py_err(py)?;
         Ok(Prefetch {
             cancel: running.canceller(),
-            running: Mutex::new(Some(running)),
-            outcome: Mutex::new(None),
+            run: Mutex::new(Run::Running(running)),
+            finished: Condvar::new(),
         })
     }
 
@@ -359,7 +391,7 @@ impl Model {
         dtype: Option<&str>,
         shape: Option<Vec<usize>>,
     ) -> PyResult<TensorInfo> {
-        let store = self.shared.get()?;
+        let store = self.store(py)?;
         let (bytes, found_dtype, found_shape) = Self::copy_in(py, data)?;
         let dtype = dtype.map(str::to_owned).or(found_dtype).ok_or_else(|| {
             PyTypeError::new_err(
@@ -401,7 +433,7 @@ impl Model {
 
     /// Every tensor now, ordered by name: name, dtype, shape, size and where its bytes are.
     fn tensors(&self, py: Python<'_>) -> PyResult<Vec<TensorInfo>> {
-        let store = self.shared.get()?;
+        let store = self.store(py)?;
         let infos = store.list(self.id).py_err(py)?;
         Ok(infos.into_iter().map(TensorInfo::from).collect())
     }
@@ -418,13 +450,56 @@ impl Model {
     }
 
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
-        let store = self.shared.get()?;
+        let store = self.store(py)?;
         Ok(store.tensors(self.id).py_err(py)?.len())
     }
 
-    fn __contains__(&self, name: &str) -> PyResult<bool> {
-        let store = self.shared.get()?;
-        Ok(store.tensor(self.id, name).is_ok())
+    fn __contains__(&self, py: Python<'_>, name: &str) -> PyResult<bool> {
+        let store = self.store(py)?;
+        match store.tensor(self.id, name) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Handle(HandleError::NoSuchTensor { .. })) => Ok(false),
+            Err(err) => Err(store_error(py, &err)),
+        }
+    }
+
+    /// Whether `close()` closed it (or its store was closed).
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.shared.open().is_none()
+    }
+
+    /// Closes the model: frees its copies and spill extents and closes its files (GIL
+    /// released). Later calls on it raise `UnknownHandle`. Raises `Pinned` while a lease, an
+    /// array or a tensor made from it is alive (the model stays open and usable). Closing
+    /// again, or after the store was closed, does nothing.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(store) = self.shared.open() else {
+            // `Store.close` closed it, or keeps it until its last view goes.
+            return Ok(());
+        };
+        py.detach(|| self.close_in(&store)).map_err(|err| {
+            let doing = format!("cannot close model {}", self.path.display());
+            store_error_while(py, &doing, &err)
+        })
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Closes the model; an error leaving the block is not hidden by `Pinned`.
+    #[pyo3(signature = (*exc))]
+    fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        let raising = exc.iter().next().is_some_and(|e| !e.is_none());
+        match self.close(py) {
+            Err(_) if raising => Ok(false),
+            Err(err) => Err(err),
+            Ok(()) => Ok(false),
+        }
     }
 
     /// Pins a RAM copy of the tensor (reading it if needed, GIL released) and returns a
@@ -517,7 +592,25 @@ impl Model {
     }
 
     fn __repr__(&self) -> String {
-        format!("Model({:?})", self.path.display().to_string())
+        let closed = if self.closed() { ", closed" } else { "" };
+        format!("Model({:?}{closed})", self.path.display().to_string())
+    }
+}
+
+/// A model object freed while open closes its model, so that dropping the last reference
+/// closes the file as it would a Python file object: nothing can reach the model's tensors
+/// through the binding any more. Tensors still pinned by arrays or leases keep it open until
+/// the store closes (closing never waits for pins). It runs with the GIL held, as destructors
+/// do: closing reads nothing (it unmaps, frees copies and punches the spill file's holes).
+impl Drop for Model {
+    fn drop(&mut self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(store) = self.shared.open() {
+            // `Pinned`: kept open until the store closes, as documented.
+            let _ = self.close_in(&store);
+        }
     }
 }
 
@@ -597,30 +690,74 @@ impl TensorInfo {
 /// A prefetch running in the background.
 #[pyclass(module = "lowtide", frozen)]
 pub(crate) struct Prefetch {
-    running: Mutex<Option<lowtide::Prefetch>>,
-    outcome: Mutex<Option<lowtide::PrefetchOutcome>>,
+    run: Mutex<Run>,
+    /// Signalled when `run` becomes `Finished`, for the threads waiting beside the one that
+    /// joins the prefetch.
+    finished: Condvar,
     /// Reaches the prefetch also while `wait` holds it (on another thread, GIL released).
     cancel: lowtide::PrefetchCancel,
 }
 
+/// Where a prefetch is, as its waiters see it.
+enum Run {
+    /// Not waited for yet.
+    Running(lowtide::Prefetch),
+    /// One thread joins it (GIL released); the others wait for `Finished`.
+    Joining,
+    /// Its outcome, kept for every later `wait`.
+    Finished(Result<lowtide::PrefetchOutcome, Raised>),
+}
+
+impl Prefetch {
+    fn lock(&self) -> MutexGuard<'_, Run> {
+        self.run.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks until the prefetch has finished (call without the GIL) and returns its outcome:
+    /// the first caller joins its thread, the others wait for that.
+    fn join(&self) -> Result<lowtide::PrefetchOutcome, Raised> {
+        let mut run = self.lock();
+        loop {
+            match std::mem::replace(&mut *run, Run::Joining) {
+                Run::Running(prefetch) => {
+                    drop(run);
+                    let joined =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prefetch.wait()));
+                    let outcome = match &joined {
+                        Ok(result) => result.as_ref().map(|o| *o).map_err(describe),
+                        Err(_) => Err(Raised::new("LowtideError", "the prefetch thread panicked")),
+                    };
+                    *self.lock() = Run::Finished(outcome.clone());
+                    self.finished.notify_all();
+                    if let Err(panic) = joined {
+                        // The joining caller sees the panic itself; the others the error.
+                        std::panic::resume_unwind(panic);
+                    }
+                    return outcome;
+                }
+                Run::Joining => {
+                    run = self
+                        .finished
+                        .wait(run)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                Run::Finished(outcome) => {
+                    *run = Run::Finished(outcome.clone());
+                    return outcome;
+                }
+            }
+        }
+    }
+}
+
 #[pymethods]
 impl Prefetch {
-    /// Waits for it to finish (GIL released); returns what it restored.
+    /// Waits until it has finished (GIL released), from any thread and as often as asked;
+    /// returns what it restored.
     fn wait(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(running) = running {
-            let outcome = py.detach(|| running.wait()).py_err(py)?;
-            *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
-        }
-        let outcome = self
-            .outcome
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .unwrap_or_default();
+        let outcome = py
+            .detach(|| self.join())
+            .map_err(|raised| raised.into_pyerr(py))?;
         let dict = PyDict::new(py);
         dict.set_item("tensors", outcome.tensors)?;
         dict.set_item("bytes", outcome.bytes)?;
@@ -635,14 +772,14 @@ impl Prefetch {
         self.cancel.cancel();
     }
 
-    /// Whether it has finished.
+    /// Whether it has finished (`wait` would return at once).
     #[getter]
     fn done(&self) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_none_or(lowtide::Prefetch::is_finished)
+        match &*self.lock() {
+            Run::Running(prefetch) => prefetch.is_finished(),
+            Run::Joining => false,
+            Run::Finished(_) => true,
+        }
     }
 }
 

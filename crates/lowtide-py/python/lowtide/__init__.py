@@ -14,6 +14,7 @@ it lives::
         ...
         del weight                                     # unpinned: evictable again
         store.release(unet)                            # drops clean copies, writes nothing
+        unet.close()                                   # closes its file (or `with ... as unet`)
 
 Sizes are ints (bytes) or strings such as ``"8GiB"`` and ``"512MB"``. Every call that reads,
 writes, waits or evicts releases the GIL.
@@ -26,6 +27,7 @@ from lowtide._errors import (
     ConfigError,
     DeviceFull,
     DuplicateName,
+    Forked,
     HandleError,
     Lost,
     LowtideError,
@@ -43,12 +45,22 @@ from lowtide._errors import (
     SourceIoError,
     SpillFailed,
     SpillReadFailed,
+    StoreClosed,
     StoreMemoryError,
     UnderReserve,
     UnknownHandle,
+    UnsupportedDtype,
     UpdateError,
 )
 from lowtide._lowtide import Lease, Model, Prefetch, Store, TensorInfo, __version__, parse_size
+from lowtide._types import (
+    FreeOutcome,
+    MemoryReading,
+    PrefetchOutcome,
+    ReleaseOutcome,
+    Size,
+    StoreStats,
+)
 
 __all__ = [
     "AllocFailed",
@@ -57,11 +69,14 @@ __all__ = [
     "ConfigError",
     "DeviceFull",
     "DuplicateName",
+    "Forked",
+    "FreeOutcome",
     "HandleError",
     "Lease",
     "Lost",
     "LowtideError",
     "MalformedModel",
+    "MemoryReading",
     "Model",
     "NoCopy",
     "NoSuchTensor",
@@ -70,18 +85,24 @@ __all__ = [
     "OverBudget",
     "Pinned",
     "Prefetch",
+    "PrefetchOutcome",
     "RecipeMismatch",
+    "ReleaseOutcome",
     "RestoreError",
+    "Size",
     "SourceChanged",
     "SourceError",
     "SourceIoError",
     "SpillFailed",
     "SpillReadFailed",
     "Store",
+    "StoreClosed",
     "StoreMemoryError",
+    "StoreStats",
     "TensorInfo",
     "UnderReserve",
     "UnknownHandle",
+    "UnsupportedDtype",
     "UpdateError",
     "__version__",
     "parse_size",

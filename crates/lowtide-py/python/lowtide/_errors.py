@@ -3,12 +3,42 @@
 Every exception keeps the Rust message (with its causes) as ``str(err)``, says whether the same
 call may succeed later (``retryable``, the Rust ``is_retryable()``) and carries the variant's
 fields as attributes (``name``, ``requested``, ``available``, ``path``...).
+
+The classes that are also ``OSError`` (:class:`SourceIoError`, :class:`SpillFailed`,
+:class:`SpillReadFailed`) set ``errno``, ``strerror`` and ``filename`` as ``OSError`` does, and
+an instance is also of the builtin subclass for its ``errno``: a missing model file raises a
+:class:`SourceIoError` that ``except FileNotFoundError`` catches, a denied one a
+``PermissionError``.
 """
 
 from __future__ import annotations
 
 import builtins
+import os
 from typing import Any
+
+# (lowtide class, builtin OSError subclass) -> the class deriving from both.
+_WITH_BUILTIN: dict[tuple[type, type], type] = {}
+
+
+def _exception(name: str, message: str, retryable: bool, attrs: dict[str, Any]) -> LowtideError:
+    """The exception the extension raises: an instance of the class ``name`` or, for an
+    ``OSError`` class with an ``errno``, of a subclass that also derives from the builtin
+    ``OSError`` subclass that ``OSError(errno, ...)`` would be (``FileNotFoundError`` for
+    ENOENT). Python's ``OSError`` picks that subclass only when called as ``OSError``."""
+    cls = globals()[name]
+    errno = attrs.get("errno")
+    if errno is not None and issubclass(cls, OSError):
+        builtin = type(OSError(errno, ""))
+        if builtin is not OSError and not issubclass(cls, builtin):
+            key = (cls, builtin)
+            if key not in _WITH_BUILTIN:
+                # Named like `cls`, so that tracebacks show the lowtide class.
+                namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+                _WITH_BUILTIN[key] = type(cls.__name__, (cls, builtin), namespace)
+            cls = _WITH_BUILTIN[key]
+    error: LowtideError = cls(message, retryable, attrs)
+    return error
 
 
 class LowtideError(Exception):
@@ -20,14 +50,55 @@ class LowtideError(Exception):
     def __init__(
         self, message: str, retryable: bool = False, attrs: dict[str, Any] | None = None
     ) -> None:
-        super().__init__(message)
+        attrs = attrs or {}
+        errno = attrs.get("errno")
+        if isinstance(self, OSError) and errno is not None:
+            # `errno`, `strerror` and `filename` as `OSError(errno, strerror, filename)` sets
+            # them; `str(err)` stays the Rust message (see `__str__`).
+            filename = attrs.get("filename")
+            extra = () if filename is None else (filename,)
+            super().__init__(errno, os.strerror(errno), *extra)
+        else:
+            super().__init__(message)
+        self._message = message
+        self._attrs = attrs
         self.retryable = retryable
-        for key, value in (attrs or {}).items():
-            setattr(self, key, value)
+        for key, value in attrs.items():
+            if key not in ("errno", "filename"):
+                setattr(self, key, value)
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the fields the extension gave (`args` may be OSError's).
+        cls = type(self)
+        if cls in _WITH_BUILTIN.values():
+            cls = cls.__bases__[0]
+        if globals().get(cls.__name__) is not cls:
+            # A subclass defined elsewhere.
+            return (cls, (self._message, self.retryable, self._attrs))
+        return (_exception, (cls.__name__, self._message, self.retryable, self._attrs))
 
 
 class ConfigError(LowtideError, ValueError):
     """An impossible or contradictory store setting."""
+
+
+class StoreClosed(LowtideError, ValueError):
+    """A call on a store after its ``close()`` (a ``ValueError``, as for a closed file)."""
+
+
+class Forked(LowtideError, RuntimeError):
+    """A call on a store in a child forked from the process that opened it (``multiprocessing``
+    with the ``fork`` start method, PyTorch ``DataLoader`` workers): its spill file, I/O and
+    threads are the parent's, so the child may not use it; open a new ``Store`` in the child
+    (``owner_pid``: the process that opened it, ``pid``: this one)."""
+
+
+class UnsupportedDtype(LowtideError, TypeError):
+    """Data whose dtype has no safetensors name (such as NumPy's ``complex128`` or
+    ``datetime64``), so its bytes cannot be stored as a tensor (``dtype``: the array's)."""
 
 
 # Handles: a name or handle that leads nowhere.
@@ -38,12 +109,10 @@ class HandleError(LowtideError, LookupError):
 class NoSuchTensor(HandleError, KeyError):
     """A model has no tensor of that name (``model``, ``name``)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
 
 class UnknownHandle(HandleError):
-    """A model, tensor or device that is not (or no longer) in this store."""
+    """A model, tensor or device that is not (or no longer) in this store: a closed model
+    (``path``), or a handle of another store (``model``, ``tensor`` or ``device``)."""
 
 
 # Updates: a change of a tensor refused; the tensor is unchanged.
@@ -127,7 +196,9 @@ class SourceError(LowtideError):
 
 
 class SourceIoError(SourceError, OSError):
-    """The file could not be opened, read or mapped (``path``, ``op``)."""
+    """The file could not be opened, read or mapped (``path``, ``op``; ``errno``,
+    ``strerror`` and ``filename`` as for ``OSError``). A missing file is also a
+    ``FileNotFoundError``, a denied one a ``PermissionError``."""
 
 
 class MalformedModel(SourceError, ValueError):
@@ -145,6 +216,7 @@ __all__ = [
     "ConfigError",
     "DeviceFull",
     "DuplicateName",
+    "Forked",
     "HandleError",
     "Lost",
     "LowtideError",
@@ -162,8 +234,10 @@ __all__ = [
     "SourceIoError",
     "SpillFailed",
     "SpillReadFailed",
+    "StoreClosed",
     "StoreMemoryError",
     "UnderReserve",
     "UnknownHandle",
+    "UnsupportedDtype",
     "UpdateError",
 ]

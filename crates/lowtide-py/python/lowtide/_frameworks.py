@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from lowtide._errors import UnsupportedDtype
+
 # safetensors dtype -> torch dtype attribute name; missing attributes fall back to bits.
 _TORCH = {
     "BOOL": "bool",
@@ -86,9 +88,20 @@ def to_torch(lease: Any, device: Any = None) -> Any:
     return tensor
 
 
+def _unsupported(dtype: object) -> UnsupportedDtype:
+    return UnsupportedDtype(
+        f"data of dtype {dtype} has no safetensors dtype; pass bytes or a memoryview to "
+        "store raw bytes",
+        False,
+        {"dtype": str(dtype)},
+    )
+
+
 def as_bytes(data: Any) -> tuple[memoryview, str | None, tuple[int, ...] | None]:
     """The bytes of a torch tensor, a NumPy array or any buffer, as a flat memoryview (a copy
-    only where the data is not contiguous host memory), with its dtype and shape if known."""
+    only where the data is not contiguous host memory, or is big-endian: safetensors bytes are
+    little-endian), with its dtype and shape if known. Raises ``UnsupportedDtype`` for an
+    array or tensor whose dtype has no safetensors name (``complex128``, ``datetime64``)."""
     module = type(data).__module__
     if module.startswith("torch"):
         import torch
@@ -98,12 +111,17 @@ def as_bytes(data: Any) -> tuple[memoryview, str | None, tuple[int, ...] | None]
             tensor = tensor.cpu()
         tensor = tensor.contiguous()
         dtype = _FROM_TORCH.get(str(tensor.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise _unsupported(tensor.dtype)
         shape = tuple(tensor.shape)
         flat = tensor.reshape(-1).view(torch.uint8)
         return memoryview(flat.numpy()).cast("B"), dtype, shape  # type: ignore[arg-type]
     if isinstance(data, np.ndarray):
-        array = np.ascontiguousarray(data)
-        dtype = _FROM_NUMPY.get(array.dtype.name)
+        dtype = _FROM_NUMPY.get(data.dtype.name)
+        if dtype is None:
+            raise _unsupported(data.dtype)
+        # Byte-swapped where it is big-endian (`'>f4'`), as the reference writer does.
+        array = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
         flat_array = array.reshape(-1).view(np.uint8)
         return memoryview(flat_array), dtype, tuple(array.shape)  # type: ignore[arg-type]
     view = memoryview(data)

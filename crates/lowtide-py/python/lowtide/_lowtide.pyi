@@ -1,18 +1,35 @@
-"""Type stubs of the extension module (`lowtide._lowtide`); see the package docstring."""
+"""Type stubs of the extension module (`lowtide._lowtide`); see the package docstring.
 
+Checked against the built module by ``python -m mypy.stubtest lowtide._lowtide`` (in
+``scripts/test``).
+"""
+
+import sys
 from os import PathLike
-from typing import Any, Self
+from typing import Any, Self, final
 
-from typing_extensions import Buffer
+from lowtide._types import (
+    FreeOutcome,
+    MemoryReading,
+    PrefetchOutcome,
+    ReleaseOutcome,
+    Size,
+    StoreStats,
+)
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
+
+__all__ = ["Lease", "Model", "Prefetch", "Store", "TensorInfo", "__version__", "parse_size"]
 
 __version__: str
-
-Size = int | str
-"""A size: bytes as an int, or a string such as ``"8GiB"`` or ``"512MB"``."""
 
 def parse_size(size: Size) -> int:
     """Parses a size such as ``"8GiB"``, ``"512MB"`` or ``1024`` into bytes."""
 
+@final
 class Store:
     """Model weights under a RAM budget; a context manager that closes the store.
 
@@ -22,18 +39,27 @@ class Store:
     ``spill_max``: the most bytes the spill file may hold (default: no limit).
     ``pressure``: watch memory pressure (PSI) on a thread (default: on iff ``reserve_ram``).
     ``mapped_readahead``: mapped reads use the kernel's readahead (default False).
-    Raises :class:`lowtide.ConfigError` for impossible settings.
+    Raises :class:`lowtide.ConfigError` for impossible settings. Once closed, every call
+    but ``close()`` raises :class:`lowtide.StoreClosed` (a ``ValueError``).
+
+    A store belongs to the process that opened it. In a forked child (``multiprocessing``
+    with the ``fork`` start method, ``DataLoader`` workers) its calls that read, write or
+    look up tensors raise :class:`lowtide.Forked`, and ``close()`` or freeing it releases
+    nothing the parent uses: open a new ``Store`` in the child.
+
+    A ``reserve_ram`` above all the memory there is (up to ``2**64 - 1``) is never met: every
+    new RAM copy is refused with :class:`lowtide.UnderReserve`.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         ram_budget: Size | None = None,
         reserve_ram: Size | None = None,
         spill_dir: str | PathLike[str] | None = None,
         spill_max: Size | None = None,
         pressure: bool | None = None,
         mapped_readahead: bool = False,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def ram_budget(self) -> int:
         """The RAM budget in bytes."""
@@ -48,18 +74,22 @@ class Store:
         """Whether the store was closed."""
     def open_model(self, path: str | PathLike[str]) -> Model:
         """Opens a ``.safetensors`` file, a directory of shards, a shard index or a ``.gguf``
-        file: validated and mapped, no tensor data read."""
-    def release(self, model: Model) -> dict[str, int]:
-        """Drops the clean copies of every unpinned tensor of ``model``; writes nothing.
-        Returns ``ram_bytes``, ``mapped_bytes`` freed and tensors ``kept``."""
-    def free_memory(self, nbytes: Size) -> dict[str, int]:
+        file: validated and mapped, no tensor data read. Its files stay open until
+        :meth:`Model.close` (or a ``with`` block, or the store's :meth:`close`, or the model
+        object being freed). A missing file raises :class:`lowtide.SourceIoError`, which is
+        also a ``FileNotFoundError`` (``errno``, ``filename`` set)."""
+    def release(self, model: Model) -> ReleaseOutcome:
+        """Drops the clean copies of every unpinned tensor of ``model``; writes nothing; the
+        model stays open (see :meth:`Model.close`)."""
+    def free_memory(self, nbytes: Size) -> FreeOutcome:
         """Evicts at least ``nbytes`` of RAM copies in policy order if it can (clean ones
-        dropped, dirty ones spilled). Returns the Rust ``FreeOutcome`` fields."""
-    def relieve_reserve(self) -> dict[str, int]:
+        dropped, dirty ones spilled). Returns what it freed (see :class:`lowtide.FreeOutcome`
+        for each key)."""
+    def relieve_reserve(self) -> FreeOutcome:
         """Frees RAM copies until the available memory is back above ``reserve_ram``: clean
         copies dropped, dirty ones spilled, in policy order (what the pressure monitor does
-        on its ticks). Returns the same fields as :meth:`free_memory`."""
-    def memory(self) -> dict[str, int | None]:
+        on its ticks). Returns what it freed, as :meth:`free_memory` does."""
+    def memory(self) -> MemoryReading:
         """The reading the governor acts on: ``available`` bytes (the smaller of
         ``mem_available`` and the memory cgroup's headroom), ``mem_available``,
         ``cgroup_limit`` and ``cgroup_usage`` (None outside a limited cgroup)."""
@@ -76,8 +106,8 @@ class Store:
         """Registers a new dirty tensor from a torch tensor, a NumPy array or any buffer
         (one copy). ``dtype`` (a safetensors name such as ``"BF16"``) and ``shape`` default
         to the array's."""
-    def stats(self) -> dict[str, int | float]:
-        """The store's counters, with the Rust ``StatsSnapshot`` field names."""
+    def stats(self) -> StoreStats:
+        """The store's counters now (see :class:`lowtide.StoreStats` for each key)."""
     def wait_released(self) -> None:
         """Waits until the copies dropped so far were given back to the system."""
     def close(self) -> None:
@@ -86,12 +116,31 @@ class Store:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> bool: ...
 
+@final
 class Model:
-    """A model opened in a store."""
+    """A model opened in a store; a context manager that closes it.
+
+    Its files stay open until :meth:`close`, the end of a ``with`` block, or the store's
+    :meth:`Store.close`. A model object freed while open (no reference left) is closed then,
+    as a file object is, unless arrays, tensors or leases made from it still pin its tensors:
+    then it stays open until the store closes.
+    """
 
     @property
     def path(self) -> str:
         """The path the model was opened from."""
+    @property
+    def closed(self) -> bool:
+        """Whether it was closed (by :meth:`close` or with its store)."""
+    def close(self) -> None:
+        """Closes the model: frees its copies (dirty ones included) and spill extents and
+        closes its files. Later calls on it raise :class:`lowtide.UnknownHandle` (naming its
+        ``path``). Raises :class:`lowtide.Pinned` while a lease, array or tensor made from it
+        is alive; the model then stays open and usable. Closing again does nothing."""
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> bool:
+        """Closes the model; :class:`lowtide.Pinned` is raised only when no other exception
+        leaves the block."""
     def tensors(self) -> list[TensorInfo]:
         """Every tensor now, ordered by name."""
     def names(self) -> list[str]:
@@ -127,13 +176,14 @@ class Model:
         """Reverts a patched tensor to its bytes in the file; returns bytes freed."""
     def spill(self, name: str) -> int:
         """Spills a dirty tensor's RAM copy now; returns RAM bytes freed."""
-    def release(self) -> dict[str, int]:
+    def release(self) -> ReleaseOutcome:
         """Like :meth:`Store.release` for this model."""
     def prefetch(self) -> Prefetch:
         """Like :meth:`Store.prefetch` for this model."""
     def __len__(self) -> int: ...
-    def __contains__(self, name: str) -> bool: ...
+    def __contains__(self, name: str, /) -> bool: ...
 
+@final
 class TensorInfo:
     """What the store knows about one tensor at one moment."""
 
@@ -158,6 +208,7 @@ class TensorInfo:
     def in_ram(self) -> bool:
         """Whether it has a RAM copy now."""
 
+@final
 class Lease(Buffer):
     """A pinned RAM copy of one tensor, for ``numpy.from_dlpack``, ``torch.from_dlpack``,
     ``memoryview`` or any buffer consumer (writable, no copy). A context manager: leaving the
@@ -198,20 +249,25 @@ class Lease(Buffer):
         copy: bool | None = None,
     ) -> Any: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+    if sys.version_info >= (3, 12):
+        # The buffer protocol's C slots; Python shows them as methods from 3.12 on.
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+
     def __len__(self) -> int: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> bool: ...
 
+@final
 class Prefetch:
     """A prefetch running in the background."""
 
-    def wait(self) -> dict[str, int | bool]:
-        """Waits for it; returns ``tensors``, ``bytes``, ``skipped_bytes``, ``cancelled``."""
+    def wait(self) -> PrefetchOutcome:
+        """Waits until it has finished, from any thread and as often as asked (each caller
+        gets the same outcome, or the same error); returns what it restored."""
     def cancel(self) -> None:
         """Asks it to stop after the tensor it is restoring, also while another thread
         waits for it."""
     @property
     def done(self) -> bool:
-        """Whether it has finished."""
+        """Whether it has finished (:meth:`wait` would return at once)."""

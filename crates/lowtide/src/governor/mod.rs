@@ -3,6 +3,10 @@
 //! - `ram_budget`: the most anonymous bytes (RAM copies) the store may hold — a hard limit.
 //! - `reserve_ram`: keep the system's available memory above this. Available memory is the
 //!   smaller of `MemAvailable` and the headroom of the process's own memory cgroup.
+//! - the cgroup's limit, always: where the process's memory cgroup has a hard limit, new RAM
+//!   copies are admitted only within its headroom, less a small floor ([`cgroup_floor`]),
+//!   whatever `ram_budget` and `reserve_ram` say. A RAM budget larger than the cgroup allows
+//!   then ends in a typed error (`UnderReserve`), never in the kernel's OOM killer.
 //! - pressure events: a PSI trigger on the cgroup's `memory.pressure` or
 //!   `/proc/pressure/memory`, watched by a monitor thread.
 
@@ -68,20 +72,34 @@ pub(crate) struct Governor {
     reserve_ram: std::sync::atomic::AtomicU64,
     /// The cgroup found when the store was built; re-read (not re-detected) on each reading.
     cgroup: Option<(CgroupVersion, PathBuf)>,
+    /// The least reserve in force: [`cgroup_floor`] of that cgroup's limit (0 without one).
+    floor: u64,
 }
 
 impl Governor {
     pub(crate) fn new(ram_budget: u64, reserve_ram: u64) -> Self {
-        let cgroup = CgroupMemory::detect().map(|c| (c.version, c.dir));
+        let detected = CgroupMemory::detect();
+        let floor = detected
+            .as_ref()
+            .and_then(|c| c.limit)
+            .map_or(0, cgroup_floor);
         Self {
             ram_budget,
             reserve_ram: reserve_ram.into(),
-            cgroup,
+            cgroup: detected.map(|c| (c.version, c.dir)),
+            floor,
         }
     }
 
-    /// The reserve in bytes (0 when off).
+    /// The reserve in force, in bytes: the setting, or the cgroup's floor when that is larger
+    /// (so that under a cgroup limit every admission reads the memory figures, even with no
+    /// reserve set). 0 when neither is set.
     pub(crate) fn reserve_ram(&self) -> u64 {
+        self.reserve_setting().max(self.floor)
+    }
+
+    /// The reserve as set (0 when off).
+    pub(crate) fn reserve_setting(&self) -> u64 {
         self.reserve_ram.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -131,7 +149,30 @@ pub(crate) fn default_ram_budget() -> u64 {
     }
 }
 
+/// The least headroom kept in a memory cgroup that has a hard limit, whatever the reserve: a
+/// 64th of the limit, between 1 byte and 64 MiB. lowtide's own RAM copies never take the cgroup
+/// to its limit (where the kernel OOM-kills the process), and the rest of the process keeps a
+/// little room. Small enough to stay under any reserve a capped workflow sets.
+pub(crate) fn cgroup_floor(limit: u64) -> u64 {
+    (limit / 64).clamp(1, 64 << 20)
+}
+
 /// How many bytes to free so that holding `extra` more keeps `available` above `reserve`.
+/// Saturating: a reserve near `u64::MAX` is never met (every new copy is refused), rather
+/// than wrapping around to a small number that would switch the reserve off.
 pub(crate) fn reserve_shortfall(available: u64, extra: u64, reserve: u64) -> u64 {
-    (reserve + extra).saturating_sub(available)
+    reserve.saturating_add(extra).saturating_sub(available)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_floor;
+
+    #[test]
+    fn the_cgroup_floor_is_small_and_never_zero() {
+        assert_eq!(cgroup_floor(48 << 20), 768 << 10);
+        assert_eq!(cgroup_floor(4 << 30), 64 << 20);
+        assert_eq!(cgroup_floor(1 << 40), 64 << 20);
+        assert_eq!(cgroup_floor(10), 1);
+    }
 }
