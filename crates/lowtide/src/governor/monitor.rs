@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, poll};
 
+use crate::sys::fork::Owner;
+
 /// A PSI trigger: stalled time within a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PressureTrigger {
@@ -73,12 +75,15 @@ pub(crate) trait Relieve: Send + Sync + 'static {
     fn tick(&self, pressure: bool);
 }
 
-/// The running monitor thread; stops and is joined on drop.
+/// The running monitor thread; stops and is joined on drop (except in a forked child, which
+/// has a copy of this handle but not the thread).
 #[derive(Debug)]
 pub(crate) struct Monitor {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     thread: ThreadId,
+    /// The process the thread runs in.
+    owner: Owner,
     /// The pressure file watched, if PSI was available.
     pub(crate) pressure_file: Option<PathBuf>,
 }
@@ -119,6 +124,7 @@ impl Monitor {
             stop,
             handle: Some(handle),
             thread,
+            owner: Owner::current(),
             pressure_file,
         })
     }
@@ -164,6 +170,12 @@ impl Drop for Monitor {
         // The store may be dropped by the monitor thread itself (its temporary strong
         // reference was the last): never join oneself.
         if thread::current().id() == self.thread {
+            return;
+        }
+        if !self.owner.is_current() {
+            // A forked child: the thread is its parent's, and joining a thread the child
+            // does not have would never return (or abort). The handle is forgotten.
+            std::mem::forget(self.handle.take());
             return;
         }
         if let Some(handle) = self.handle.take() {

@@ -21,6 +21,7 @@ pub use storage::{DiskStorage, STORAGE_BLOCK, Storage, StorageFile};
 use crate::size::Bytes;
 use crate::sys::AlignedBuf;
 use crate::sys::direct::BLOCK;
+use crate::sys::fork::Owner;
 
 /// Errors of the spill file.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,12 @@ pub(crate) struct SpillFile {
     /// use): for unaligned callers' bytes, and for streaming to and from devices.
     bounce: BufferSlot,
     stream: BufferSlot,
+    /// The process that made it. A child forked from that process shares the file (the same
+    /// open file, its blocks and holes) but keeps its own copy of the space map: if it
+    /// punched or wrote, the parent would lose extents it still reads. The store refuses
+    /// every operation in a child; this is the spill file's own guard against writing or
+    /// punching there.
+    owner: Owner,
 }
 
 #[derive(Debug, Default)]
@@ -151,6 +158,7 @@ impl SpillFile {
             freed: Mutex::default(),
             bounce: BufferSlot::default(),
             stream: BufferSlot::default(),
+            owner: Owner::current(),
         }
     }
 
@@ -177,6 +185,9 @@ impl SpillFile {
     }
 
     fn reclaim_locked(&self, space: &mut Space) {
+        if !self.owner.is_current() {
+            return;
+        }
         let freed = std::mem::take(&mut *self.queued());
         if freed.is_empty() {
             return;
@@ -246,6 +257,16 @@ impl SpillFile {
     /// Reserves whole blocks for `len` bytes: checks `spill_max`, creates the file on first
     /// use, allocates an extent and `fallocate`s it. On error nothing stays reserved.
     fn reserve(&self, len: u64) -> Result<Reservation, SpillError> {
+        if !self.owner.is_current() {
+            return Err(SpillError::Io {
+                dir: self.dir.clone(),
+                op: "reserve space in",
+                source: io::Error::other(format!(
+                    "the spill file belongs to process {}, which forked this one",
+                    self.owner.pid()
+                )),
+            });
+        }
         let reserved = blocks(len);
         let mut space = self.space();
         self.reclaim_locked(&mut space);

@@ -11,6 +11,7 @@ use crate::policy::{DefaultPolicy, EvictionPolicy};
 use crate::source::SourceIo;
 use crate::spill::{DiskStorage, SpillFile, Storage};
 use crate::stats::Stats;
+use crate::sys::fork::Owner;
 
 /// Settings for a [`Store`]. Every setter documents its default; [`StoreBuilder::build`]
 /// rejects impossible combinations with a [`ConfigError`].
@@ -179,6 +180,7 @@ impl StoreBuilder {
             governor,
             policy: self.policy.unwrap_or_else(|| Box::new(DefaultPolicy)),
             monitor: Mutex::new(None),
+            owner: Owner::current(),
         });
         if self.monitor.unwrap_or(self.reserve_ram > 0) {
             let monitor = governor::Monitor::spawn(

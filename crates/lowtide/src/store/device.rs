@@ -147,7 +147,10 @@ impl Drop for DeviceGuard {
         // The handle first, then the pin: an unload that frees the copy right after must hold
         // its last reference, or the allocation would never be given back to the device.
         drop(self.alloc.take());
-        self.shared.unpin(self.id);
+        // In a forked child: see `TensorGuard::drop`.
+        if self.shared.owner.is_current() {
+            self.shared.unpin(self.id);
+        }
     }
 }
 
@@ -527,6 +530,7 @@ impl Store {
 
     /// The device behind a handle.
     pub fn device(&self, device: DeviceId) -> Result<Arc<dyn Device>, StoreError> {
+        self.shared.not_forked()?;
         self.shared.lock().device(device)
     }
 
@@ -550,6 +554,7 @@ impl Store {
         device_id: DeviceId,
         spare: Option<ModelId>,
     ) -> Result<DeviceGuard, StoreError> {
+        self.shared.not_forked()?;
         let (device, name, len, elsewhere) = {
             let mut state = self.shared.lock();
             let device = state.device(device_id)?;
@@ -729,6 +734,7 @@ impl Store {
         device: DeviceId,
         budget: Option<u64>,
     ) -> Result<LoadOutcome, StoreError> {
+        self.shared.not_forked()?;
         let budget = budget.unwrap_or(u64::MAX);
         let mut outcome = LoadOutcome::default();
         for id in self.tensors(model)? {
@@ -770,6 +776,7 @@ impl Store {
         device_id: DeviceId,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
+        self.shared.not_forked()?;
         let (device, name, len) = {
             let state = self.shared.lock_idle(id);
             let device = state.device(device_id)?;
@@ -834,6 +841,7 @@ impl Store {
     /// [`UpdateError::Pinned`], and the store still takes the tensor for its old bytes — the
     /// caller must not have written them then.
     pub fn mark_dirty_on_device(&self, guard: &DeviceGuard) -> Result<(), StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock_idle(guard.id);
         let entry = state.tensor(guard.id)?;
         if entry.pins != 1 {
@@ -881,6 +889,7 @@ impl Store {
     /// Frees at least `bytes` of device memory held by `model`'s tensors (on every device), in
     /// policy order, never a pinned copy. See the module docs for what is written.
     pub fn unload(&self, model: ModelId, bytes: u64) -> Result<UnloadOutcome, StoreError> {
+        self.shared.not_forked()?;
         let devices = {
             let state = self.shared.lock();
             state.model(model)?;

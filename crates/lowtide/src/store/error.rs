@@ -338,6 +338,18 @@ pub enum StoreError {
         /// The error from the system.
         source: std::io::Error,
     },
+    /// The store was opened in another process, which forked this one. Its spill file, its
+    /// I/O queues and its threads belong to that process: the child may not use them, so
+    /// every operation fails (docs/reliability.md, "Fork").
+    #[error(
+        "this store was opened in process {owner_pid}; a forked child (process {pid}) cannot use it: open a new Store in the child"
+    )]
+    Forked {
+        /// The process that opened the store.
+        owner_pid: u32,
+        /// This process.
+        pid: u32,
+    },
 }
 
 impl StoreError {
@@ -361,7 +373,7 @@ impl StoreError {
             }
             // A read that failed may pass; a file that changed or is malformed stays so.
             StoreError::Source(err) => matches!(err, SourceError::Io { op: "read", .. }),
-            StoreError::Handle(_) => false,
+            StoreError::Handle(_) | StoreError::Forked { .. } => false,
         }
     }
 }

@@ -151,7 +151,11 @@ impl Drop for TensorGuard {
         // The copy first, then the pin: once unpinned, an eviction may free the copy at once,
         // and must find no other reference to it.
         drop(std::mem::replace(&mut self.view, View::Released));
-        self.shared.unpin(self.id);
+        // In a forked child the registry is a stale copy whose lock another thread of the
+        // parent may have held at the fork: the pin is left as it is.
+        if self.shared.owner.is_current() {
+            self.shared.unpin(self.id);
+        }
     }
 }
 

@@ -37,6 +37,7 @@ use crate::policy::{EvictionPolicy, Priority};
 use crate::source::ModelFiles;
 use crate::spill::SpillFile;
 use crate::stats::{Stats, StatsSnapshot};
+use crate::sys::fork::Owner;
 use copies::{CopySource, Target};
 use evict::Room;
 use guard::View;
@@ -169,9 +170,27 @@ pub(crate) struct Shared {
     governor: Governor,
     policy: Box<dyn EvictionPolicy>,
     monitor: Mutex<Option<Monitor>>,
+    /// The process that built the store: a child forked from it shares its spill file and
+    /// I/O but not its threads, and may not use it (see [`Shared::not_forked`]).
+    owner: Owner,
 }
 
 impl Shared {
+    /// Fails in a child forked from the process that built the store. The child inherits a
+    /// copy of the registry, but the spill file it names, the pages it would release and the
+    /// threads it would wait for are the parent's: using them would change what the parent
+    /// reads, frees or waits for. Checked first by every operation, before any lock (a lock
+    /// another thread of the parent held at the fork stays held in the child for good).
+    fn not_forked(&self) -> Result<(), StoreError> {
+        if self.owner.is_current() {
+            return Ok(());
+        }
+        Err(StoreError::Forked {
+            owner_pid: self.owner.pid(),
+            pid: crate::sys::fork::pid(),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation of the registry completes before anything that can panic, so a
         // poisoned lock still guards a consistent registry.
@@ -237,6 +256,14 @@ impl Shared {
 ///
 /// Cheap to clone (an `Arc` inside); `Send + Sync`, meant to be shared by many threads.
 /// Dropping the last clone (and the last guard) stops the monitor thread.
+///
+/// A store belongs to the process that built it. A child forked from that process (Python's
+/// `multiprocessing`, PyTorch's `DataLoader` workers) must open a store of its own: there,
+/// every operation of the inherited one that returns a `Result` fails with
+/// [`StoreError::Forked`], [`Store::free_memory`] and [`Store::relieve_reserve`] free
+/// nothing, [`Store::wait_released`] returns at once, and dropping it or its guards releases
+/// nothing the parent uses (the child's copies are left to its exit). Guards taken before the
+/// fork still read their bytes: the child's copy of them.
 #[derive(Clone)]
 pub struct Store {
     shared: Arc<Shared>,
@@ -246,7 +273,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("ram_budget", &self.shared.governor.ram_budget)
-            .field("reserve_ram", &self.shared.governor.reserve_ram())
+            .field("reserve_ram", &self.shared.governor.reserve_setting())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -265,7 +292,7 @@ impl Store {
 
     /// The RAM reserve in bytes (0 when off).
     pub fn reserve_ram(&self) -> u64 {
-        self.shared.governor.reserve_ram()
+        self.shared.governor.reserve_setting()
     }
 
     /// Changes the RAM reserve (0 turns it off). The monitor thread, when it runs, acts on the
@@ -293,6 +320,7 @@ impl Store {
     ///
     /// Every file is validated completely and mapped; no tensor data is read.
     pub fn open_model(&self, path: impl AsRef<Path>) -> Result<ModelId, StoreError> {
+        self.shared.not_forked()?;
         let files = ModelFiles::open(path)?;
         for source in &files.sources {
             if let Some(io) = &self.shared.source_io {
@@ -337,6 +365,7 @@ impl Store {
 
     /// Sets a model's priority class (see [`crate::policy`] for the eviction order).
     pub fn set_priority(&self, model: ModelId, priority: Priority) -> Result<(), StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock();
         state.model(model)?;
         state.models[model.0 as usize]
@@ -348,6 +377,7 @@ impl Store {
 
     /// The tensors of a model, ordered by name.
     pub fn tensors(&self, model: ModelId) -> Result<Vec<TensorId>, StoreError> {
+        self.shared.not_forked()?;
         let state = self.shared.lock();
         let mut ids = state.model(model)?.tensors.clone();
         ids.sort_by_cached_key(|id| {
@@ -361,6 +391,7 @@ impl Store {
 
     /// A tensor of a model by name.
     pub fn tensor(&self, model: ModelId, name: &str) -> Result<TensorId, StoreError> {
+        self.shared.not_forked()?;
         let state = self.shared.lock();
         let entry = state.model(model)?;
         entry.by_name.get(name).copied().ok_or_else(|| {
@@ -373,6 +404,7 @@ impl Store {
 
     /// What the store knows about a tensor now.
     pub fn info(&self, id: TensorId) -> Result<TensorInfo, StoreError> {
+        self.shared.not_forked()?;
         let state = self.shared.lock();
         Ok(TensorInfo::of(id, state.tensor(id)?))
     }
@@ -380,6 +412,7 @@ impl Store {
     /// What the store knows about every tensor of a model now, ordered by name: names,
     /// dtypes, shapes and where the bytes are, in one call.
     pub fn list(&self, model: ModelId) -> Result<Vec<TensorInfo>, StoreError> {
+        self.shared.not_forked()?;
         let state = self.shared.lock();
         let mut infos: Vec<TensorInfo> = state
             .model(model)?
@@ -424,6 +457,7 @@ impl Store {
     /// [`Store::acquire_mapped`]'s work; the guard's bytes are only read by callers that keep
     /// its contract.
     fn pin_host_view(&self, id: TensorId) -> Result<TensorGuard, StoreError> {
+        self.shared.not_forked()?;
         let (extent, len, was_mapped, guard) = {
             let mut state = self.shared.lock();
             let entry = state.touch(id)?;
@@ -483,6 +517,7 @@ impl Store {
 
     /// [`Store::acquire_ram`], making room as `room` allows.
     fn acquire_ram_with(&self, id: TensorId, room: Room) -> Result<TensorGuard, StoreError> {
+        self.shared.not_forked()?;
         let (name, len) = {
             let mut state = self.shared.lock();
             let entry = state.touch(id)?;
@@ -615,6 +650,7 @@ impl Store {
         bytes: TensorBytes,
         recipe: Option<Recipe>,
     ) -> Result<TensorId, StoreError> {
+        self.shared.not_forked()?;
         check_len(name, dtype, shape, bytes.len())?;
         let len = bytes.len();
         let duplicate = |state: &State| -> Result<(), StoreError> {
@@ -655,6 +691,7 @@ impl Store {
     /// bytes are its only copy (any recipe is forgotten). Fails while a guard pins it; on any
     /// error the tensor is unchanged.
     pub fn replace(&self, id: TensorId, bytes: impl Into<TensorBytes>) -> Result<(), StoreError> {
+        self.shared.not_forked()?;
         let bytes = bytes.into();
         let (name, mut held) = {
             let state = self.shared.lock_idle(id);
@@ -713,6 +750,7 @@ impl Store {
     /// Writes made before this call and after the copy was last restored are kept; a copy
     /// written without it stays clean and its writes are lost when it is dropped.
     pub fn mark_dirty(&self, id: TensorId) -> Result<(), StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock_idle(id);
         let entry = state.tensor(id)?;
         if entry.ram.is_none() {
@@ -743,6 +781,7 @@ impl Store {
     /// costs no write. Fails for tensors that were derived rather than opened from a file, and
     /// while a guard pins it. Returns the bytes of copies freed.
     pub fn revert(&self, id: TensorId) -> Result<u64, StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock_idle(id);
         let entry = state.unpinned(id)?;
         if entry.base.is_none() {
@@ -766,6 +805,7 @@ impl Store {
     /// Drops the tensor's clean copies: frees its RAM copy and releases its mapped pages (only
     /// the pages that belong to it alone). Writes nothing. A dirty tensor keeps its copy.
     pub fn drop_clean(&self, id: TensorId) -> Result<DropOutcome, StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock();
         state.unpinned(id)?;
         let outcome = state.drop_clean(id, true);
@@ -776,6 +816,7 @@ impl Store {
 
     /// Drops the clean copies of every unpinned tensor of a model (see [`Store::drop_clean`]).
     pub fn release_model(&self, model: ModelId) -> Result<DropOutcome, StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock();
         let ids = state.model(model)?.tensors.clone();
         let mut total = DropOutcome::default();
@@ -791,6 +832,9 @@ impl Store {
     /// dropped, dirty ones spilled (or dropped when their recipe is cheaper), as the policy's
     /// fates say. No lock is held while spills are written.
     pub fn free_memory(&self, bytes: u64) -> FreeOutcome {
+        if self.shared.not_forked().is_err() {
+            return FreeOutcome::default();
+        }
         self.shared.evict(bytes, EvictReason::Request, None)
     }
 
@@ -800,6 +844,9 @@ impl Store {
     /// to apply the reserve at once instead of at the next tick or allocation. Frees nothing
     /// when the reserve is off or met.
     pub fn relieve_reserve(&self) -> FreeOutcome {
+        if self.shared.not_forked().is_err() {
+            return FreeOutcome::default();
+        }
         self.shared.relieve(false)
     }
 
@@ -807,6 +854,7 @@ impl Store {
     /// keeps its RAM copy. Returns the RAM bytes freed: none for a clean tensor, one already
     /// spilled, or one a guard pinned while it was written (it then has both copies).
     pub fn spill(&self, id: TensorId) -> Result<u64, StoreError> {
+        self.shared.not_forked()?;
         let (name, buf) = {
             let mut state = self.shared.lock_idle(id);
             let entry = state.unpinned(id)?;
@@ -870,6 +918,7 @@ impl Store {
     /// Closes a model: frees its copies and spill extents and forgets its tensors. Fails while
     /// any is pinned.
     pub fn close_model(&self, model: ModelId) -> Result<(), StoreError> {
+        self.shared.not_forked()?;
         let mut state = self.shared.lock_model_idle(model);
         let ids = state.model(model)?.tensors.clone();
         for &id in &ids {
@@ -897,7 +946,9 @@ impl Store {
     /// The store's counters now.
     pub fn stats(&self) -> StatsSnapshot {
         let mut stats = self.shared.stats.snapshot();
-        stats.release_pending_bytes = self.shared.lock().releaser.pending();
+        if self.shared.not_forked().is_ok() {
+            stats.release_pending_bytes = self.shared.lock().releaser.pending();
+        }
         stats
     }
 
@@ -910,6 +961,10 @@ impl Store {
     /// this where something outside the store needs the memory now, for example before
     /// starting another process.
     pub fn wait_released(&self) {
+        if self.shared.not_forked().is_err() {
+            // The releaser thread is the parent's: there is nothing here to wait for.
+            return;
+        }
         let releaser = Arc::clone(&self.shared.lock().releaser);
         releaser.wait();
     }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use super::error::MemoryError;
 use super::{ModelId, Store, StoreError, TensorId};
+use crate::sys::fork::Owner;
 
 /// What a prefetch restored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub struct PrefetchOutcome {
 pub struct Prefetch {
     cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<PrefetchOutcome, StoreError>>>,
+    /// The process whose thread runs it: a forked child has no such thread to wait for.
+    owner: Owner,
 }
 
 /// Cancels a prefetch from any thread, also while another thread waits for it
@@ -53,8 +56,15 @@ impl Prefetch {
         PrefetchCancel(Arc::clone(&self.cancel))
     }
 
-    /// Waits for it to finish.
+    /// Waits for it to finish. In a child forked from the process that started it, fails
+    /// with [`StoreError::Forked`] (its thread is not in the child).
     pub fn wait(mut self) -> Result<PrefetchOutcome, StoreError> {
+        if !self.owner.is_current() {
+            return Err(StoreError::Forked {
+                owner_pid: self.owner.pid(),
+                pid: crate::sys::fork::pid(),
+            });
+        }
         let thread = self.thread.take().expect("joined only here");
         thread
             .join()
@@ -75,6 +85,10 @@ impl Prefetch {
 impl Drop for Prefetch {
     fn drop(&mut self) {
         self.cancel();
+        if !self.owner.is_current() {
+            // The thread is the parent's: its handle in the child leads nowhere.
+            std::mem::forget(self.thread.take());
+        }
     }
 }
 
@@ -87,6 +101,7 @@ impl Store {
 
     /// Restores the given tensors into RAM in the background (see [`Store::prefetch`]).
     pub fn prefetch_tensors(&self, ids: Vec<TensorId>) -> Result<Prefetch, StoreError> {
+        self.shared.not_forked()?;
         let cancel = Arc::new(AtomicBool::new(false));
         let (store, stop) = (self.clone(), Arc::clone(&cancel));
         let thread = std::thread::Builder::new()
@@ -96,6 +111,7 @@ impl Store {
         Ok(Prefetch {
             cancel,
             thread: Some(thread),
+            owner: Owner::current(),
         })
     }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use super::ram::RamBuf;
+use crate::sys::fork::Owner;
 
 /// Copies smaller than this are freed at once: cheap, and not worth a thread's wake-up.
 const BACKGROUND_MIN: u64 = 1 << 20;
@@ -36,9 +37,13 @@ struct Inner {
 
 /// The releaser: a thread started on first use, stopped (after freeing everything it holds)
 /// when the store is dropped.
+///
+/// A child forked from the process that made it has a copy of it but not its thread: there it
+/// frees inline, waits for nothing, and its drop joins nothing.
 pub(super) struct Releaser {
     inner: Arc<Inner>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    owner: Owner,
 }
 
 impl Default for Releaser {
@@ -46,6 +51,7 @@ impl Default for Releaser {
         Self {
             inner: Arc::default(),
             thread: Mutex::new(None),
+            owner: Owner::current(),
         }
     }
 }
@@ -71,8 +77,12 @@ impl Releaser {
         self.inner.work.notify_one();
     }
 
-    /// Waits until every buffer handed over so far has been freed.
+    /// Waits until every buffer handed over so far has been freed (in a forked child: returns
+    /// at once, the buffers handed over are the parent thread's).
     pub(super) fn wait(&self) {
+        if !self.owner.is_current() {
+            return;
+        }
         let mut queue = self.lock();
         while self.pending() > 0 {
             queue = self
@@ -92,6 +102,9 @@ impl Releaser {
 
     /// Starts the thread if it is not running; says whether it runs.
     fn running(&self) -> bool {
+        if !self.owner.is_current() {
+            return false;
+        }
         let mut thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
         if thread.is_some() {
             return true;
@@ -142,6 +155,17 @@ fn run(inner: &Inner) {
 
 impl Drop for Releaser {
     fn drop(&mut self) {
+        if !self.owner.is_current() {
+            // A forked child: the thread (and any lock it held at the fork) is the parent's.
+            // What it was to free is left to the child's exit.
+            let thread = self
+                .thread
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            std::mem::forget(thread);
+            return;
+        }
         self.lock().stop = true;
         self.inner.work.notify_one();
         let thread = self

@@ -6,13 +6,16 @@
 //! call, and every call waits for all of its requests to complete (also on error) before it
 //! returns, so the kernel never touches memory the caller has got back.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::AlignedBuf;
+use super::fork::Owner;
 
 /// Offsets, lengths and buffer addresses of direct I/O are multiples of this.
 pub const BLOCK: u64 = 4096;
@@ -193,40 +196,114 @@ pub(crate) fn with_prefault<R>(buf: &mut [u8], f: impl FnOnce(&mut [u8]) -> R) -
     })
 }
 
-/// Rings kept for reuse: setting one up costs a few system calls and mappings.
-static RINGS: Mutex<Vec<io_uring::IoUring>> = Mutex::new(Vec::new());
+/// Rings kept for reuse (setting one up costs a few system calls and mappings), and the
+/// process that made them.
+///
+/// A ring's submission and completion queues are memory the kernel shares with every process
+/// holding the ring, so a forked child inherits its parent's rings live: a request the child
+/// queued would be submitted by whichever process entered the kernel next, with that
+/// process's addresses, and either could reap the other's completions (seen from Python: the
+/// parent's reads returned bytes that were not the file's with no error, failed with
+/// `EFAULT`, or waited for good; `tests/fork.rs` catches a child reaping its parent's
+/// completions). So a process never uses a ring another process made: a child forgets the
+/// inherited ones, neither unmapping nor closing them, and makes its own.
+struct Pool {
+    owner: Option<Owner>,
+    rings: Vec<io_uring::IoUring>,
+}
+
+impl Pool {
+    /// The rings this process may use: those made by another process are forgotten first.
+    fn adopt(&mut self) -> &mut Vec<io_uring::IoUring> {
+        let here = Owner::current();
+        if self.owner != Some(here) {
+            self.rings.drain(..).for_each(std::mem::forget);
+            self.owner = Some(here);
+        }
+        &mut self.rings
+    }
+}
+
+static RINGS: Mutex<Pool> = Mutex::new(Pool {
+    owner: None,
+    rings: Vec::new(),
+});
 
 /// Whether io_uring could not be set up once: then threads are used from then on.
-static NO_URING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static NO_URING: AtomicBool = AtomicBool::new(false);
+
+fn pool() -> MutexGuard<'static, Pool> {
+    hold_across_fork();
+    RINGS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+thread_local! {
+    /// The pool's lock, held by a thread that is forking (see [`hold_across_fork`]).
+    static HELD: RefCell<Option<MutexGuard<'static, Pool>>> = const { RefCell::new(None) };
+}
+
+/// Registers (once) fork handlers that hold the pool's lock across every `fork(3)`: a child
+/// has none of its parent's other threads, so a lock one of them held at the fork would stay
+/// held in the child for good, and the child's first direct read would wait forever.
+fn hold_across_fork() {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if REGISTERED.load(Ordering::Acquire) || REGISTERED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // SAFETY: the handlers never unwind. The prepare handler runs in the parent before the
+    // fork, where it may do anything; the two others only drop the guard it stashed in this
+    // thread's slot (a futex unlock, async-signal-safe), in the parent and in the child.
+    let rc = unsafe {
+        libc::pthread_atfork(
+            Some(lock_for_fork),
+            Some(unlock_after_fork),
+            Some(unlock_after_fork),
+        )
+    };
+    if rc != 0 {
+        log::debug!("pthread_atfork failed ({rc}); the ring pool is not held across forks");
+    }
+}
+
+extern "C" fn lock_for_fork() {
+    let guard = RINGS.lock().unwrap_or_else(PoisonError::into_inner);
+    // Outside a thread's lifetime (its slot destroyed) the guard is simply let go.
+    let _ = HELD.try_with(move |held| *held.borrow_mut() = Some(guard));
+}
+
+extern "C" fn unlock_after_fork() {
+    let _ = HELD.try_with(|held| held.borrow_mut().take());
+}
 
 fn take_ring(depth: usize) -> Option<io_uring::IoUring> {
-    if NO_URING.load(std::sync::atomic::Ordering::Relaxed) {
+    if NO_URING.load(Ordering::Relaxed) {
         return None;
     }
     let depth = u32::try_from(depth.next_power_of_two())
         .unwrap_or(32)
         .clamp(1, 64);
-    let mut rings = RINGS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut pool = pool();
+    let rings = pool.adopt();
     if let Some(pos) = rings.iter().position(|r| r.params().sq_entries() >= depth) {
         return Some(rings.swap_remove(pos));
     }
-    drop(rings);
+    drop(pool);
     match io_uring::IoUring::new(depth.max(8)) {
         Ok(ring) => Some(ring),
         Err(err) => {
             log::info!("io_uring is unavailable ({err}); direct I/O uses threads");
-            NO_URING.store(true, std::sync::atomic::Ordering::Relaxed);
+            NO_URING.store(true, Ordering::Relaxed);
             None
         }
     }
 }
 
+/// Keeps a ring this process took or made for the next transfer. (A thread never carries a
+/// ring across a fork: only the forking thread lives on in the child, and it is not in the
+/// middle of a transfer.)
 fn give_ring(ring: io_uring::IoUring) {
-    let mut rings = RINGS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut pool = pool();
+    let rings = pool.adopt();
     if rings.len() < 8 {
         rings.push(ring);
     }

@@ -8,6 +8,7 @@ pub(crate) mod cast;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod direct;
+pub(crate) mod fork;
 mod mapping;
 pub(crate) mod open;
 
