@@ -286,3 +286,48 @@ def test_a_gguf_file_is_refused_by_name(tmp_path):
     with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
         with pytest.raises(lt.BindError, match="GGUF"):
             lt.manage(module, store, path)
+
+
+def test_a_fork_while_another_thread_runs_a_forward_leaves_the_child_usable(reference, tmp_path):
+    net, path = reference
+    with torch.no_grad():
+        expected = net(_input())
+    with lowtide.Store(ram_budget="64MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu")  # every weight loaded: the child computes from inherited memory
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(sub, args):
+            with managed._lock:  # as a forward holds it while its weights come in
+                inside.set()
+                release.wait(30)
+
+        hook = module.blocks[0].register_forward_pre_hook(hold)
+        holder = threading.Thread(target=lambda: module(_input()))
+        holder.start()
+        assert inside.wait(30)  # the other thread is inside a managed forward, its lock held
+        hook.remove()
+        pid = os.fork()
+        if pid == 0:  # the child: only this thread exists here
+            code = 1
+            try:
+                torch.set_num_threads(1)  # OpenMP's pool does not survive fork (as in workers)
+                with torch.no_grad():
+                    code = 0 if torch.equal(module(_input()), expected) else 2
+            finally:
+                os._exit(code)
+        release.set()
+        holder.join()
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done and os.waitstatus_to_exitcode(status) == 0, "the child hung or differed"
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)

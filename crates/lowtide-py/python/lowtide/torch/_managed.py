@@ -4,7 +4,9 @@ go, loads to a budget, unloads that write nothing for unchanged weights, LoRA pa
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +75,7 @@ class ManagedModule:
         self._tokens = itertools.count()
         self._loose: set[Slot] = set()  # loaded for a forward, let go after it
         self._clock = 0
+        _LIVE.add(self)
         files = as_list(files)  # once: an iterator is read once
         given = [f for f in files if isinstance(f, lowtide.Model)]
         self._models = open_all(store, files)
@@ -463,3 +466,17 @@ class ManagedModule:
             f"ManagedModule({type(self.module).__name__}, {len(self._slots)} weights, "
             f"{self.loaded_bytes} of {self.total_bytes} bytes on {self.device})"
         )
+
+
+_LIVE: weakref.WeakSet[ManagedModule] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: forwards other threads were running
+    do not exist there, and a lock they held would never be released."""
+    for managed in list(_LIVE):
+        managed._lock = threading.RLock()
+        managed._frames.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
