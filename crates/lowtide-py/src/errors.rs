@@ -163,6 +163,9 @@ pub(crate) fn describe(err: &StoreError) -> Raised {
             UpdateError::NotFromFile { name } => {
                 Raised::new("NotFromFile", &message).attr("name", Str(name.clone()))
             }
+            UpdateError::FromFile { name } => {
+                Raised::new("FromFile", &message).attr("name", Str(name.clone()))
+            }
             UpdateError::NotInRam { name } => {
                 Raised::new("NotInRam", &message).attr("name", Str(name.clone()))
             }

@@ -573,6 +573,13 @@ impl Model {
         py.detach(|| store.revert(id)).py_err(py)
     }
 
+    /// Removes a derived tensor: its copies (RAM, spilled) are freed, nothing is written, and
+    /// its name can be derived again. Returns the bytes freed.
+    fn discard(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
+        let (store, id) = self.tensor(py, name)?;
+        py.detach(|| store.discard(id)).py_err(py)
+    }
+
     /// Spills a dirty tensor's RAM copy now; returns the RAM bytes freed.
     fn spill(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
         let (store, id) = self.tensor(py, name)?;

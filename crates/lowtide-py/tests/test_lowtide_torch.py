@@ -271,3 +271,46 @@ def test_a_forward_that_raises_leaves_no_weight_held(reference, tmp_path):
         assert managed.loaded_bytes == 0  # the conv's streamed weight left after the error
         with torch.no_grad():
             module(_input())  # and the module still runs
+
+
+class _CastLinear(nn.Linear):
+    """Casts its weight to the input's dtype per forward, as ComfyUI's manual_cast ops do."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+def test_a_weight_set_in_another_dtype_is_held_by_lowtide_and_discarded_by_unpatch(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    ordinary = _CastLinear(32, 16).half()
+    path = tmp_path / "cast.safetensors"
+    save_file(ordinary.state_dict(), str(path))
+    x = torch.randn(4, 32)
+    patched = ordinary.weight.float() * 1.5 + 0.25  # a float32 result, as ComfyUI keeps it
+    with lowtide.Store(ram_budget="1MiB", spill_dir=tmp_path) as store:
+        with lt.init_empty():
+            module = _CastLinear(32, 16).half()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu")
+        with managed.hold("weight") as weight:
+            assert weight.dtype == torch.float16 and torch.equal(weight, ordinary.weight)
+        managed.set_weight("weight", patched)
+        assert module.weight.dtype == torch.float32
+        with torch.no_grad():
+            expected = nn.functional.linear(x, patched, ordinary.bias.float())
+            assert torch.equal(module(x), expected)
+        model = managed._models[0]
+        assert "weight#patched" in model.names()
+        assert not model.info("weight#patched").clean
+        managed.unload()  # the patched value stays lowtide's (RAM, or spilled): never dropped
+        with torch.no_grad():
+            assert torch.equal(module(x), expected)
+        assert managed.unpatch() == 1
+        assert "weight#patched" not in model.names()  # discarded: nothing left behind
+        with torch.no_grad():
+            assert torch.equal(module(x), ordinary(x))
+        assert store.stats()["bytes_written"] == 0
+        with pytest.raises(lt.BindError, match="shape"):
+            managed.set_weight("weight", torch.zeros(3))

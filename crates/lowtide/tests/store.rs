@@ -280,3 +280,52 @@ fn zero_budget_is_a_config_error() {
     let err = Store::builder().ram_budget(0).build().unwrap_err();
     assert!(err.to_string().contains("ram_budget"));
 }
+
+#[test]
+fn a_discarded_derived_tensor_leaves_nothing_behind() {
+    let (_dir, store, model) = store_with(8 << 20);
+    let patched = store
+        .derive(
+            model,
+            "conv_in.weight#patched",
+            Dtype::F32,
+            &[512],
+            vec![3; 2048],
+        )
+        .unwrap();
+    store.spill(patched).unwrap();
+    assert!(store.spill_used() > 0);
+    let guard = store.acquire_ram(patched).unwrap();
+    let err = store.discard(patched).unwrap_err();
+    assert!(
+        matches!(err, StoreError::Update(lowtide::UpdateError::Pinned { .. })),
+        "{err}"
+    );
+    drop(guard);
+    assert_eq!(store.discard(patched).unwrap(), 2048); // its RAM copy, read back to check
+    assert_eq!(store.spill_used(), 0); // and its spill extent: nothing left behind
+    assert_eq!(store.stats().anon_bytes, 0);
+    assert!(store.tensor(model, "conv_in.weight#patched").is_err());
+    assert!(store.info(patched).is_err());
+    // The name can be derived again.
+    let again = store
+        .derive(
+            model,
+            "conv_in.weight#patched",
+            Dtype::F32,
+            &[512],
+            vec![4; 2048],
+        )
+        .unwrap();
+    assert_eq!(&store.acquire_ram(again).unwrap()[..], &[4; 2048][..]);
+    // A tensor opened from the file is reverted, never discarded.
+    let bias = store.tensor(model, "conv_in.bias").unwrap();
+    let err = store.discard(bias).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Update(lowtide::UpdateError::FromFile { .. })
+        ),
+        "{err}"
+    );
+}

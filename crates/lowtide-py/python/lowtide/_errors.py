@@ -140,6 +140,10 @@ class NotFromFile(UpdateError, ValueError):
     """Only tensors opened from a file can be reverted to it."""
 
 
+class FromFile(UpdateError, ValueError):
+    """Only derived tensors can be discarded; a tensor opened from a file is reverted."""
+
+
 class NotInRam(UpdateError):
     """``mark_dirty`` of a tensor without a RAM copy: there are no writes to keep."""
 
@@ -217,6 +221,7 @@ __all__ = [
     "DeviceFull",
     "DuplicateName",
     "Forked",
+    "FromFile",
     "HandleError",
     "Lost",
     "LowtideError",

@@ -174,6 +174,11 @@ class Model:
         views may stay alive. Raises :class:`lowtide.NotInRam` without a RAM copy."""
     def revert(self, name: str) -> int:
         """Reverts a patched tensor to its bytes in the file; returns bytes freed."""
+    def discard(self, name: str) -> int:
+        """Removes a derived tensor: its copies (RAM, spilled) are freed, nothing is written,
+        and its name can be derived again; returns bytes freed. Raises
+        :class:`lowtide.FromFile` for a tensor opened from a file (revert it) and
+        :class:`lowtide.Pinned` while views of it live."""
     def spill(self, name: str) -> int:
         """Spills a dirty tensor's RAM copy now; returns RAM bytes freed."""
     def release(self) -> ReleaseOutcome:

@@ -149,6 +149,16 @@ pub enum UpdateError {
         /// The tensor.
         name: String,
     },
+    /// Only derived tensors can be discarded; a tensor opened from a file is reverted.
+    #[error(
+        "tensor `{}` was opened from a file: revert it to the file's bytes instead of \
+         discarding it",
+        Escaped(name)
+    )]
+    FromFile {
+        /// The tensor.
+        name: String,
+    },
     /// A dirty tensor could not be written to the spill file; it keeps its RAM copy.
     #[error("tensor `{}` could not be spilled", Escaped(name))]
     Spill {

@@ -802,6 +802,36 @@ impl Store {
         Ok(freed)
     }
 
+    /// Removes a derived tensor from its model: its RAM, device and spill copies are freed
+    /// (nothing is written) and its name can be derived again — dropping a result that is no
+    /// longer wanted (a patch switched off) leaves nothing behind. Fails for tensors opened
+    /// from a file (revert those) and while a guard pins it. Returns the bytes of copies
+    /// freed.
+    pub fn discard(&self, id: TensorId) -> Result<u64, StoreError> {
+        self.shared.not_forked()?;
+        let mut state = self.shared.lock_idle(id);
+        let entry = state.unpinned(id)?;
+        if entry.base.is_some() {
+            return Err(StoreError::Update(UpdateError::FromFile {
+                name: entry.name.clone(),
+            }));
+        }
+        let (model, name) = (entry.model, entry.name.clone());
+        let mut freed = state.release_ram(id);
+        freed += self.shared.release_device_copy(&mut state, id);
+        state.free_spilled(id);
+        let removed = state.tensors[id.0 as usize].take();
+        if let Some(Some(entry)) = state.models.get_mut(model.0 as usize) {
+            entry.tensors.retain(|&t| t != id);
+            entry.by_name.remove(&name);
+        }
+        self.shared.check(&mut state);
+        drop(state);
+        drop(removed);
+        self.shared.spill.reclaim();
+        Ok(freed)
+    }
+
     /// Drops the tensor's clean copies: frees its RAM copy and releases its mapped pages (only
     /// the pages that belong to it alone). Writes nothing. A dirty tensor keeps its copy.
     pub fn drop_clean(&self, id: TensorId) -> Result<DropOutcome, StoreError> {

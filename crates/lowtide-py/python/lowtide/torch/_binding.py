@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,8 +36,19 @@ class Slot:
     tensor: torch.Tensor | None = None  # on the device while loaded
     resident: bool = False  # loaded by `load`, kept across forwards
     last_use: int = 0
-    patched: bool = False  # its bytes differ from the file's (a LoRA merged)
+    patched: bool = False  # its bytes differ from the file's (a LoRA merged, or set)
     device_dirty: bool = False  # the device copy has writes lowtide does not hold yet
+    patch_key: str | None = None  # the derived tensor holding a value set with set_weight
+    file_dtype: torch.dtype = field(init=False)  # `dtype` and `nbytes` follow a set value
+    file_nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.file_dtype, self.file_nbytes = self.dtype, self.nbytes
+
+    @property
+    def stored(self) -> str:
+        """The store's name for the bytes the module computes with."""
+        return self.patch_key if self.patch_key is not None else self.key
 
 
 @dataclass

@@ -3,11 +3,12 @@ go, loads to a budget, unloads that write nothing for unchanged weights, LoRA pa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 import lowtide
 from lowtide.torch._binding import Files, Slot, as_list, bind, meta_of, open_all, place, shown
-from lowtide.torch._errors import ForwardRunning, LoraError
+from lowtide.torch._errors import BindError, ForwardRunning, LoraError
 from lowtide.torch._lora import (
     Lora,
     LoraReport,
@@ -89,6 +90,7 @@ class ManagedModule:
         self._slots = binding.slots
         self._by_module = binding.by_module
         self._others = binding.others  # the module's own tensors, moved with it
+        self._by_name = {slot.name: slot for slot in self._slots}
         for slot in self._slots:
             place(slot, meta_of(slot))
         for sub in module.modules():
@@ -149,7 +151,7 @@ class ManagedModule:
     # --- moving weights ---------------------------------------------------------------------
 
     def _fetch(self, slot: Slot) -> torch.Tensor:
-        host = slot.model.torch(slot.key)
+        host = slot.model.torch(slot.stored)
         if self.device.type == "cpu":
             return host  # lowtide's RAM copy itself, pinned while the module holds it
         device = host.to(self.device)
@@ -200,7 +202,7 @@ class ManagedModule:
         if tensor is None:
             return
         if slot.device_dirty:
-            slot.model.replace(slot.key, tensor)
+            slot.model.replace(slot.stored, tensor)
             slot.device_dirty = False
         slot.tensor = None
         slot.resident = False
@@ -418,7 +420,7 @@ class ManagedModule:
         with torch.no_grad():
             slot.tensor.copy_(merge(slot.tensor, pair.down(), pair.up(), scale, transposed))
         if self.device.type == "cpu":
-            slot.model.mark_dirty(slot.key)  # the RAM copy written in place is the tensor
+            slot.model.mark_dirty(slot.stored)  # the RAM copy written in place is the tensor
         else:
             slot.device_dirty = True
         slot.patched = True
@@ -439,12 +441,69 @@ class ManagedModule:
                 resident = slot.resident and slot.tensor is not None
                 slot.device_dirty = False  # the device's patched bytes are discarded
                 self._drop(slot)
-                slot.model.revert(slot.key)
-                slot.patched = False
+                self._revert(slot)
                 count += 1
                 if resident:
                     self._bring(slot, resident=True)
             return count
+
+    def _revert(self, slot: Slot) -> None:
+        """The file's weight again: a value set in another dtype is discarded, a weight
+        patched in place reverted; nothing is written either way."""
+        if slot.patch_key is not None:
+            slot.model.discard(slot.patch_key)
+            slot.patch_key = None
+            slot.dtype, slot.nbytes = slot.file_dtype, slot.file_nbytes
+        elif slot.patched:
+            slot.model.revert(slot.key)
+        slot.patched = False
+
+    def set_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Makes ``tensor`` the weight ``name`` (its name in the module) until
+        :meth:`unpatch`: a patch computed outside (ComfyUI's LoRA math), of the weight's
+        shape and in any dtype the module computes with. lowtide holds one copy of it as a
+        patched tensor (in RAM while the budget allows, spilled when it does not, never
+        dropped); no copy of the file's weight is kept: :meth:`unpatch` reads it again."""
+        with self._lock:
+            self._refuse_while_running("set_weight")
+            slot = self._slot(name)
+            if tuple(tensor.shape) != slot.shape:
+                raise BindError(
+                    f"{name}: a weight of shape {list(tensor.shape)} set for one of shape "
+                    f"{list(slot.shape)}",
+                    attrs={"name": name},
+                )
+            data = tensor.detach().to("cpu").contiguous()
+            resident = slot.resident and slot.tensor is not None
+            self._drop(slot)
+            self._revert(slot)
+            stored = f"{slot.key}#patched"
+            self._with_room(data.nbytes, lambda: slot.model.derive(stored, data), keep=slot)
+            slot.patch_key, slot.patched = stored, True
+            slot.dtype, slot.nbytes = data.dtype, data.nbytes
+            if resident:
+                self._bring(slot, resident=True)
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[torch.Tensor]:
+        """The weight ``name`` (its name in the module) as the module computes with it,
+        brought in if it is not loaded and kept while the block runs, as a forward keeps its
+        weights. Read it; do not keep it past the block."""
+        slot = self._slot(name)
+        token = next(self._tokens)
+        try:
+            self._enter(token, [slot])
+            assert slot.tensor is not None
+            yield slot.tensor
+        finally:
+            self._frames.pop(token, None)
+            self._settle()
+
+    def _slot(self, name: str) -> Slot:
+        slot = self._by_name.get(name)
+        if slot is None:
+            raise BindError(f"{name} is not a managed weight of this module", attrs={"name": name})
+        return slot
 
     def close(self) -> None:
         """Gives the module its own ``forward`` methods back and takes every weight off the
