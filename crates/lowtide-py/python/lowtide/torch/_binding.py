@@ -62,18 +62,25 @@ class Binding:
 
 
 @contextlib.contextmanager
-def init_empty() -> Iterator[None]:
+def init_empty(
+    on_meta: Callable[[nn.Parameter, nn.Parameter], None] | None = None,
+) -> Iterator[None]:
     """Modules built inside get their parameters on ``meta`` (shape, dtype and
     ``requires_grad`` kept; no memory allocated, no initialisation computed) and their buffers
     as their own code makes them. Build a module under it before :func:`manage`. Patches
     ``nn.Module.register_parameter`` while it lasts: do not build modules in other threads
-    meanwhile."""
+    meanwhile. ``on_meta(meta, made)`` sees each parameter as the module's code made it
+    before its ``meta`` replacement takes its place."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
-            meta = torch.empty_like(param, device="meta")
-            param = nn.Parameter(meta, requires_grad=param.requires_grad)
+            meta = nn.Parameter(
+                torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+            )
+            if on_meta is not None:
+                on_meta(meta, param)
+            param = meta
         original(module, name, param)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
@@ -81,9 +88,6 @@ def init_empty() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-# --- binding ----------------------------------------------------------------------------
 
 
 def bind(

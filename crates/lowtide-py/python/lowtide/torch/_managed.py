@@ -458,6 +458,21 @@ class ManagedModule:
             slot.model.revert(slot.key)
         slot.patched = False
 
+    def revert(self, name: str) -> None:
+        """Returns one weight (its name in the module) to the file's bytes, as
+        :meth:`unpatch` does for all; nothing is written."""
+        with self._lock:
+            self._refuse_while_running("revert")
+            slot = self._slot(name)
+            if not slot.patched:
+                return
+            resident = slot.resident and slot.tensor is not None
+            slot.device_dirty = False
+            self._drop(slot)
+            self._revert(slot)
+            if resident:
+                self._bring(slot, resident=True)
+
     def set_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Makes ``tensor`` the weight ``name`` (its name in the module) until
         :meth:`unpatch`: a patch computed outside (ComfyUI's LoRA math), of the weight's
