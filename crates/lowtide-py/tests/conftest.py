@@ -24,6 +24,32 @@ def import_or_skip(name: str, hint: str):
         pytest.skip(f"{name} is not installed ({hint})")
 
 
+def comfyui_or_skip() -> None:
+    """Skips the calling test module without a ComfyUI source tree ($LOWTIDE_COMFYUI, or
+    ../shared/comfyui next to the repository) or the packages it needs for SD1.x workflows;
+    fails instead in CI (CI=true), whose test command installs them."""
+    import importlib.util
+
+    from lowtide.comfyui import _headless
+
+    why = None
+    missing = [
+        name
+        for name in ("torch", "torchvision", "torchsde", "einops", "av", "scipy", "transformers")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        why = f"{', '.join(missing)} not installed (scripts/test installs ComfyUI's packages)"
+    elif _headless.find_comfyui() is None:
+        where = os.environ.get(_headless.ENV_VAR) or "../shared/comfyui next to the repository"
+        why = f"no ComfyUI source tree at {where} (set ${_headless.ENV_VAR} to a v0.3.64 checkout)"
+    if why is None:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{why}; CI requires the ComfyUI tests to run", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
 def torch_or_skip():
     """The torch module; tests that need it skip without it, but fail in CI (CI=true)."""
     return import_or_skip("torch", "scripts/test installs it unless told not to")

@@ -8,39 +8,16 @@ CI (CI=true)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import os
 from pathlib import Path
 
 import pytest
+from conftest import comfyui_or_skip
 
 from lowtide.comfyui import _headless, _synthetic, _workflows
 
-_IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _skip_module(why: str) -> None:
-    """Skips this module, or fails it in CI (CI=true), whose scripts/test installs everything."""
-    if _IN_CI:
-        pytest.fail(f"{why}; CI requires the ComfyUI tests to run", pytrace=False)
-    pytest.skip(why, allow_module_level=True)
-
-
-# What ComfyUI imports on the way to an SD1.x workflow (its requirements.txt, less the server).
-_missing = [
-    name
-    for name in ("torch", "torchvision", "torchsde", "einops", "av", "scipy", "transformers")
-    if importlib.util.find_spec(name) is None
-]
-if _missing:
-    _skip_module(f"{', '.join(_missing)} not installed (scripts/test installs ComfyUI's packages)")
-if _headless.find_comfyui() is None:
-    _where = os.environ.get(_headless.ENV_VAR) or "../shared/comfyui next to the repository"
-    _skip_module(
-        f"no ComfyUI source tree at {_where} (set ${_headless.ENV_VAR} to a v0.3.64 checkout)"
-    )
+comfyui_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,10 @@ It translates ComfyUI's calls into :mod:`lowtide.torch`'s and holds no policy of
   the weight in, and hands the result to lowtide as a patched tensor. No backup of the
   original is kept: ``unpatch_model`` discards the patched tensors and the weights are read
   from the model file again.
-- ``partially_unload`` and ``detach`` let weights go: unchanged ones with nothing written,
-  patched ones kept by lowtide (in RAM, or its spill file when RAM runs short).
+- ``partially_unload`` and ``detach`` (ComfyUI unloading the model) let weights go:
+  unchanged ones with nothing written, patched ones kept by lowtide (in RAM, or its spill
+  file when RAM runs short). A ``detach`` that keeps the patches (a clone taking the model's
+  place, a patcher collected) leaves the weights where they are, as stock ComfyUI does.
 - ``clone`` (``LoraLoader``) shares the binding: clones are patch sets over one model.
 
 Its module ``.to()`` is never called with weights that are not loaded (they are on ``meta``
@@ -121,7 +123,8 @@ class LowtideModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[mis
 
     def detach(self, unpatch_all: bool = True) -> Any:
         model = super().detach(unpatch_all)
-        self.managed.unload(keep_cached=True)
-        self.model.model_loaded_weight_memory = 0
-        _ACTIVE.discard(self.managed)
+        if unpatch_all:  # ComfyUI unloading the model; not a clone taking its place
+            self.managed.unload(keep_cached=True)
+            self.model.model_loaded_weight_memory = 0
+            _ACTIVE.discard(self.managed)
         return model

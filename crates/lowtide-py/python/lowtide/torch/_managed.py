@@ -227,6 +227,11 @@ class ManagedModule:
         return [s.name for s in self._slots]
 
     @property
+    def patched(self) -> list[str]:
+        """The weights whose values differ from the file's now (a LoRA merged, or set)."""
+        return [s.name for s in self._slots if s.patched]
+
+    @property
     def in_use(self) -> list[str]:
         """The weights that running forwards use now (empty between forwards)."""
         busy = self._busy()
