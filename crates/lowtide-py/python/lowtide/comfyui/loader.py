@@ -145,7 +145,7 @@ class _StateDict:
         self.tensors_seen = dict(self.tensors)  # ComfyUI pops what it loads
         self.origin = {id(t): key for key, t in self.tensors.items()}
         self.bound: dict[int, str] = {}  # id(parameter) -> file key
-        self.converted: list[str] = []  # parameters loaded from a tensor ComfyUI made
+        self.converted: set[int] = set()  # id(parameter) loaded from a tensor ComfyUI made
         self.made: dict[int, torch.Tensor] = {}  # id(meta parameter) -> the value code made
         self.unfilled: list[str] = []
 
@@ -182,7 +182,7 @@ class _StateDict:
                 continue
             key = self.origin.get(id(tensor))
             if key is None:
-                self.converted.append(name)
+                self.converted.add(id(target))
             else:
                 self.bound[id(target)] = key
 
@@ -219,7 +219,7 @@ def _managed_patcher(
             if tensor.dtype != state.tensors_seen[key].dtype:
                 _set_dtype(module, name, state.tensors_seen[key].dtype)
         elif tensor.device.type == "meta":
-            if name in state.converted:
+            if id(tensor) in state.converted:
                 raise LoadError(
                     f"{name}: ComfyUI converts this weight while loading it (its values are "
                     "not the file's), which lowtide's loaders cannot bind; use ComfyUI's "
