@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 ENV_VAR = "LOWTIDE_COMFYUI"
+DEVICE_VAR = "LOWTIDE_COMFYUI_DEVICE"
+"""``cpu`` (the default) runs ComfyUI on the CPU; ``gpu`` lets it pick its device."""
 """Names the ComfyUI source tree to use; without it, ``../shared/comfyui`` next to the
 repository is used where it exists."""
 
@@ -202,7 +204,8 @@ def import_comfyui(path: str | os.PathLike[str] | None = None) -> Path:
         comfy.options.enable_args_parsing(False)
         from comfy.cli_args import args
 
-        args.cpu = True
+        # The CPU unless told otherwise (scripts/gpu-check.sh runs the tests on a GPU).
+        args.cpu = os.environ.get(DEVICE_VAR, "cpu") == "cpu"
         args.disable_metadata = True
         # main.py's order: `utils.*` before `nodes` (see above); `comfy.model_management`
         # picks the device when imported.
