@@ -139,7 +139,9 @@ def test_a_lora_keeps_no_backup_and_unpatching_writes_nothing(checkpoints, lora,
     derived = [n for n in patched.managed._models[0].names() if n.endswith("#patched")]
     assert len(derived) == len(keys)  # one copy each: the patched weight, lowtide's
     # Rounded to stock ComfyUI's dtype for it (float32 on the CPU), not to the file's.
-    assert patched.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.float32
+    stock_dtype = torch.float32 if patched.load_device.type == "cpu" else torch.float16
+    assert patched.model.lowtide_stock_dtype == stock_dtype
+    assert patched.model.diffusion_model.input_blocks[0][0].weight.dtype == stock_dtype
     comfy.model_management.load_models_gpu([model])  # the base model again: LoRA undone
     names = model.managed._models[0].names()
     assert not any(name.endswith("#patched") for name in names)  # discarded, not backed up
