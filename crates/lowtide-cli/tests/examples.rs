@@ -47,3 +47,31 @@ fn the_synthetic_example_compares_the_strategies() {
     let written = lowtide["bytes_written"].as_u64().unwrap();
     assert!(written > 0 && written < 64 << 20, "{written}");
 }
+
+#[test]
+fn the_models_the_examples_generate_are_ignored_by_git() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if !repo.join(".git").exists() {
+        eprintln!("skipped: not a git checkout, so nothing to ignore");
+        return;
+    }
+    // The default `cache_dir` of a workflow in examples/, as `lowtide run` resolves it.
+    let generated = "examples/.lowtide-cache/unet-x0.2-s0-v2.safetensors";
+    let out = match std::process::Command::new("git")
+        .args(["check-ignore", "--no-index", "--quiet", generated])
+        .current_dir(&repo)
+        .output()
+    {
+        Ok(out) => out,
+        Err(err) => {
+            eprintln!("skipped: cannot run git: {err}");
+            return;
+        }
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "git does not ignore {generated}: {}",
+        common::text(&out.stderr)
+    );
+}

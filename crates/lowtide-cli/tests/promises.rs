@@ -463,3 +463,148 @@ model = "huge"
         "{err}"
     );
 }
+
+/// Whether CI asked for every test to run: a test that cannot run here fails instead of
+/// skipping.
+fn in_ci() -> bool {
+    std::env::var("CI")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
+/// Set in the child processes of the cgroup test below: what the child does there.
+const CGROUP_CHILD: &str = "LOWTIDE_TEST_CGROUP_CHILD";
+/// The model file the child pins (a path).
+const CGROUP_MODEL: &str = "LOWTIDE_TEST_CGROUP_MODEL";
+
+/// Removes a test cgroup when dropped (after its processes exited).
+struct CgroupDir(std::path::PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        for _ in 0..40 {
+            if fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// What a child of the test below does inside the cgroup: `pin` opens a store with a 2 GiB
+/// RAM budget and no reserve and pins the model's 64 MiB tensor, and must be refused with a
+/// typed error; `control` touches 64 MiB of anonymous memory, which the cgroup must OOM-kill.
+fn cgroup_child(role: &str) {
+    match role {
+        "control" => {
+            let bytes = std::hint::black_box(vec![1u8; 64 << 20]);
+            println!(
+                "control: held {} bytes",
+                bytes.iter().map(|&b| u64::from(b)).sum::<u64>()
+            );
+        }
+        "pin" => {
+            let model = std::env::var(CGROUP_MODEL).expect("the model's path");
+            let store = lowtide::Store::builder()
+                .ram_budget(2 << 30)
+                .build()
+                .expect("a store");
+            println!("child: memory as the store sees it: {:?}", store.memory());
+            let model = store.open_model(&model).expect("the model opens");
+            let tensor = store.tensor(model, "w").expect("its tensor");
+            match store.acquire_ram(tensor) {
+                Err(lowtide::StoreError::Memory(
+                    err @ (lowtide::MemoryError::UnderReserve { .. }
+                    | lowtide::MemoryError::OverBudget { .. }),
+                )) => println!("refused: {err}"),
+                Err(err) => panic!("refused with an error of another kind: {err}"),
+                Ok(guard) => panic!(
+                    "pinned {} bytes in a cgroup of {} bytes",
+                    guard.bytes().len(),
+                    48 << 20
+                ),
+            }
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+/// The cap promise: with a RAM budget far beyond the process's memory cgroup and no reserve,
+/// a pin that the cgroup cannot hold is a typed error (`UnderReserve` or `OverBudget`), never
+/// an OOM kill. The child runs in a real v1 memory cgroup of 48 MiB and pins a 64 MiB tensor;
+/// a control child that allocates the same 64 MiB itself is OOM-killed there.
+#[test]
+fn a_ram_budget_beyond_its_cgroup_is_a_typed_error_never_an_oom_kill() {
+    if let Ok(role) = std::env::var(CGROUP_CHILD) {
+        cgroup_child(&role);
+        return;
+    }
+    let limit: u64 = 48 << 20;
+    let cg = match cgroup("pin", limit) {
+        Ok(dir) => CgroupDir(dir),
+        Err(why) => {
+            assert!(
+                !in_ci(),
+                "CI runs as root with a memory cgroup v1 controller, but: {why}"
+            );
+            eprintln!(
+                "skipped: the cap promise test needs root and a memory cgroup v1 controller: {why}"
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("pin.safetensors");
+    write_model(&model, &[("w", "F32", &[16, 1 << 20])], |_, buf| {
+        buf.fill(1);
+    });
+    let test = "a_ram_budget_beyond_its_cgroup_is_a_typed_error_never_an_oom_kill";
+    let run = |role: &str| {
+        // The shell moves itself into the cgroup, then becomes this test binary running only
+        // this test, as the child.
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" {test} --exact --nocapture --test-threads=1",
+                cg.0.display()
+            ))
+            .arg(std::env::current_exe().unwrap())
+            .env(CGROUP_CHILD, role)
+            .env(CGROUP_MODEL, &model)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    let out = run("pin");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_ne!(
+        out.status.signal(),
+        Some(9),
+        "the child was killed (SIGKILL: the OOM killer) pinning 64 MiB in a {limit}-byte \
+         cgroup with a 2 GiB budget: {stdout}{stderr}"
+    );
+    assert!(
+        out.status.success(),
+        "the child failed ({}): {stdout}{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("refused: tensor `w`"), "{stdout}{stderr}");
+    println!(
+        "{}",
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("refused"))
+            .collect::<String>()
+    );
+
+    // The control: the cgroup really kills a process that takes the same bytes itself.
+    let out = run("control");
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "the control child was not OOM-killed ({}): {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

@@ -88,3 +88,59 @@ def test_an_oom_kill_is_reported_not_raised(tmp_path: Path):
     (run,) = json.loads(out.stdout)["runs"]
     assert run["status"] == "oom-killed" and run["oom_kills"] >= 1
     assert run["output_digest"] is None
+
+
+def test_the_models_store_bf16_and_compute_in_float32_as_comfyui_does_on_a_cpu():
+    import torch
+
+    from lowtide import _demo_models as models
+
+    sizes = models.Sizes.at(0.001)
+    gen = torch.Generator().manual_seed(0)
+    built = {}
+    for kind in models.MODELS:
+        module = models.build(kind, sizes, "cpu")
+        for name, param in module.named_parameters():
+            param.data.copy_(models._init(name, tuple(param.shape), gen))
+        built[kind] = module
+    tokens = torch.randint(0, sizes.vocab, (1, sizes.tokens), generator=gen)
+    latent = torch.randn(1, 4, sizes.latent, sizes.latent, generator=gen)
+    with torch.no_grad():
+        context = built["text_encoder"](tokens)
+        image = built["decoder"](latent - built["denoiser"](latent, 0.5, context))
+        # The reference: the same weights converted to float32 once, for good (in place).
+        ref = {kind: module.float() for kind, module in built.items()}
+        ref_context = ref["text_encoder"](tokens)
+        ref_image = ref["decoder"](latent - ref["denoiser"](latent, 0.5, ref_context))
+    assert context.dtype == image.dtype == torch.float32
+    assert torch.equal(context, ref_context) and torch.equal(image, ref_image)
+    # Built anew, the weights are BF16 (as in the files) and the layers cast them per call.
+    fresh = models.build("denoiser", sizes, "cpu")
+    assert {p.dtype for p in fresh.parameters()} == {torch.bfloat16}
+    assert any(isinstance(m, models.Linear) for m in fresh.modules())
+
+
+def test_the_table_leads_with_the_cgroup_peak(capsys: pytest.CaptureFixture[str]):
+    run = {
+        "strategy": "lowtide",
+        "status": "ok",
+        "wall_s": 1.0,
+        "bytes_read": 1 << 30,
+        "bytes_written": 0,
+        "peak_rss_bytes": 3 << 29,  # over the cap: mapped file pages count in RSS
+        "cgroup_peak_bytes": 1 << 29,
+        "output_digest": "0123456789abcdef",
+    }
+    report = {
+        "cap_bytes": 1 << 30,
+        "weights_bytes": 2 << 30,
+        "capped": True,
+        "cgroup_problem": None,
+        "runs": [run],
+    }
+    demo.print_table(report)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("strategy"))
+    assert header.index("cgroup peak (of cap)") < header.index("peak RSS")
+    row = next(line for line in out.splitlines() if line.startswith("lowtide"))
+    assert "0.50 GiB (50%)" in row and "1.50 GiB" in row and "150%" not in row

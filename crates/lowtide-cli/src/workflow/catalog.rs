@@ -139,6 +139,17 @@ pub(crate) fn open(name: &str, path: PathBuf) -> anyhow::Result<ModelMeta> {
         .filter_map(|tensor| files.get(tensor))
         .map(|(source, t)| (t.clone(), source.path().to_path_buf()))
         .unzip();
+    meta(name, path, tensors, files)
+}
+
+/// A model from its tensors (in name order) and the file of each, its LoRA pairs found by
+/// their names.
+pub(crate) fn meta(
+    name: &str,
+    path: PathBuf,
+    tensors: Vec<SourceTensor>,
+    files: Vec<PathBuf>,
+) -> anyhow::Result<ModelMeta> {
     let mut pairs: BTreeMap<&str, (Option<usize>, Option<usize>)> = BTreeMap::new();
     for (i, t) in tensors.iter().enumerate() {
         if let Some(target) = t.name.strip_suffix(".lora_down.weight") {

@@ -94,12 +94,28 @@ fn patches(workflow: &Workflow, models: &[ModelMeta]) -> Patches {
     most
 }
 
+/// The overhead term of a capped run: [`BASE_OVERHEAD`], the store's transfer buffers for the
+/// largest tensor and this command's own hashing and patching buffers.
+pub(crate) fn overhead(workflow: &Workflow, models: &[ModelMeta]) -> u64 {
+    let chunk = chunk_len(workflow.device.cuda);
+    let largest_len = largest(models).map_or(0, |(_, _, len)| len);
+    BASE_OVERHEAD
+        + lowtide::scratch_bytes(largest_len, chunk)
+        + CHUNK as u64
+        + patches(workflow, models).held
+}
+
+/// The least RAM budget lowtide runs the workflow with: both factors of its largest LoRA
+/// pair, which a patch reads at once, and never under [`MIN_BUDGET`].
+pub(crate) fn least_budget(workflow: &Workflow, models: &[ModelMeta]) -> u64 {
+    patches(workflow, models).factors.max(MIN_BUDGET)
+}
+
 /// Checks that every tensor fits the device and, under a cap, that the configuration fits
 /// it. Returns the terms (with the RAM budget to use) when a cap is set.
 pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result<Option<Fit>> {
     let capacity = workflow.device.capacity;
-    let largest = largest(models);
-    if let Some((model, tensor, len)) = largest
+    if let Some((model, tensor, len)) = largest(models)
         && len > capacity
     {
         bail!(
@@ -122,14 +138,17 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
             );
         }
     }
+    check_cap(workflow, models)
+}
+
+/// The cap's part of [`check`], which depends on nothing but the workflow and its models.
+pub(crate) fn check_cap(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result<Option<Fit>> {
     let Some(cap) = workflow.limits.cap else {
         return Ok(None);
     };
-    let chunk = chunk_len(workflow.device.cuda);
-    let largest_len = largest.map_or(0, |(_, _, len)| len);
     let patches = patches(workflow, models);
-    let overhead =
-        BASE_OVERHEAD + lowtide::scratch_bytes(largest_len, chunk) + CHUNK as u64 + patches.held;
+    let overhead = overhead(workflow, models);
+    let capacity = workflow.device.capacity;
     let device = if workflow.device.cuda { 0 } else { capacity };
     let reserve = workflow.limits.reserve_ram;
     let fixed = device.saturating_add(reserve).saturating_add(overhead);
@@ -140,7 +159,7 @@ pub(crate) fn check(workflow: &Workflow, models: &[ModelMeta]) -> anyhow::Result
     };
     // Patching reads both factors of a pair into RAM copies at once.
     let (pair, factors) = (patches.pair, patches.factors);
-    let least = factors.max(MIN_BUDGET);
+    let least = least_budget(workflow, models);
     if ram_budget < least {
         let what = if factors >= MIN_BUDGET {
             format!("the LoRA factors of `{pair}`, which a patch reads at once")

@@ -1,7 +1,13 @@
 """The demo's models: a ComfyUI-shaped session of real ``torch.nn`` modules (a text encoder, a
 UNet-like denoiser with cross-attention, a VAE-like decoder), their seeded safetensors files
 and two LoRAs for the denoiser. Sizes scale with ``scale``; at 1.0 the weights total about
-3.2 GiB of BF16."""
+3.2 GiB of BF16.
+
+The weights are stored in BF16, in the files and in the modules, and computed with as ComfyUI
+does on a CPU (its ``manual_cast`` operations): each layer casts its weights to float32 for
+its own forward (a temporary copy, freed after it) and activations stay in float32. CPUs
+without BF16 units run a BF16 matmul about 150 times slower than a float32 one, so computing
+in BF16 would make the demo a test of the CPU rather than of memory management."""
 
 from __future__ import annotations
 
@@ -18,7 +24,46 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 (the usual name)
 
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # the weights', in the files and in the modules
+COMPUTE = torch.float32  # the activations', and the weights' for the length of one forward
+
+
+def _cast(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``param`` in ``like``'s dtype for one forward (ComfyUI's ``cast_bias_weight``)."""
+    return None if param is None else param.to(like.dtype)
+
+
+# --- layers that store BF16 and compute in the input's dtype (ComfyUI's manual_cast) -------
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class Conv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps
+        )
+
+
+class GroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(
+            x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps
+        )
+
+
+class Embedding(nn.Embedding):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Only the rows looked up are cast (the same values as casting the whole table).
+        return F.embedding(tokens, self.weight).to(COMPUTE)
 
 
 @dataclass(frozen=True)
@@ -67,10 +112,10 @@ class Attention(nn.Module):
     def __init__(self, width: int, context: int | None = None, heads: int = 8) -> None:
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(width, width, bias=False)
-        self.to_k = nn.Linear(context or width, width, bias=False)
-        self.to_v = nn.Linear(context or width, width, bias=False)
-        self.to_out = nn.Linear(width, width)
+        self.to_q = Linear(width, width, bias=False)
+        self.to_k = Linear(context or width, width, bias=False)
+        self.to_v = Linear(context or width, width, bias=False)
+        self.to_out = Linear(width, width)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -85,11 +130,11 @@ class Attention(nn.Module):
 class TextBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = LayerNorm(width)
         self.attn = Attention(width)
-        self.norm2 = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, 4 * width)
-        self.fc2 = nn.Linear(4 * width, width)
+        self.norm2 = LayerNorm(width)
+        self.fc1 = Linear(width, 4 * width)
+        self.fc2 = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -101,9 +146,9 @@ class TextEncoder(nn.Module):
 
     def __init__(self, s: Sizes) -> None:
         super().__init__()
-        self.embed = nn.Embedding(s.vocab, s.text_width)
+        self.embed = Embedding(s.vocab, s.text_width)
         self.blocks = nn.ModuleList(TextBlock(s.text_width) for _ in range(s.text_depth))
-        self.norm = nn.LayerNorm(s.text_width)
+        self.norm = LayerNorm(s.text_width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -115,11 +160,11 @@ class TextEncoder(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, channels: int, time: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(32, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.time = nn.Linear(time, channels)
-        self.norm2 = nn.GroupNorm(32, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm1 = GroupNorm(32, channels)
+        self.conv1 = Conv2d(channels, channels, 3, padding=1)
+        self.time = Linear(time, channels)
+        self.norm2 = GroupNorm(32, channels)
+        self.conv2 = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -130,16 +175,16 @@ class ResBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, context: int) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(32, channels)
-        self.proj_in = nn.Linear(channels, channels)
-        self.norm1 = nn.LayerNorm(channels)
+        self.norm = GroupNorm(32, channels)
+        self.proj_in = Linear(channels, channels)
+        self.norm1 = LayerNorm(channels)
         self.attn1 = Attention(channels)
-        self.norm2 = nn.LayerNorm(channels)
+        self.norm2 = LayerNorm(channels)
         self.attn2 = Attention(channels, context)
-        self.norm3 = nn.LayerNorm(channels)
-        self.ff1 = nn.Linear(channels, 4 * channels)
-        self.ff2 = nn.Linear(4 * channels, channels)
-        self.proj_out = nn.Linear(channels, channels)
+        self.norm3 = LayerNorm(channels)
+        self.ff1 = Linear(channels, 4 * channels)
+        self.ff2 = Linear(4 * channels, channels)
+        self.proj_out = Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -170,27 +215,25 @@ class Denoiser(nn.Module):
         super().__init__()
         ch = s.unet_channels
         time = 4 * ch[0]
-        self.time_in = nn.Linear(ch[0], time)
-        self.time_out = nn.Linear(time, time)
-        self.conv_in = nn.Conv2d(4, ch[0], 3, padding=1)
+        self.time_in = Linear(ch[0], time)
+        self.time_out = Linear(time, time)
+        self.conv_in = Conv2d(4, ch[0], 3, padding=1)
         self.down = nn.ModuleList(Level(c, s.unet_depth, time, s.text_width) for c in ch)
         self.downsample = nn.ModuleList(
-            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in itertools.pairwise(ch)
+            Conv2d(a, b, 3, stride=2, padding=1) for a, b in itertools.pairwise(ch)
         )
         self.mid = Level(ch[-1], 1, time, s.text_width)
-        self.upsample = nn.ModuleList(
-            nn.Conv2d(b, a, 3, padding=1) for a, b in itertools.pairwise(ch)
-        )
+        self.upsample = nn.ModuleList(Conv2d(b, a, 3, padding=1) for a, b in itertools.pairwise(ch))
         self.up = nn.ModuleList(Level(c, s.unet_depth, time, s.text_width) for c in ch)
-        self.norm_out = nn.GroupNorm(32, ch[0])
-        self.conv_out = nn.Conv2d(ch[0], 4, 3, padding=1)
+        self.norm_out = GroupNorm(32, ch[0])
+        self.conv_out = Conv2d(ch[0], 4, 3, padding=1)
         self.base = ch[0]
 
     def forward(self, x: torch.Tensor, step: float, context: torch.Tensor) -> torch.Tensor:
         half = self.base // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
         angles = step * freqs
-        t = torch.cat([angles.sin(), angles.cos()])[None].to(x.dtype)
+        t = torch.cat([angles.sin(), angles.cos()])[None].to(x.dtype)  # float32
         t = self.time_out(F.silu(self.time_in(t)))
         h = self.conv_in(x)
         skips = []
@@ -210,11 +253,11 @@ class Denoiser(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(32, cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.norm1 = GroupNorm(32, cin)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = GroupNorm(32, cout)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -227,15 +270,15 @@ class Decoder(nn.Module):
     def __init__(self, s: Sizes) -> None:
         super().__init__()
         ch = s.vae_channels
-        self.conv_in = nn.Conv2d(4, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(4, ch[0], 3, padding=1)
         self.mid = nn.ModuleList([DecoderBlock(ch[0], ch[0]), DecoderBlock(ch[0], ch[0])])
         self.blocks = nn.ModuleList(
             nn.ModuleList([DecoderBlock(a, b), DecoderBlock(b, b)])
             for a, b in itertools.pairwise(ch)
         )
-        self.ups = nn.ModuleList(nn.Conv2d(b, b, 3, padding=1) for b in ch[1:])
-        self.norm_out = nn.GroupNorm(32, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 3, 3, padding=1)
+        self.ups = nn.ModuleList(Conv2d(b, b, 3, padding=1) for b in ch[1:])
+        self.norm_out = GroupNorm(32, ch[-1])
+        self.conv_out = Conv2d(ch[-1], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

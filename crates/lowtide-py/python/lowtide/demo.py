@@ -3,7 +3,8 @@ cap, three ways.
 
 A text encoder, a UNet-like denoiser and a VAE-like decoder (about 3.2 GiB of BF16 weights at
 the default scale, seeded safetensors files written once) and two LoRAs for the denoiser. Three
-generations switch LoRAs (A, B, A); each runs every model forward on the CPU. Each strategy
+generations switch LoRAs (A, B, A); each runs every model forward on the CPU, as ComfyUI does
+there: weights stored in BF16, cast to float32 layer by layer for the compute. Each strategy
 runs in a child process under a real memory cgroup whose hard limit (the cap) is below the
 models' total size:
 
@@ -15,9 +16,13 @@ models' total size:
 - ``lowtide``: :mod:`lowtide.torch`: unchanged weights dropped and read again from the model
   file, patched ones kept in RAM or spilled, ``unpatch`` without a backup.
 
-The table shows status, wall time, bytes read and written (``/proc/<pid>/io``), peak RSS and
-its share of the cap, and a digest of the three images: every strategy that finishes gives
-the same bits. Usage::
+The table shows status, wall time, bytes read and written (``/proc/<pid>/io``), the cgroup's
+own peak (what the cap limits: ``memory.max_usage_in_bytes`` in v1, ``memory.peak`` in v2) and
+its share of the cap, the process's peak RSS (which also counts mapped file pages, such as
+torch's libraries, that were cached and charged elsewhere, so it can exceed the cap), and a
+digest of the three images: every strategy that finishes gives the same bits (bits that depend
+on the CPU's vector instructions: float32 kernels sum in another order with AVX2 than with
+AVX-512). The children run with glibc's mmap threshold fixed (``CHILD_ENV``). Usage::
 
     python -m lowtide.demo [--scale 1.0] [--cap SIZE] [--json] [--dir DIR]
 """
@@ -43,6 +48,12 @@ STRATEGIES = ("classic", "mmap-offload", "lowtide")
 
 # The process itself (Python, torch, activations), outside any weight budget.
 OVERHEAD = 640 << 20
+
+# glibc's malloc serves a freed block's size from its heap from then on (its mmap threshold
+# rises up to 32 MiB) and keeps freed heap memory: the float32 copy each layer makes of its
+# weights for one forward would then stay in the process, about 1 GiB of it at the default
+# scale, in every strategy. A fixed threshold gives large blocks back when they are freed.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 
 
 def default_cap(weights: int) -> int:
@@ -219,7 +230,7 @@ def session(
     the strategy's own figures."""
     import torch
 
-    from lowtide._demo_models import DTYPE, Sizes
+    from lowtide._demo_models import COMPUTE, Sizes
 
     sizes = Sizes.at(scale)
     kinds: dict[str, type[Classic] | type[Lowtide]] = {
@@ -245,7 +256,7 @@ def session(
             denoiser = runner.load("denoiser")
             runner.patch("denoiser", lora, 0.8)
             patched = True
-            latent = torch.randn(1, 4, sizes.latent, sizes.latent, generator=gen).to(DTYPE)
+            latent = torch.randn(1, 4, sizes.latent, sizes.latent, generator=gen).to(COMPUTE)
             for step in (0.9, 0.5):
                 latent = latent - 0.2 * denoiser(latent, step, context)
             del denoiser
@@ -404,7 +415,11 @@ def run_strategy(
 
         began = time.perf_counter()
         proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=enter
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=enter,
+            env={**CHILD_ENV, **os.environ},
         )
         out, err = proc.communicate()
         wall = time.perf_counter() - began
@@ -443,27 +458,34 @@ def _gib(n: int | None) -> str:
 
 def print_table(report: dict[str, Any]) -> None:
     cap = report["cap_bytes"]
+    capped = report["capped"]
     print(
         f"weights {_gib(report['weights_bytes'])}, cap {_gib(cap)}"
-        + ("" if report["capped"] else f" (NOT enforced: {report['cgroup_problem']})")
+        + ("" if capped else f" (NOT enforced: {report['cgroup_problem']})")
     )
     header = (
         f"{'strategy':<14}{'status':<12}{'wall':>8}{'read':>12}{'written':>12}"
-        f"{'peak RSS (of cap)':>20}{'cgroup peak':>13}  digest"
+        f"{'cgroup peak (of cap)':>22}{'peak RSS':>11}  digest"
     )
     print(header)
     print("-" * len(header))
     for run in report["runs"]:
-        peak = run["peak_rss_bytes"]
+        peak = run["cgroup_peak_bytes"]
         share = "" if peak is None else f" ({peak / cap:.0%})"
         print(
             f"{run['strategy']:<14}{run['status']:<12}{run['wall_s']:>7.1f}s"
             f"{_gib(run['bytes_read']):>12}{_gib(run['bytes_written']):>12}"
-            f"{_gib(peak) + share:>20}{_gib(run['cgroup_peak_bytes']):>13}"
+            f"{_gib(peak) + share:>22}{_gib(run['peak_rss_bytes']):>11}"
             f"  {run['output_digest'] or '-'}"
         )
         if run.get("error"):
             print(f"    {run['error']}")
+    if capped:
+        print(
+            "cgroup peak: the most memory the cgroup was charged (what the cap limits). Peak RSS "
+            "also counts mapped file pages (torch's libraries, model files) that were already "
+            "cached and charged elsewhere, so it can exceed the cap."
+        )
     digests = {r["output_digest"] for r in report["runs"] if r["status"] == "ok"}
     if len(digests) > 1:
         print("OUTPUTS DIFFER between strategies")
