@@ -50,6 +50,13 @@ def comfyui_or_skip() -> None:
     pytest.skip(why, allow_module_level=True)
 
 
+def write_bytes() -> int:
+    """Bytes this process has caused to be written to storage (``/proc/self/io``)."""
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["write_bytes"])
+
+
 def torch_or_skip():
     """The torch module; tests that need it skip without it, but fail in CI (CI=true)."""
     return import_or_skip("torch", "scripts/test installs it unless told not to")

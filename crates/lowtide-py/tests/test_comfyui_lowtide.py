@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import comfyui_or_skip
+from conftest import comfyui_or_skip, write_bytes
 
 import lowtide
 from lowtide.comfyui import _headless, _synthetic, _workflows
@@ -79,25 +79,19 @@ def store(tmp_path: Path):
         made.close()
 
 
-def _write_bytes() -> int:
-    with open("/proc/self/io") as f:
-        fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["write_bytes"])
-
-
 @pytest.mark.parametrize("budget", ["2GiB", "160MiB"])
 def test_images_match_stock_comfyui_bit_for_bit(checkpoints, lora, stock, store, budget):
     """With everything loaded, and under a budget smaller than the 451 MB checkpoint (the
     text encoder and the VAE stream in per layer); with and without a LoRA."""
     lowtide_store = store(budget)
     checkpoint = checkpoints[0].name
-    before = _write_bytes()
+    before = write_bytes()
     workflow = _workflows.text_to_image(checkpoint, loader=LOADER)
     [image] = _headless.run_workflow(workflow).images
     assert image.png == stock[(checkpoint, None)]
     # Unchanged weights cost nothing to write: the process wrote its PNG, nothing else.
     assert lowtide_store.stats()["bytes_written"] == 0
-    assert _write_bytes() - before < 1 << 20
+    assert write_bytes() - before < 1 << 20
     workflow = _workflows.text_to_image(checkpoint, loader=LOADER, lora_name=lora.name)
     [image] = _headless.run_workflow(workflow).images
     assert image.png == stock[(checkpoint, lora.name)]
@@ -132,17 +126,25 @@ def test_a_lora_keeps_no_backup_and_unpatching_writes_nothing(checkpoints, lora,
     lowtide_store = store("2GiB")
     [model, clip, _] = nodes.NODE_CLASS_MAPPINGS[LOADER]().load_checkpoint(checkpoints[0].name)
     patched, patched_clip = nodes.LoraLoader().load_lora(model, clip, lora.name, 1.0, 1.0)
+    comfy.model_management.load_models_gpu([patched_clip.patcher])
+    assert patched_clip.patcher.backup == {}
     comfy.model_management.load_models_gpu([patched])
     assert patched.backup == {}  # ComfyUI's copy of every original weight: none
     keys = [k for k in patched.patches if k in patched.managed.names]
     assert keys and sorted(patched.managed.patched) == sorted(keys)
-    derived = [n for n in patched.managed._models[0].names() if n.endswith("#patched")]
+    derived = [
+        name
+        for name in patched.managed._models[0].names()
+        if name.startswith(_synthetic.UNET_PREFIX) and name.endswith("#patched")
+    ]
     assert len(derived) == len(keys)  # one copy each: the patched weight, lowtide's
     # Rounded to stock ComfyUI's dtype for it (float32 on the CPU), not to the file's.
     stock_dtype = torch.float32 if patched.load_device.type == "cpu" else torch.float16
     assert patched.model.lowtide_stock_dtype == stock_dtype
     assert patched.model.diffusion_model.input_blocks[0][0].weight.dtype == stock_dtype
-    comfy.model_management.load_models_gpu([model])  # the base model again: LoRA undone
+    # The base models again: the LoRA undone in the UNet and the text encoder.
+    comfy.model_management.load_models_gpu([model])
+    comfy.model_management.load_models_gpu([clip.patcher])
     names = model.managed._models[0].names()
     assert not any(name.endswith("#patched") for name in names)  # discarded, not backed up
     assert lowtide_store.stats()["bytes_written"] == 0

@@ -7,7 +7,7 @@ import gc
 from pathlib import Path
 
 import pytest
-from conftest import torch_or_skip
+from conftest import torch_or_skip, write_bytes
 
 import lowtide
 
@@ -74,12 +74,6 @@ def _input():
     return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
-def _write_bytes() -> int:
-    with open("/proc/self/io") as f:
-        fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["write_bytes"])
-
-
 def test_a_module_under_a_tight_budget_runs_identical_forwards(reference, tmp_path):
     net, path = reference
     expected = net(_input())
@@ -123,13 +117,13 @@ def test_unloading_unchanged_weights_writes_nothing(reference, tmp_path):
         managed.load("cpu")
         with torch.no_grad():
             module(_input())
-        before = _write_bytes()
+        before = write_bytes()
         freed = managed.unload()
         store.wait_released()
         assert freed == managed.total_bytes
         assert managed.loaded_bytes == 0
         assert store.stats()["bytes_written"] == 0
-        assert _write_bytes() - before == 0
+        assert write_bytes() - before == 0
         with torch.no_grad():  # usable again: the forward brings the weights back
             assert torch.equal(module(_input()), net(_input()))
 
