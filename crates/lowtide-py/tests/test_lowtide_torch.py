@@ -308,3 +308,39 @@ def test_a_weight_set_in_another_dtype_is_held_by_lowtide_and_discarded_by_unpat
         assert store.stats()["bytes_written"] == 0
         with pytest.raises(lt.BindError, match="shape"):
             managed.set_weight("weight", torch.zeros(3))
+
+
+class _ReadsItsChild(nn.Module):
+    """Reads its child's weight in its own forward, as ComfyUI's CLIP embeddings do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = nn.Embedding(8, 16)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(x + self.position.weight[: x.shape[0]])
+
+
+def test_weights_read_outside_their_forward_are_kept_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    ordinary = _ReadsItsChild()
+    path = tmp_path / "reads.safetensors"
+    save_file(ordinary.state_dict(), str(path))
+    x = torch.randn(5, 16)
+    with lowtide.Store(ram_budget="1MiB", spill_dir=tmp_path) as store:
+        with lt.init_empty():
+            module = _ReadsItsChild()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu", budget=0)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="meta"):
+            module(x)  # nothing brought the position embedding in: loud, never garbage
+        managed.keep_loaded(["position.weight"])
+        assert managed.load("cpu", budget=0) == 8 * 16 * 4  # loaded first, whatever the budget
+        with torch.no_grad():
+            assert torch.equal(module(x), ordinary(x))
+        assert managed.loaded_bytes == 8 * 16 * 4  # the streamed projection was let go
+        managed.unload()
+        assert managed.loaded_bytes == 0

@@ -28,8 +28,12 @@ DTYPE = torch.bfloat16  # the weights', in the files and in the modules
 COMPUTE = torch.float32  # the activations', and the weights' for the length of one forward
 
 
-def _cast(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+def _cast(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``param`` in ``like``'s dtype for one forward (ComfyUI's ``cast_bias_weight``)."""
+    return param.to(like.dtype)
+
+
+def _cast_bias(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if param is None else param.to(like.dtype)
 
 
@@ -38,25 +42,25 @@ def _cast(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+        return F.linear(x, _cast(self.weight, x), _cast_bias(self.bias, x))
 
 
 class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+        return self._conv_forward(x, _cast(self.weight, x), _cast_bias(self.bias, x))
 
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(
-            x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps
+            x, self.normalized_shape, _cast(self.weight, x), _cast_bias(self.bias, x), self.eps
         )
 
 
 class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(
-            x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps
+            x, self.num_groups, _cast(self.weight, x), _cast_bias(self.bias, x), self.eps
         )
 
 

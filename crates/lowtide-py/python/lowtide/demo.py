@@ -199,8 +199,14 @@ class Lowtide:
 
     def figures(self) -> dict[str, Any]:
         stats = self.store.stats()
-        keys = ("bytes_read_source", "bytes_read_cold", "bytes_written", "bytes_read_spill")
-        return {"store": {key: stats[key] for key in keys if key in stats}}
+        return {
+            "store": {
+                "bytes_read_source": stats["bytes_read_source"],
+                "bytes_read_cold": stats["bytes_read_cold"],
+                "bytes_written": stats["bytes_written"],
+                "bytes_restored_spill": stats["bytes_restored_spill"],
+            }
+        }
 
 
 def _kohya_pairs(state: dict[str, Any]) -> dict[str, tuple[Any, Any, float | None]]:

@@ -231,6 +231,13 @@ def _managed_patcher(
             _fill(module, name, state.made.get(id(tensor)))
             state.unfilled.append(name)
     managed = lt.manage(module, store, source, key_map=names.get, strict=False)
+    # Embedding tables are read outside their own forward (ComfyUI's CLIP reads its position
+    # embedding's weight in its parent's): loaded first whenever the model loads.
+    managed.keep_loaded(
+        f"{name}.weight"
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.Embedding) and f"{name}.weight" in names
+    )
     module.lowtide = managed  # type: ignore[assignment]  # for the patcher and its clones
     wrapped = LowtideModelPatcher(
         module,

@@ -47,8 +47,9 @@ never computes with a missing weight. :meth:`~ManagedModule.patch`,
 runs. An exception in a forward, ``KeyboardInterrupt`` included, leaves no weight held.
 
 Parameters read by a module other than the one that owns them (a tied embedding read through
-another module's ``forward``) must be loaded with :meth:`ManagedModule.load`; a forward only
-brings in weights of the module it belongs to.
+another module's ``forward``, a position embedding read by its parent) must be loaded: declare
+them with :meth:`ManagedModule.keep_loaded`, and every :meth:`ManagedModule.load` loads them
+first; a forward only brings in weights of the module it belongs to.
 """
 
 from lowtide.torch._binding import init_empty

@@ -8,7 +8,7 @@ import itertools
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -91,6 +91,7 @@ class ManagedModule:
         self._by_module = binding.by_module
         self._others = binding.others  # the module's own tensors, moved with it
         self._by_name = {slot.name: slot for slot in self._slots}
+        self._always: set[Slot] = set()  # read outside their module's forward: see keep_loaded
         for slot in self._slots:
             place(slot, meta_of(slot))
         for sub in module.modules():
@@ -183,7 +184,11 @@ class ManagedModule:
         """Lets go of idle loaded weights, least recently used first, until ``nbytes`` are
         free; returns whether any was let go."""
         busy = self._busy()
-        idle = [s for s in self._slots if s.tensor is not None and s not in busy and s is not keep]
+        idle = [
+            s
+            for s in self._slots
+            if s.tensor is not None and s not in busy and s is not keep and s not in self._always
+        ]
         idle.sort(key=lambda s: (s.patched, s.last_use))
         freed = 0
         for slot in idle:
@@ -279,10 +284,10 @@ class ManagedModule:
         the largest submodule's streamed weights (on the CPU)."""
 
         def pick(cap: int) -> set[Slot]:
-            used = self.loaded_bytes
-            chosen = set()
+            chosen = {s for s in self._always if s.tensor is None}  # whatever the budget
+            used = self.loaded_bytes + sum(s.nbytes for s in chosen)
             for slot in self._slots:
-                if slot.tensor is None and used + slot.nbytes <= cap:
+                if slot.tensor is None and slot not in chosen and used + slot.nbytes <= cap:
                     chosen.add(slot)
                     used += slot.nbytes
             return chosen
@@ -462,6 +467,15 @@ class ManagedModule:
         elif slot.patched:
             slot.model.revert(slot.key)
         slot.patched = False
+
+    def keep_loaded(self, names: Iterable[str]) -> None:
+        """Declares weights that code reads outside their own module's forward (a position
+        embedding read by its parent's ``forward``): a forward only brings in the weights of
+        the module it belongs to, so these are loaded by every :meth:`load` first, whatever
+        its budget, and never let go to make room for streamed ones. :meth:`unload` still
+        lets them go; the next :meth:`load` brings them back."""
+        with self._lock:
+            self._always |= {self._slot(name) for name in names}
 
     def revert(self, name: str) -> None:
         """Returns one weight (its name in the module) to the file's bytes, as
