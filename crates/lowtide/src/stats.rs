@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Stats {
     pub(crate) bytes_read_source: AtomicU64,
     pub(crate) bytes_read_cold: AtomicU64,
+    pub(crate) bytes_read_cold_kept: AtomicU64,
+    pub(crate) restores_direct_first: AtomicU64,
+    pub(crate) restores_cached: AtomicU64,
+    pub(crate) restores_direct_short: AtomicU64,
     pub(crate) pool_bytes: AtomicU64,
     pub(crate) pool_reuses: AtomicU64,
     pub(crate) bytes_read_cached: AtomicU64,
@@ -40,11 +44,15 @@ impl Stats {
     }
 
     /// Records a restore of `len` bytes from a source file, `cold` of them read from the disk
-    /// and the rest copied from the page cache.
-    pub(crate) fn restored_from_source(&self, len: u64, cold: u64) {
+    /// (through the page cache, and left there, when `read` keeps them cached) and the rest
+    /// copied from the page cache.
+    pub(crate) fn restored_from_source(&self, len: u64, cold: u64, read: crate::store::FileRead) {
         Self::add(&self.bytes_read_source, len);
         Self::add(&self.bytes_read_cold, cold);
         Self::add(&self.bytes_read_cached, len - cold);
+        if read.keeps_cached() {
+            Self::add(&self.bytes_read_cold_kept, cold);
+        }
     }
 
     /// Records that the store now holds `anon` anonymous bytes.
@@ -58,6 +66,10 @@ impl Stats {
         StatsSnapshot {
             bytes_read_source: get(&self.bytes_read_source),
             bytes_read_cold: get(&self.bytes_read_cold),
+            bytes_read_cold_kept: get(&self.bytes_read_cold_kept),
+            restores_direct_first: get(&self.restores_direct_first),
+            restores_cached: get(&self.restores_cached),
+            restores_direct_short: get(&self.restores_direct_short),
             pool_bytes: get(&self.pool_bytes),
             release_pending_bytes: 0,
             pool_reuses: get(&self.pool_reuses),
@@ -95,9 +107,24 @@ pub struct StatsSnapshot {
     /// Bytes read from source files: `pread` into RAM copies and ranges faulted in through the
     /// mapping.
     pub bytes_read_source: u64,
-    /// Of those, bytes restored into RAM copies by direct reads (they were not in the page
-    /// cache, and are not left there).
+    /// Of those, bytes restored from the disk (they were not in the page cache): with direct
+    /// reads, which leave nothing cached, except `bytes_read_cold_kept`.
     pub bytes_read_cold: u64,
+    /// Of `bytes_read_cold`, bytes read through the page cache and left there, for restores
+    /// of tensors streamed repeatedly while memory is plentiful (`restores_cached`).
+    pub bytes_read_cold_kept: u64,
+    /// Restores from a model file (into RAM or onto a device) of tensors not streamed: their
+    /// first, in a model that fits in the RAM budget. What was not in the page cache was read
+    /// with `O_DIRECT`.
+    pub restores_direct_first: u64,
+    /// Restores from a model file of streamed tensors (restored before, or in a model larger
+    /// than the RAM budget) while available memory exceeded the reserve by twice the model's
+    /// file bytes: read through the page cache and left there, so that the next restore
+    /// copies them instead of reading the disk.
+    pub restores_cached: u64,
+    /// Restores from a model file of streamed tensors while memory was short of that: read
+    /// with `O_DIRECT`, nothing left cached.
+    pub restores_direct_short: u64,
     /// Of those, bytes restored into RAM copies by copying from the page cache.
     pub bytes_read_cached: u64,
     /// Bytes of evicted copies' buffers kept for reuse by the next restores (counted against

@@ -522,11 +522,16 @@ impl Source {
     ///
     /// `reuse` is a buffer to fill instead of allocating one (freed memory of an evicted copy:
     /// already touched, so cheaper than fresh memory); it is used when large enough.
+    ///
+    /// With `keep_cached` the parts not in the page cache are read through it too (buffered
+    /// `pread`), which leaves them cached: the next restore of the range copies them instead
+    /// of reading the disk again. The kernel reclaims those pages without writing anything.
     pub(crate) fn restore(
         &self,
         offset: u64,
         len: u64,
         reuse: Option<AlignedBuf>,
+        keep_cached: bool,
     ) -> Result<(DirectBuf, u64), SourceError> {
         self.check_unchanged()?;
         let reader: &dyn SourceIo = &**self.io.get_or_init(|| std::sync::Arc::new(FileIo));
@@ -552,26 +557,33 @@ impl Source {
         let mut runs = self
             .mapping
             .cache_runs(&self.file, start, end - start, MERGE_GAP);
-        let direct = if runs.iter().any(|run| !run.cached) {
+        let uncached: u64 = runs
+            .iter()
+            .filter(|run| !run.cached)
+            .map(|run| run.len as u64)
+            .sum();
+        let direct = if uncached > 0 && !keep_cached {
             self.direct
                 .get_or_init(|| crate::sys::direct::reopen_direct(&self.file, false))
                 .as_ref()
         } else {
             None
         };
+        // Read from the disk: the uncached bytes, unless the file system refuses direct I/O
+        // where they are not counted (as before: the page cache may have had them).
+        let cold = if keep_cached || direct.is_some() {
+            uncached
+        } else {
+            0
+        };
         if direct.is_none() {
-            // Buffered reads of everything: the file system refuses direct I/O.
+            // Buffered reads of everything: asked for, or the file system refuses direct I/O.
             runs = vec![CacheRun {
                 offset: start,
                 len: end - start,
                 cached: true,
             }];
         }
-        let cold: u64 = runs
-            .iter()
-            .filter(|run| !run.cached)
-            .map(|run| run.len as u64)
-            .sum();
         let read = |blocks: &mut [u8]| -> std::io::Result<()> {
             let base = start / BLOCK as usize * BLOCK as usize;
             let (uncached, cached) = carve(base, &runs, blocks);

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use super::error::{MemoryError, RestoreError};
 use super::ram::RamBuf;
-use super::state::{FileExtent, TensorEntry};
+use super::reread::FileRead;
+use super::state::{FileExtent, State, TensorEntry};
 use super::{Recipe, Shared, StoreError, Tier};
 use crate::device::{Device, DeviceAlloc};
 use crate::spill::{Extent, SpillError};
@@ -38,7 +39,8 @@ pub(super) fn upload_windows_bound(largest: u64, chunk_len: usize) -> u64 {
 /// A copy a restore reads from, chosen under the lock.
 pub(super) enum CopySource {
     Ram(Arc<RamBuf>),
-    File(FileExtent),
+    /// The model file, and whether this restore from it is a repeated one.
+    File(FileExtent, Again),
     /// A dirty tensor's device copy (kept while the tensor is pinned).
     Device {
         device: Arc<dyn Device>,
@@ -63,21 +65,31 @@ pub(super) enum Target<'a> {
     },
 }
 
+/// Whether a restore from the model file repeats an earlier one, with what `reread` weighs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Again {
+    /// The tensor was restored from its file before.
+    again: bool,
+    /// Its model's file bytes.
+    model_bytes: u64,
+}
+
 impl CopySource {
-    /// Where the bytes for a new copy in `into` (RAM or a device) come from, fastest first.
-    /// `devices` are the store's devices, indexed by id.
-    pub(super) fn of(
-        entry: &TensorEntry,
-        into: Tier,
-        devices: &[Arc<dyn Device>],
-    ) -> Result<Self, StoreError> {
+    /// Where the bytes for a new copy of `entry` (a tensor of `state`) in `into` (RAM or a
+    /// device) come from, fastest first.
+    pub(super) fn of(state: &State, entry: &TensorEntry, into: Tier) -> Result<Self, StoreError> {
+        let devices = &state.devices;
         if into != Tier::Ram
             && let Some(buf) = &entry.ram
         {
             return Ok(Self::Ram(Arc::clone(buf)));
         }
         if let Some(extent) = entry.clean_extent() {
-            return Ok(Self::File(extent.clone()));
+            let again = Again {
+                again: entry.file_restores > 0,
+                model_bytes: state.model(entry.model).map_or(0, |m| m.file_bytes),
+            };
+            return Ok(Self::File(extent.clone(), again));
         }
         // A device copy comes back over the bus, faster than from the disk.
         if into != Tier::Device
@@ -108,6 +120,10 @@ impl CopySource {
 
     pub(super) fn reads_spill(&self) -> bool {
         matches!(self, Self::Spill { .. })
+    }
+
+    pub(super) fn reads_file(&self) -> bool {
+        matches!(self, Self::File(..))
     }
 }
 
@@ -174,18 +190,46 @@ impl Shared {
                     tier: Tier::Device,
                 })),
             },
-            CopySource::File(FileExtent { source, offset }) => match into {
-                Target::Ram { reuse } => {
-                    let (buf, cold) = source.restore(*offset, len, reuse)?;
-                    self.stats.restored_from_source(len, cold);
-                    Ok(Some(RamBuf::Direct(buf)))
+            CopySource::File(FileExtent { source, offset }, again) => {
+                let read = self.file_read(*again);
+                match into {
+                    Target::Ram { reuse } => {
+                        let (buf, cold) =
+                            source.restore(*offset, len, reuse, read.keeps_cached())?;
+                        self.stats.restored_from_source(len, cold, read);
+                        Ok(Some(RamBuf::Direct(buf)))
+                    }
+                    Target::Device { device, alloc } => {
+                        self.stream_file(source, *offset, name, device, alloc, read)?;
+                        Ok(None)
+                    }
                 }
-                Target::Device { device, alloc } => {
-                    self.stream_file(source, *offset, name, device, alloc)?;
-                    Ok(None)
-                }
-            },
+            }
         }
+    }
+
+    /// How a restore from a model file reads (see `reread`): the memory figures are read
+    /// only for a streamed tensor. Counted in the stats.
+    fn file_read(&self, again: Again) -> FileRead {
+        let streamed = again.again || again.model_bytes > self.governor.ram_budget;
+        let read = if streamed {
+            let available = self.governor.reading().available;
+            super::reread::choose(
+                true,
+                again.model_bytes,
+                available,
+                self.governor.reserve_ram(),
+            )
+        } else {
+            FileRead::First
+        };
+        let counter = match read {
+            FileRead::First => &self.stats.restores_direct_first,
+            FileRead::Cached => &self.stats.restores_cached,
+            FileRead::Short => &self.stats.restores_direct_short,
+        };
+        Stats::add(counter, 1);
+        read
     }
 
     fn restore_spill(
@@ -245,10 +289,10 @@ impl Shared {
         }
     }
 
-    /// Restores a file extent window by window (cached parts copied, the rest read with
-    /// `O_DIRECT`, as for RAM copies) on a reader thread while the previous window is uploaded
-    /// in the device's chunks: no full host copy is kept, nothing is left in the page cache,
-    /// and at most three windows of buffer exist at once.
+    /// Restores a file extent window by window (cached parts copied, the rest read as `read`
+    /// says, as for RAM copies) on a reader thread while the previous window is uploaded in
+    /// the device's chunks: no full host copy is kept, nothing is left in the page cache
+    /// unless `read` keeps it there, and at most three windows of buffer exist at once.
     fn stream_file(
         &self,
         source: &crate::source::Source,
@@ -256,6 +300,7 @@ impl Shared {
         name: &str,
         device: &Arc<dyn Device>,
         alloc: &DeviceAlloc,
+        read: FileRead,
     ) -> Result<(), StoreError> {
         let len = alloc.len();
         let chunk = device.chunk_len().max(1) as u64;
@@ -267,7 +312,12 @@ impl Shared {
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(window);
-                    let restored = source.restore(offset + done, n, spares.try_recv().ok());
+                    let restored = source.restore(
+                        offset + done,
+                        n,
+                        spares.try_recv().ok(),
+                        read.keeps_cached(),
+                    );
                     let failed = restored.is_err();
                     // The uploader stops receiving when it fails.
                     if to_uploader.send((done, n, restored)).is_err() || failed {
@@ -278,7 +328,7 @@ impl Shared {
             });
             for (done, n, restored) in windows {
                 let (buf, cold) = restored?;
-                self.stats.restored_from_source(n, cold);
+                self.stats.restored_from_source(n, cold, read);
                 for (i, piece) in buf.as_slice().chunks(chunk as usize).enumerate() {
                     upload(device, alloc, name, done + i as u64 * chunk, piece)?;
                 }

@@ -631,7 +631,7 @@ impl Store {
                     name: name.clone(),
                     pins: entry.pins,
                 }))),
-                None => match CopySource::of(entry, Tier::Device, &state.devices) {
+                None => match CopySource::of(&state, entry, Tier::Device) {
                     Ok(from) => {
                         let entry = state.pin(id)?;
                         if from.reads_spill() {
@@ -675,7 +675,7 @@ impl Store {
                 name: name.clone(),
             }))
         });
-        let reads_spill = from.reads_spill();
+        let (reads_spill, reads_file) = (from.reads_spill(), from.reads_file());
         drop(from);
         let mut state = self.shared.lock();
         if reads_spill {
@@ -686,6 +686,9 @@ impl Store {
             state.unpin(id);
             self.shared.check(&mut state);
             return Err(err);
+        }
+        if reads_file {
+            state.count_file_restore(id);
         }
         Stats::add(&self.shared.stats.bytes_uploaded, len);
         let entry = state.tensor_mut(id)?;

@@ -16,6 +16,7 @@ mod guard;
 mod prefetch;
 mod ram;
 mod release;
+mod reread;
 mod state;
 
 use std::collections::HashMap;
@@ -42,6 +43,7 @@ use copies::{CopySource, Target};
 use evict::Room;
 use guard::View;
 pub use ram::TensorBytes;
+pub(crate) use reread::FileRead;
 use state::{FileExtent, ModelEntry, State, TensorEntry};
 
 /// Where a copy of a tensor's bytes lives.
@@ -334,6 +336,7 @@ impl Store {
         let model = ModelId(state.models.len() as u32);
         let mut tensors = Vec::with_capacity(files.tensors.len());
         let mut by_name = HashMap::with_capacity(files.tensors.len());
+        let mut file_bytes = 0u64;
         for (name, location) in &files.tensors {
             let source = &files.sources[location.source];
             let entry = &source.tensors()[location.index];
@@ -350,6 +353,7 @@ impl Store {
                 offset: entry.offset,
             });
             tensor.clean = true;
+            file_bytes = file_bytes.saturating_add(entry.len);
             state.tensors.push(Some(tensor));
             tensors.push(id);
             by_name.insert(name.clone(), id);
@@ -359,6 +363,7 @@ impl Store {
             priority: Priority::default(),
             tensors,
             by_name,
+            file_bytes,
         }));
         Ok(model)
     }
@@ -534,7 +539,7 @@ impl Store {
         let chosen = match state.tensor(id) {
             // Another thread restored it meanwhile.
             Ok(entry) if entry.ram.is_some() => None,
-            Ok(entry) => Some(CopySource::of(entry, Tier::Ram, &state.devices)),
+            Ok(entry) => Some(CopySource::of(&state, entry, Tier::Ram)),
             Err(err) => Some(Err(err)),
         };
         let from = match chosen {
@@ -558,7 +563,7 @@ impl Store {
             entry.spill_readers += 1;
         }
         let reuse = match &from {
-            CopySource::File(extent) => state.take_pooled(
+            CopySource::File(extent, _) => state.take_pooled(
                 crate::sys::direct::DirectBuf::padded_len(extent.offset, len),
             ),
             _ => None,
@@ -578,12 +583,17 @@ impl Store {
             }))
         });
         // Its share of a device copy goes before the pin does (see `TensorGuard::drop`).
-        let reads_spill = from.reads_spill();
+        let (reads_spill, reads_file) = (from.reads_spill(), from.reads_file());
         drop(from);
         let mut state = self.shared.lock();
         state.unreserve(len);
         let result = match restored {
-            Ok(Some(buf)) => Ok(state.install_ram(id, buf)),
+            Ok(Some(buf)) => {
+                if reads_file {
+                    state.count_file_restore(id);
+                }
+                Ok(state.install_ram(id, buf))
+            }
             Ok(None) => Err(StoreError::Restore(RestoreError::NoCopy {
                 name: name.clone(),
                 tier: Tier::Ram,

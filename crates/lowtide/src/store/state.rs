@@ -74,6 +74,9 @@ pub(super) struct TensorEntry {
     /// Extents this tensor no longer uses (its bytes changed) that restores still read: freed
     /// when the last of them ends.
     pub(super) retired: Vec<Extent>,
+    /// Completed restores from its model file so far (RAM or device): from the second on, the
+    /// tensor is streamed repeatedly, which `reread` may keep in the page cache.
+    pub(super) file_restores: u32,
 }
 
 impl TensorEntry {
@@ -103,6 +106,7 @@ impl TensorEntry {
             busy: false,
             spill_readers: 0,
             retired: Vec::new(),
+            file_restores: 0,
         }
     }
 
@@ -141,6 +145,9 @@ pub(super) struct ModelEntry {
     pub(super) priority: Priority,
     pub(super) tensors: Vec<TensorId>,
     pub(super) by_name: HashMap<String, TensorId>,
+    /// The bytes of its tensors in its files: what keeping the whole model in the page cache
+    /// takes (see `reread`).
+    pub(super) file_bytes: u64,
 }
 
 /// Bytes freed by dropping clean copies.
@@ -587,6 +594,13 @@ impl State {
             ram_bytes,
             mapped_bytes,
             kept: 0,
+        }
+    }
+
+    /// Records a completed restore of `id` from its model file (see `reread`).
+    pub(super) fn count_file_restore(&mut self, id: TensorId) {
+        if let Ok(entry) = self.tensor_mut(id) {
+            entry.file_restores = entry.file_restores.saturating_add(1);
         }
     }
 
