@@ -50,11 +50,21 @@ def comfyui_or_skip() -> None:
     pytest.skip(why, allow_module_level=True)
 
 
-def write_bytes() -> int:
-    """Bytes this process has caused to be written to storage (``/proc/self/io``)."""
+def _proc_io(field: str) -> int:
     with open("/proc/self/io") as f:
         fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["write_bytes"])
+    return int(fields[field])
+
+
+def write_bytes() -> int:
+    """Bytes this process has caused to be written to storage (``/proc/self/io``)."""
+    return _proc_io("write_bytes")
+
+
+def read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (``/proc/self/io``): reads served
+    by the page cache do not count."""
+    return _proc_io("read_bytes")
 
 
 def torch_or_skip():

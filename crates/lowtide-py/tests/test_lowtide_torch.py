@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
-from conftest import torch_or_skip, write_bytes
+from conftest import read_bytes, torch_or_skip, write_bytes
 
 import lowtide
 
@@ -90,6 +91,40 @@ def test_a_module_under_a_tight_budget_runs_identical_forwards(reference, tmp_pa
                 assert torch.equal(module(_input()), expected)
         assert store.stats()["anon_peak_bytes"] <= store.ram_budget
         assert managed.loaded_bytes == loaded  # streamed weights left after their forward
+
+
+def test_streamed_weights_stay_in_the_page_cache_while_memory_is_free(reference, tmp_path):
+    """A module larger than its budget streams weights in at every forward: with memory free
+    they are read through the page cache once and copied from it afterwards, so the second
+    forward reads nothing from the disk."""
+    net, path = reference
+    expected = net(_input())
+    total = path.stat().st_size
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with lowtide.Store(ram_budget=total // 3, spill_dir=tmp_path) as store:
+        if store.memory()["available"] < 64 * total + (256 << 20):
+            pytest.skip("too little memory available for the page cache to be kept")
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        managed.load("cpu", budget=total // 4)
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)
+        first = store.stats()
+        if first["bytes_read_cold"] < total // 4:
+            pytest.skip("the page cache kept the file after POSIX_FADV_DONTNEED")
+        assert first["restores_cached"] > 0
+        assert first["restores_direct_first"] == first["restores_direct_short"] == 0
+        assert first["bytes_read_cold_kept"] == first["bytes_read_cold"]
+        before = read_bytes()
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)
+        read = read_bytes() - before
+        second = store.stats()
+        assert second["restores_cached"] > first["restores_cached"]
+        assert second["bytes_read_cold"] == first["bytes_read_cold"]  # all copied from the cache
+        assert read < 64 * 1024, f"the second forward read {read} bytes from the disk"
 
 
 def test_cpu_weights_are_lowtides_ram_copies_in_place(reference, tmp_path):

@@ -75,8 +75,22 @@ class StoreStats(TypedDict):
     """Bytes read from model files: reads into RAM copies and ranges faulted in through the
     mapping."""
     bytes_read_cold: int
-    """Of those, bytes read into RAM copies directly (not in the page cache, and not left
-    there)."""
+    """Of those, bytes read from the disk (they were not in the page cache): directly, leaving
+    nothing cached, except ``bytes_read_cold_kept``."""
+    bytes_read_cold_kept: int
+    """Of ``bytes_read_cold``, bytes read through the page cache and left there, for streamed
+    weights while memory is plentiful (``restores_cached``)."""
+    restores_direct_first: int
+    """Restores from a model file of tensors not streamed (their first, in a model that fits
+    in the RAM budget), read directly (a count)."""
+    restores_cached: int
+    """Restores from a model file of streamed tensors (restored before, or in a model larger
+    than the RAM budget) while available memory exceeded the reserve by twice the model's
+    file bytes: read through the page cache and left there, so that the next restore reads
+    nothing from the disk (a count)."""
+    restores_direct_short: int
+    """Restores from a model file of streamed tensors while memory was short of that: read
+    directly, nothing left cached (a count)."""
     bytes_read_cached: int
     """Of those, bytes copied into RAM copies from the page cache."""
     pool_bytes: int
