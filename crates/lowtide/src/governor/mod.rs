@@ -74,7 +74,15 @@ pub(crate) struct Governor {
     cgroup: Option<(CgroupVersion, PathBuf)>,
     /// The least reserve in force: [`cgroup_floor`] of that cgroup's limit (0 without one).
     floor: u64,
+    /// The last available memory read for a restore's choice, and when (see
+    /// [`Governor::recent_available`]).
+    recent: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// How long a reading serves the restores' choice of how to read (`store/reread.rs`): a
+/// reading costs tens of microseconds (60 in a v1 cgroup here), and a model streamed per
+/// submodule restores a tensor every few hundred.
+const RECENT: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Governor {
     pub(crate) fn new(ram_budget: u64, reserve_ram: u64) -> Self {
@@ -88,6 +96,25 @@ impl Governor {
             reserve_ram: reserve_ram.into(),
             cgroup: detected.map(|c| (c.version, c.dir)),
             floor,
+            recent: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Available memory, read at most [`RECENT`] ago: for choices that a slightly old figure
+    /// cannot make unsafe (admissions read the figures afresh).
+    pub(crate) fn recent_available(&self) -> u64 {
+        let now = std::time::Instant::now();
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *recent {
+            Some((at, available)) if now.duration_since(at) < RECENT => available,
+            _ => {
+                let available = self.reading().available;
+                *recent = Some((now, available));
+                available
+            }
         }
     }
 

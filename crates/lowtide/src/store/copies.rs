@@ -213,7 +213,7 @@ impl Shared {
     fn file_read(&self, again: Again) -> FileRead {
         let streamed = again.again || again.model_bytes > self.governor.ram_budget;
         let read = if streamed {
-            let available = self.governor.reading().available;
+            let available = self.governor.recent_available();
             super::reread::choose(
                 true,
                 again.model_bytes,
