@@ -21,6 +21,7 @@ from conftest import torch_or_skip
 from safetensors.numpy import save_file
 
 import lowtide
+from lowtide.bench import make_cold
 
 # How long a child may run before it counts as hung.
 CHILD_TIMEOUT = 60.0
@@ -48,15 +49,6 @@ def patched(data: np.ndarray, round_: int) -> np.ndarray:
     return (~data + np.uint8(round_ % 256)).astype(np.uint8)
 
 
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def parent_at_work(
     model: lowtide.Model, path: Path, tensors: dict[str, np.ndarray]
@@ -73,7 +65,7 @@ def parent_at_work(
 
     def reads() -> None:
         while not stop.is_set():
-            drop_cache(path)
+            make_cold(path)
             for name in cold:
                 array = model.numpy(name)
                 assert np.array_equal(array, tensors[name]), f"{name}: a cold read differs"
@@ -141,7 +133,7 @@ def read_own(path: Path, spill_dir: Path, tensors: dict[str, np.ndarray]) -> Non
     with lowtide.Store(ram_budget="64MiB", spill_dir=spill_dir) as own:
         model = own.open_model(path)
         for _ in range(3):
-            drop_cache(path)
+            make_cold(path)
             for name, data in tensors.items():
                 assert np.array_equal(model.numpy(name), data), f"{name}: the child's own read"
             model.release()

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 
 import pytest
 from conftest import read_bytes, torch_or_skip, write_bytes
 
 import lowtide
+from lowtide.bench import make_cold
 
 torch = torch_or_skip()
 nn = torch.nn
@@ -100,9 +100,7 @@ def test_streamed_weights_stay_in_the_page_cache_while_memory_is_free(reference,
     net, path = reference
     expected = net(_input())
     total = path.stat().st_size
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    make_cold(path)
     with lowtide.Store(ram_budget=total // 3, spill_dir=tmp_path) as store:
         if store.memory()["available"] < 64 * total + (256 << 20):
             pytest.skip("too little memory available for the page cache to be kept")

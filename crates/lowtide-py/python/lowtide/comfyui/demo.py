@@ -40,6 +40,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from lowtide.bench import make_cold
+
 STRATEGIES = ("stock-uncapped", "stock", "lowtide")
 
 DEFAULT_CAP = {"full": 4608 << 20, "tiny": 1280 << 20}
@@ -196,16 +198,6 @@ def child_main(args: argparse.Namespace) -> int:
 # --- the parent ---------------------------------------------------------------------------
 
 
-def _evict_from_page_cache(path: Path) -> None:
-    """Drops the file's clean pages from the page cache, so the next run reads it from disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run(
     strategy: str,
     files: dict[str, Path],
@@ -237,7 +229,7 @@ def run(
         str(comfyui),
     ]
     for path in files.values():
-        _evict_from_page_cache(path)
+        make_cold(path)
     # A cgroup without a limit (the largest one) still counts the run's peak.
     group = Cgroup(strategy, limit if limit is not None else 1 << 62) if cgroups else None
     log_path = work / "child.log"
