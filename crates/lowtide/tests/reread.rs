@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::TensorSpec;
-use lowtide::direct::{cached_bytes, drop_cached};
+use lowtide::direct::cached_bytes;
 use lowtide::{Dtype, StatsSnapshot, Store};
 
 const MIB: u64 = 1 << 20;
@@ -20,20 +20,6 @@ fn model(dir: &Path, n: usize, mib: u64) -> PathBuf {
         .map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::F32, &[mib * 256, 1024]))
         .collect();
     common::write(&dir.join("m.safetensors"), &specs)
-}
-
-/// Empties `path`'s page cache; `false` (with a message saying why the test is skipped)
-/// where the kernel kept the pages.
-fn cold(path: &Path) -> bool {
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len();
-    drop_cached(&file).unwrap();
-    let cached = cached_bytes(&file, 0, len).unwrap();
-    if cached > len / 4 {
-        println!("skipped: the page cache kept {cached} of {len} bytes after POSIX_FADV_DONTNEED");
-        return false;
-    }
-    true
 }
 
 fn cached(path: &Path) -> u64 {
@@ -72,7 +58,7 @@ fn a_model_larger_than_its_budget_is_streamed_from_the_page_cache_while_memory_i
         .monitor(false)
         .build()
         .unwrap();
-    if !plenty(&store, total) || !cold(&path) {
+    if !plenty(&store, total) || common::cold(&path).is_none() {
         return;
     }
     let m = store.open_model(&path).unwrap();
@@ -113,7 +99,7 @@ fn a_tensor_is_read_direct_first_and_kept_cached_when_it_comes_back() {
         .monitor(false)
         .build()
         .unwrap();
-    if !plenty(&store, total) || !cold(&path) {
+    if !plenty(&store, total) || common::cold(&path).is_none() {
         return;
     }
     let m = store.open_model(&path).unwrap();
@@ -243,7 +229,7 @@ fn in_a_tight_cgroup_streamed_tensors_stay_direct_and_leave_nothing_cached() {
     };
     let dir = common::tempdir();
     let path = model(dir.path(), 16, 4);
-    if !cold(&path) {
+    if common::cold(&path).is_none() {
         return;
     }
     let test = "in_a_tight_cgroup_streamed_tensors_stay_direct_and_leave_nothing_cached";

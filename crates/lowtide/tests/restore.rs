@@ -4,22 +4,8 @@
 mod common;
 
 use common::TensorSpec;
-use lowtide::direct::{cached_bytes, drop_cached};
+use lowtide::direct::cached_bytes;
 use lowtide::{Dtype, Store};
-
-/// Opens `path` and empties its page cache: the file, its length and the bytes still cached,
-/// or `None` (with a message saying why the test is skipped) where the kernel kept them.
-fn cold(path: &std::path::Path) -> Option<(std::fs::File, u64, u64)> {
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len();
-    drop_cached(&file).unwrap();
-    let cached = cached_bytes(&file, 0, len).unwrap();
-    if cached > len / 4 {
-        println!("skipped: the page cache kept {cached} of {len} bytes after POSIX_FADV_DONTNEED");
-        return None;
-    }
-    Some((file, len, cached))
-}
 
 /// A store with room for every test file here, without the monitor thread.
 fn store() -> Store {
@@ -38,7 +24,7 @@ fn cold_restores_bypass_the_page_cache_and_warm_ones_copy_from_it() {
         .map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::BF16, &[257 + i, 1531]))
         .collect();
     let path = common::write(&dir.path().join("m.safetensors"), &specs);
-    let Some((file, len, before)) = cold(&path) else {
+    let Some((file, len, before)) = common::cold(&path) else {
         return;
     };
     let store = store();
@@ -109,7 +95,7 @@ fn a_partly_cached_tensor_copies_its_cached_part_and_reads_the_rest_from_disk() 
         TensorSpec::new("big", Dtype::BF16, &[3 << 20, 4]),
     ];
     let path = common::write(&dir.path().join("m.safetensors"), &specs);
-    let Some((file, len, _)) = cold(&path) else {
+    let Some((file, len, _)) = common::cold(&path) else {
         return;
     };
     let store = store();
@@ -324,7 +310,7 @@ fn device_uploads_restore_like_ram_copies_and_leave_no_page_cache_copy() {
         TensorSpec::new("c", Dtype::F32, &[12_345]),
     ];
     let path = common::write(&dir.path().join("m.safetensors"), &specs);
-    let Some((file, len, before)) = cold(&path) else {
+    let Some((file, len, before)) = common::cold(&path) else {
         return;
     };
     let store = store();
@@ -369,7 +355,7 @@ fn a_mapped_acquire_reads_no_neighbour_and_a_cold_restore_still_leaves_no_copy()
         })
         .collect();
     let path = common::write(&dir.path().join("m.safetensors"), &specs);
-    let Some((file, _, _)) = cold(&path) else {
+    let Some((file, _, _)) = common::cold(&path) else {
         return;
     };
     let source = lowtide::Source::open(&path).unwrap();

@@ -16,3 +16,17 @@ pub fn mapped(
     // that the next acquire refuses it).
     unsafe { store.acquire_mapped(id) }
 }
+
+/// Opens `path` and empties its page cache: the file, its length and the bytes still cached,
+/// or `None` (with a message saying why the test is skipped) where the kernel kept them.
+pub fn cold(path: &std::path::Path) -> Option<(std::fs::File, u64, u64)> {
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    lowtide::direct::drop_cached(&file).unwrap();
+    let cached = lowtide::direct::cached_bytes(&file, 0, len).unwrap();
+    if cached > len / 4 {
+        println!("skipped: the page cache kept {cached} of {len} bytes after POSIX_FADV_DONTNEED");
+        return None;
+    }
+    Some((file, len, cached))
+}
