@@ -510,6 +510,32 @@ impl Model {
         Ok(Lease::new(store, id, name.to_owned(), guard))
     }
 
+    /// Pins RAM copies of the named tensors (all of the model's, in file order, without
+    /// names) and returns a lease on each, in that order. They are read as one stream, GIL
+    /// released: the reads of the next tensors are in flight while one completes. All or
+    /// none: on the first error the leases taken so far are let go and the error raised.
+    #[pyo3(signature = (names=None))]
+    fn leases(&self, py: Python<'_>, names: Option<Vec<String>>) -> PyResult<Vec<Lease>> {
+        let store = self.store(py)?;
+        let (ids, names) = if let Some(names) = names {
+            let ids = names
+                .iter()
+                .map(|name| store.tensor(self.id, name))
+                .collect::<Result<Vec<_>, _>>()
+                .py_err(py)?;
+            (ids, names)
+        } else {
+            let infos = store.list(self.id).py_err(py)?;
+            infos.into_iter().map(|info| (info.id, info.name)).unzip()
+        };
+        let guards = py.detach(|| store.acquire_ram_many(&ids)).py_err(py)?;
+        Ok(guards
+            .into_iter()
+            .zip(ids.into_iter().zip(names))
+            .map(|(guard, (id, name))| Lease::new(store.clone(), id, name, guard))
+            .collect())
+    }
+
     /// A NumPy array over the tensor's pinned RAM copy (no copy).
     fn numpy<'py>(slf: &Bound<'py, Self>, name: &str) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();

@@ -93,6 +93,26 @@ def test_a_module_under_a_tight_budget_runs_identical_forwards(reference, tmp_pa
         assert managed.loaded_bytes == loaded  # streamed weights left after their forward
 
 
+def test_load_reads_a_cold_module_as_one_stream(reference, tmp_path):
+    """``load()`` pins the planned weights in batches read with the next weights' reads in
+    flight (``Model.leases``), and the module computes exactly what the ordinary one does."""
+    net, path = reference
+    expected = net(_input())
+    make_cold(path)
+    with lowtide.Store(ram_budget="256MiB", spill_dir=tmp_path) as store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        assert managed.load("cpu") == managed.total_bytes
+        stats = store.stats()
+        if stats["bytes_read_cold"] == 0:
+            pytest.skip("the page cache kept the file after POSIX_FADV_DONTNEED")
+        if stats["restores_queued"] == 0:
+            pytest.skip("no io_uring or no O_DIRECT here: every weight was read alone")
+        assert stats["restores_queued"] >= len(list(module.parameters())) - 2, stats
+        with torch.no_grad():
+            assert torch.equal(module(_input()), expected)
+
+
 def test_streamed_weights_stay_in_the_page_cache_while_memory_is_free(reference, tmp_path):
     """A module larger than its budget streams weights in at every forward: with memory free
     they are read through the page cache once and copied from it afterwards, so the second

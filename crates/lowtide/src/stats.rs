@@ -11,6 +11,7 @@ pub(crate) struct Stats {
     pub(crate) restores_direct_first: AtomicU64,
     pub(crate) restores_cached: AtomicU64,
     pub(crate) restores_direct_short: AtomicU64,
+    pub(crate) restores_queued: AtomicU64,
     pub(crate) pool_bytes: AtomicU64,
     pub(crate) pool_reuses: AtomicU64,
     pub(crate) bytes_read_cached: AtomicU64,
@@ -70,6 +71,7 @@ impl Stats {
             restores_direct_first: get(&self.restores_direct_first),
             restores_cached: get(&self.restores_cached),
             restores_direct_short: get(&self.restores_direct_short),
+            restores_queued: get(&self.restores_queued),
             pool_bytes: get(&self.pool_bytes),
             release_pending_bytes: 0,
             pool_reuses: get(&self.pool_reuses),
@@ -125,6 +127,9 @@ pub struct StatsSnapshot {
     /// Restores from a model file of streamed tensors while memory was short of that: read
     /// with `O_DIRECT`, nothing left cached.
     pub restores_direct_short: u64,
+    /// Of the restores from a model file, those read with `O_DIRECT` through a stream's queue
+    /// ([`crate::Store::stream_ram`]): with the next tensors' reads in flight.
+    pub restores_queued: u64,
     /// Of those, bytes restored into RAM copies by copying from the page cache.
     pub bytes_read_cached: u64,
     /// Bytes of evicted copies' buffers kept for reuse by the next restores (counted against

@@ -5,6 +5,7 @@ Checked against the built module by ``python -m mypy.stubtest lowtide._lowtide``
 """
 
 import sys
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any, Self, final
 
@@ -149,6 +150,12 @@ class Model:
         """One tensor's info now (raises :class:`lowtide.NoSuchTensor`)."""
     def lease(self, name: str) -> Lease:
         """Pins a RAM copy of the tensor (read from the file or the spill file if needed)."""
+    def leases(self, names: Sequence[str] | None = None) -> list[Lease]:
+        """Pins RAM copies of the named tensors (all of the model's, in file order, without
+        names) and returns a lease on each, in that order. They are read as one stream: the
+        reads of the next tensors are in flight while one completes, in requests shaped for
+        the disk from the store's own measurements. All or none: on the first error (such as
+        :class:`lowtide.OverBudget`) the leases taken so far are let go and the error raised."""
     def numpy(self, name: str) -> Any:
         """A NumPy array over the pinned RAM copy, no copy (BF16 and float8 as their bits:
         ``uint16``/``uint8``; ggml quantized types as ``uint8`` blocks, the innermost

@@ -91,6 +91,10 @@ class StoreStats(TypedDict):
     restores_direct_short: int
     """Restores from a model file of streamed tensors while memory was short of that: read
     directly, nothing left cached (a count)."""
+    restores_queued: int
+    """Of the restores from a model file, those read directly through one queue with the
+    next tensors' reads in flight (:meth:`lowtide.Model.leases`, ``lowtide.torch``'s
+    ``load``, prefetches; a count)."""
     bytes_read_cached: int
     """Of those, bytes copied into RAM copies from the page cache."""
     pool_bytes: int

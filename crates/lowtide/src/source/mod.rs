@@ -250,6 +250,8 @@ pub struct Source {
     direct: OnceLock<Option<File>>,
     /// How its bytes are read ([`FileIo`] unless a store set another before first use).
     io: OnceLock<std::sync::Arc<dyn SourceIo>>,
+    /// Whether a store set its own [`SourceIo`] (then every read goes through it).
+    custom_io: std::sync::atomic::AtomicBool,
 }
 
 /// What every source is made of, whatever its format.
@@ -271,7 +273,12 @@ impl Source {
     /// Reads this source's bytes through `io` from now on, unless it was read already (the
     /// first restore fixes the reader). Returns whether `io` was taken.
     pub(crate) fn set_io(&self, io: std::sync::Arc<dyn SourceIo>) -> bool {
-        self.io.set(io).is_ok()
+        let set = self.io.set(io).is_ok();
+        if set {
+            self.custom_io
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        set
     }
 
     /// Opens and validates `path`, then maps it read-only. `path` must be a regular file (or a
@@ -370,6 +377,7 @@ impl Source {
             gguf,
             direct: OnceLock::new(),
             io: OnceLock::new(),
+            custom_io: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -462,6 +470,11 @@ impl Source {
     /// [`Source::gguf`]).
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
+    }
+
+    /// The device the file lives on (`st_dev`): restores tune their reads per device.
+    pub(crate) fn device(&self) -> u64 {
+        self.identity.dev
     }
 
     /// Checks that the file still has the identity it had when opened.
@@ -622,6 +635,38 @@ impl Source {
         Ok((buf, cold))
     }
 
+    /// The file opened with `O_DIRECT`, when all of `[offset, offset + len)` is to be read
+    /// from the disk with it: none of it is in the page cache, the caller does not want it kept
+    /// there, the file system allows direct I/O and the kernel's reads are in use (not a
+    /// store's own [`SourceIo`]). Then a queued read of the enclosing blocks may stand for
+    /// [`Source::restore`]; the caller checks the file's identity before and after
+    /// ([`Source::check_unchanged`]) and reports failures with [`Source::read_error`].
+    pub(crate) fn direct_only(&self, offset: u64, len: u64, keep_cached: bool) -> Option<&File> {
+        if keep_cached || len == 0 || self.custom_io.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let (start, len) = (usize::try_from(offset).ok()?, usize::try_from(len).ok()?);
+        let runs = self.mapping.cache_runs(&self.file, start, len, MERGE_GAP);
+        if runs.iter().any(|run| run.cached) {
+            return None;
+        }
+        self.direct
+            .get_or_init(|| crate::sys::direct::reopen_direct(&self.file, false))
+            .as_ref()
+    }
+
+    /// A read of this file that failed (a file that shrank meanwhile is the change it is).
+    pub(crate) fn read_error(&self, err: std::io::Error) -> SourceError {
+        match self.check_unchanged() {
+            Err(changed) => changed,
+            Ok(()) => SourceError::Io {
+                path: self.path.clone(),
+                op: "read",
+                source: err,
+            },
+        }
+    }
+
     /// Releases this process's mapped pages that lie wholly inside `[offset, offset + len)` and
     /// asks the kernel to drop them from the page cache. Writes nothing. Returns bytes released.
     pub(crate) fn release(&self, offset: u64, len: u64) -> u64 {
@@ -651,6 +696,10 @@ const MERGE_GAP: usize = 1 << 20;
 
 /// Cached ranges at least this large are copied by several threads.
 const PARALLEL_MIN: usize = 16 << 20;
+
+/// Bytes per `pread` of cached (or kept-cached) bytes. Measured on a 2-core VM, a 2 GiB file
+/// read cold through the page cache: 64 MiB reads 1.2 GB/s, 4 MiB reads 1.9-2.9 GB/s.
+const CACHED_STEP: usize = 4 << 20;
 
 /// A piece of a restore: the file offset of its first byte and the buffer bytes it fills.
 type Piece<'a> = (u64, &'a mut [u8]);
@@ -730,10 +779,18 @@ fn read_cached(reader: &dyn SourceIo, file: &File, pieces: Vec<Piece<'_>>) -> st
             }
         }
     }
+    // Each thread reads its share in steps of `CACHED_STEP`: the kernel's readahead keeps
+    // ahead of a run of such reads, where one large read waits for each window in turn.
     let copy = |pieces: Vec<Piece<'_>>| -> std::io::Result<()> {
-        pieces
-            .into_iter()
-            .try_for_each(|(offset, piece)| reader.read_cached(file, offset, piece))
+        pieces.into_iter().try_for_each(|(offset, piece)| {
+            let mut at = offset;
+            piece.chunks_mut(CACHED_STEP).try_for_each(|step| {
+                let len = step.len() as u64;
+                reader.read_cached(file, at, step)?;
+                at += len;
+                Ok(())
+            })
+        })
     };
     let mut lists = lists.into_iter();
     let first = lists.next().unwrap_or_default();

@@ -25,6 +25,8 @@ pub struct StoreBuilder {
     storage: Option<Arc<dyn Storage>>,
     source_io: Option<Arc<dyn SourceIo>>,
     mapped_readahead: bool,
+    /// `keep_streamed_cached(false)`.
+    streamed_direct: bool,
     monitor: Option<bool>,
     trigger: PressureTrigger,
     interval: Option<Duration>,
@@ -93,6 +95,18 @@ impl StoreBuilder {
     /// tensor.
     pub fn mapped_readahead(mut self, on: bool) -> Self {
         self.mapped_readahead = on;
+        self
+    }
+
+    /// Whether a tensor streamed again and again (restored from its file before, or its model
+    /// larger than the RAM budget) is read through the page cache and left there while memory
+    /// is plentiful (available memory minus the reserve at least twice the model's file), so
+    /// that its next restore reads nothing from the disk. Default `true`. With `false`, every
+    /// restore from a model file reads what is not cached with `O_DIRECT` and leaves nothing
+    /// in the page cache: a first pass at the disk's full speed, and a disk read at every
+    /// pass after it (see docs/performance.md for both, measured).
+    pub fn keep_streamed_cached(mut self, on: bool) -> Self {
+        self.streamed_direct = !on;
         self
     }
 
@@ -175,6 +189,8 @@ impl StoreBuilder {
             changed: Condvar::new(),
             source_io: self.source_io,
             mapped_readahead: self.mapped_readahead,
+            streamed_direct: self.streamed_direct,
+            tuner: super::tune::Tuner::default(),
             spill,
             stats: Stats::default(),
             governor,

@@ -194,10 +194,11 @@ impl Shared {
                 let read = self.file_read(*again);
                 match into {
                     Target::Ram { reuse } => {
-                        let (buf, cold) =
-                            source.restore(*offset, len, reuse, read.keeps_cached())?;
-                        self.stats.restored_from_source(len, cold, read);
-                        Ok(Some(RamBuf::Direct(buf)))
+                        let extent = FileExtent {
+                            source: Arc::clone(source),
+                            offset: *offset,
+                        };
+                        self.restore_file_ram(&extent, len, reuse, read).map(Some)
                     }
                     Target::Device { device, alloc } => {
                         self.stream_file(source, *offset, name, device, alloc, read)?;
@@ -208,10 +209,26 @@ impl Shared {
         }
     }
 
+    /// A RAM copy of a file extent, read as `read` says.
+    pub(super) fn restore_file_ram(
+        &self,
+        extent: &FileExtent,
+        len: u64,
+        reuse: Option<AlignedBuf>,
+        read: FileRead,
+    ) -> Result<RamBuf, StoreError> {
+        let (buf, cold) = extent
+            .source
+            .restore(extent.offset, len, reuse, read.keeps_cached())?;
+        self.stats.restored_from_source(len, cold, read);
+        Ok(RamBuf::Direct(buf))
+    }
+
     /// How a restore from a model file reads (see `reread`): the memory figures are read
     /// only for a streamed tensor. Counted in the stats.
-    fn file_read(&self, again: Again) -> FileRead {
-        let streamed = again.again || again.model_bytes > self.governor.ram_budget;
+    pub(super) fn file_read(&self, again: Again) -> FileRead {
+        let streamed =
+            !self.streamed_direct && (again.again || again.model_bytes > self.governor.ram_budget);
         let read = if streamed {
             let available = self.governor.recent_available();
             super::reread::choose(

@@ -505,19 +505,6 @@ impl Shared {
             .fetch_sub(len, std::sync::atomic::Ordering::Relaxed);
         len
     }
-
-    /// Whether the governor allows `len` more bytes of RAM copies right now, without evicting.
-    /// Reads the memory figures (outside the lock) only when a reserve is set.
-    pub(super) fn ram_allows(&self, len: u64) -> bool {
-        let reserve = self.governor.reserve_ram();
-        let available = (reserve > 0).then(|| self.governor.reading().available);
-        let state = self.lock();
-        if state.anon + state.reserved + len > self.governor.ram_budget {
-            return false;
-        }
-        available
-            .is_none_or(|a| reserve_shortfall(a.saturating_sub(state.reserved), len, reserve) == 0)
-    }
 }
 
 impl Store {

@@ -18,6 +18,8 @@ mod ram;
 mod release;
 mod reread;
 mod state;
+mod stream;
+mod tune;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,6 +32,8 @@ pub use evict::FreeOutcome;
 pub use guard::{TensorGuard, ViewError};
 pub use prefetch::{Prefetch, PrefetchCancel, PrefetchOutcome};
 pub use state::DropOutcome;
+pub use stream::{RamStream, StreamStats};
+pub use tune::DeviceShape;
 
 use crate::dtype::Dtype;
 use crate::governor::{EvictReason, Governor, MemoryReading, Monitor};
@@ -167,6 +171,10 @@ pub(crate) struct Shared {
     source_io: Option<Arc<dyn crate::source::SourceIo>>,
     /// Mapped acquires use the kernel's readahead (`StoreBuilder::mapped_readahead`).
     mapped_readahead: bool,
+    /// Streamed tensors are read with `O_DIRECT` too (`StoreBuilder::keep_streamed_cached`).
+    streamed_direct: bool,
+    /// The shape of queued direct reads, per device.
+    tuner: tune::Tuner,
     spill: Arc<SpillFile>,
     stats: Stats,
     governor: Governor,
@@ -252,6 +260,24 @@ impl Shared {
             view,
         }
     }
+}
+
+/// What [`Store::begin_ram`] did.
+enum Begun {
+    /// The tensor had a RAM copy: pinned.
+    Ready(TensorGuard),
+    /// Room is reserved and the tensor pinned; its bytes are to be read from `from`.
+    Pending(Pending),
+}
+
+/// A RAM copy on its way: room reserved, tensor pinned, source chosen.
+struct Pending {
+    id: TensorId,
+    name: String,
+    len: u64,
+    from: CopySource,
+    /// A pooled buffer to read a file extent into.
+    reuse: Option<crate::sys::AlignedBuf>,
 }
 
 /// The registry of models and tensors, their copies, the RAM budget and the spill file.
@@ -522,6 +548,32 @@ impl Store {
 
     /// [`Store::acquire_ram`], making room as `room` allows.
     fn acquire_ram_with(&self, id: TensorId, room: Room) -> Result<TensorGuard, StoreError> {
+        let mut pending = match self.begin_ram(id, room)? {
+            Begun::Ready(guard) => return Ok(guard),
+            Begun::Pending(pending) => pending,
+        };
+        let restored = unwinding(|| {
+            self.shared.restore(
+                &pending.name,
+                pending.len,
+                &pending.from,
+                Target::Ram {
+                    reuse: pending.reuse.take(),
+                },
+            )
+        })
+        .unwrap_or_else(|| {
+            Err(StoreError::Restore(RestoreError::Panicked {
+                name: pending.name.clone(),
+            }))
+        });
+        self.finish_ram(pending, restored)
+    }
+
+    /// The first half of a RAM acquire: the tensor's existing RAM copy pinned, or room reserved
+    /// for a new one, the tensor pinned and the copy to read it from chosen. A
+    /// [`Begun::Pending`] must be handed to [`Store::finish_ram`].
+    fn begin_ram(&self, id: TensorId, room: Room) -> Result<Begun, StoreError> {
         self.shared.not_forked()?;
         let (name, len) = {
             let mut state = self.shared.lock();
@@ -529,7 +581,7 @@ impl Store {
             if let Some(buf) = &entry.ram {
                 let buf = Arc::clone(buf);
                 entry.pins += 1;
-                return Ok(self.shared.guard(id, entry, View::Ram(buf)));
+                return Ok(Begun::Ready(self.shared.guard(id, entry, View::Ram(buf))));
             }
             (entry.name.clone(), entry.len)
         };
@@ -549,7 +601,7 @@ impl Store {
                 let buf = Arc::clone(entry.ram.as_ref().expect("checked above"));
                 let guard = self.shared.guard(id, entry, View::Ram(buf));
                 self.shared.check(&mut state);
-                return Ok(guard);
+                return Ok(Begun::Ready(guard));
             }
             Some(Ok(from)) => from,
             Some(Err(err)) => {
@@ -572,16 +624,30 @@ impl Store {
             Stats::add(&self.shared.stats.pool_reuses, 1);
         }
         self.shared.check(&mut state);
-        drop(state);
-        let restored = unwinding(|| {
-            self.shared
-                .restore(&name, len, &from, Target::Ram { reuse })
-        })
-        .unwrap_or_else(|| {
-            Err(StoreError::Restore(RestoreError::Panicked {
-                name: name.clone(),
-            }))
-        });
+        Ok(Begun::Pending(Pending {
+            id,
+            name,
+            len,
+            from,
+            reuse,
+        }))
+    }
+
+    /// The second half of a RAM acquire: installs the restored copy and returns its guard, or
+    /// undoes [`Store::begin_ram`] (room, pin) and returns the error.
+    fn finish_ram(
+        &self,
+        pending: Pending,
+        restored: Result<Option<ram::RamBuf>, StoreError>,
+    ) -> Result<TensorGuard, StoreError> {
+        let Pending {
+            id,
+            name,
+            len,
+            from,
+            reuse,
+        } = pending;
+        drop(reuse);
         // Its share of a device copy goes before the pin does (see `TensorGuard::drop`).
         let (reads_spill, reads_file) = (from.reads_spill(), from.reads_file());
         drop(from);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use super::error::MemoryError;
+use super::evict::Room;
 use super::{ModelId, Store, StoreError, TensorId};
 use crate::sys::fork::Owner;
 
@@ -121,38 +122,40 @@ impl Store {
         cancel: &AtomicBool,
     ) -> Result<PrefetchOutcome, StoreError> {
         let mut outcome = PrefetchOutcome::default();
-        for &id in ids {
+        // Tensors with a copy already, or closed meanwhile, are left out; the others are read
+        // as one stream, each within the room free now.
+        let wanted: Vec<(TensorId, u64)> = {
+            let state = self.shared.lock();
+            ids.iter()
+                .filter_map(|&id| {
+                    let entry = state.tensor(id).ok()?;
+                    let has_copy = entry.ram.is_some() || entry.device.is_some();
+                    (!has_copy).then_some((id, entry.len))
+                })
+                .collect()
+        };
+        let mut stream =
+            self.stream_with(wanted.iter().map(|&(id, _)| id).collect(), Room::NoEviction);
+        for &(_, len) in &wanted {
             if cancel.load(Ordering::Relaxed) {
                 outcome.cancelled = true;
                 break;
             }
-            let (len, has_copy) = {
-                let state = self.shared.lock();
-                // A tensor closed meanwhile is simply not prefetched.
-                let Ok(entry) = state.tensor(id) else {
-                    continue;
-                };
-                (entry.len, entry.ram.is_some() || entry.device.is_some())
-            };
-            if has_copy {
-                continue;
-            }
-            if !self.shared.ram_allows(len) {
-                outcome.skipped_bytes += len;
-                continue;
-            }
-            match self.acquire_ram_with(id, super::evict::Room::NoEviction) {
-                Ok(guard) => {
+            match stream.next() {
+                None => break,
+                Some(Ok(guard)) => {
                     drop(guard);
                     outcome.tensors += 1;
                     outcome.bytes += len;
                 }
-                Err(StoreError::Memory(
+                Some(Err(StoreError::Memory(
                     MemoryError::OverBudget { .. } | MemoryError::UnderReserve { .. },
-                )) => {
+                ))) => {
                     outcome.skipped_bytes += len;
                 }
-                Err(err) => return Err(err),
+                // Closed meanwhile: simply not prefetched.
+                Some(Err(StoreError::Handle(_))) => {}
+                Some(Err(err)) => return Err(err),
             }
         }
         Ok(outcome)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lowtide
+from lowtide._frameworks import to_torch
 from lowtide.torch._binding import Files, Slot, as_list, bind, meta_of, open_all, place, shown
 from lowtide.torch._errors import BindError, ForwardRunning, LoraError
 from lowtide.torch._lora import (
@@ -159,6 +160,43 @@ class ManagedModule:
         del host  # the RAM copy is unpinned: clean, lowtide may drop it at once
         return device
 
+    def _bring_streamed(self, slots: list[Slot]) -> int:
+        """Loads ``slots`` resident in batches read as one stream each
+        (:meth:`lowtide.Model.leases`: the next weights' reads in flight while one
+        completes), each batch of one model file and at most a quarter of the store's
+        ``ram_budget`` when the weights go on to another device. Stops at the first batch
+        the store has no room for (the caller loads the rest one by one, making room).
+        Returns the bytes loaded."""
+        cap = self.store.ram_budget if self.device.type == "cpu" else self.store.ram_budget // 4
+        batches: list[list[Slot]] = []
+        for slot in slots:
+            last = batches[-1] if batches else None
+            if (
+                last is None
+                or last[0].model is not slot.model
+                or sum(s.nbytes for s in last) + slot.nbytes > cap
+            ):
+                batches.append([slot])
+            else:
+                last.append(slot)
+        loaded = 0
+        for batch in batches:
+            try:
+                leases = batch[0].model.leases([slot.stored for slot in batch])
+            except (lowtide.OverBudget, lowtide.UnderReserve):
+                break
+            for slot, lease in zip(batch, leases, strict=True):
+                host = to_torch(lease)
+                tensor = host if self.device.type == "cpu" else host.to(self.device)
+                del host
+                # The module first, then the slot (as in `_bring`).
+                place(slot, tensor)
+                slot.tensor = tensor
+                slot.resident = True
+                loaded += slot.nbytes
+            del leases  # on another device: the RAM copies are unpinned
+        return loaded
+
     def _bring(self, slot: Slot, resident: bool = False) -> None:
         """Loads one weight, making room by letting go of idle ones if the store is full."""
         tensor = self._with_room(slot.nbytes, lambda: self._fetch(slot), keep=slot)
@@ -269,8 +307,10 @@ class ManagedModule:
                 if slot.tensor is not None:
                     slot.resident = True
                     self._loose.discard(slot)
-                    continue
-                if slot not in plan:
+            todo = [slot for slot in self._slots if slot.tensor is None and slot in plan]
+            used += self._bring_streamed(todo)
+            for slot in todo:
+                if slot.tensor is not None:
                     continue
                 try:
                     self._bring(slot, resident=True)

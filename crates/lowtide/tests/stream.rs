@@ -1,0 +1,243 @@
+//! Restores of many tensors as one stream (`Store::stream_ram`, `Store::acquire_ram_many`,
+//! prefetch): the reads of the next tensors are in flight while one completes, tensors come out
+//! in order with their own bytes or their own error, and nothing stays pinned or reserved.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::TensorSpec;
+use lowtide::{Dtype, Store, StoreError, TensorId};
+
+const MIB: u64 = 1 << 20;
+
+/// A model of `n` F32 tensors of `mib` MiB each (plus one small odd-sized tensor first, so that
+/// the others do not start on block boundaries).
+fn model(dir: &Path, n: usize, mib: u64) -> PathBuf {
+    let mut specs = vec![TensorSpec::new("odd", Dtype::F32, &[3, 5])];
+    specs.extend(
+        (0..n).map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::F32, &[mib * 256, 1024])),
+    );
+    common::write(&dir.join("m.safetensors"), &specs)
+}
+
+fn store(budget: u64) -> Store {
+    Store::builder()
+        .ram_budget(budget)
+        .monitor(false)
+        .build()
+        .unwrap()
+}
+
+fn check(store: &Store, id: TensorId, guard: &lowtide::TensorGuard) {
+    let name = store.info(id).unwrap().name;
+    assert_eq!(
+        &guard[..],
+        &common::expected(&name, guard.len() as u64)[..],
+        "{name}"
+    );
+}
+
+fn pinned(store: &Store, ids: &[TensorId]) -> Vec<String> {
+    ids.iter()
+        .map(|&id| store.info(id).unwrap())
+        .filter(|info| info.pins > 0)
+        .map(|info| info.name)
+        .collect()
+}
+
+#[test]
+fn a_cold_model_streams_with_the_next_tensors_in_flight() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 12, 4);
+    let Some(_) = common::cold(&path) else { return };
+    let store = store(1 << 30);
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let mut stream = store.stream_ram(ids.clone());
+    let mut order = Vec::new();
+    for (i, guard) in stream.by_ref().enumerate() {
+        let guard = guard.unwrap();
+        check(&store, ids[i], &guard);
+        order.push(guard.id());
+    }
+    let stats = stream.stats();
+    drop(stream);
+    assert_eq!(order, ids, "handed out in the order asked");
+    if stats.queued_tensors == 0 {
+        println!("skipped: no io_uring or no O_DIRECT here; every tensor was restored alone");
+        return;
+    }
+    // The tensors sharing a page with the header (cached when it was read) are restored alone.
+    assert!(stats.queued_tensors >= 10, "{stats:?}");
+    assert!(
+        stats.max_tensors_in_flight >= 2,
+        "the next tensor's reads were not in flight while one completed: {stats:?}"
+    );
+    assert!(stats.max_requests_in_flight >= 2, "{stats:?}");
+    assert_eq!(stats.drained_at_boundary, 0, "{stats:?}");
+    assert!(pinned(&store, &ids).is_empty());
+    let s = store.stats();
+    // All of it from the disk but the page the header shares with the first tensors.
+    assert!(s.bytes_read_cold > 48 * MIB - 4096, "{s:?}");
+    assert!(s.anon_peak_bytes <= store.ram_budget());
+    // The device's shape is being measured or chosen from its own reads.
+    let shapes = store.read_shapes();
+    assert_eq!(shapes.len(), 1, "{shapes:?}");
+}
+
+#[test]
+fn a_model_larger_than_its_budget_streams_through_it() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 16, 2);
+    let Some(_) = common::cold(&path) else { return };
+    // Room for about six of the sixteen tensors.
+    let store = store(13 * MIB);
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    for round in 0..2 {
+        let mut seen = 0;
+        for (i, guard) in store.stream_ram(ids.clone()).enumerate() {
+            let guard = guard.unwrap_or_else(|err| panic!("round {round}, tensor {i}: {err}"));
+            check(&store, ids[i], &guard);
+            seen += 1;
+        }
+        assert_eq!(seen, ids.len());
+    }
+    assert!(pinned(&store, &ids).is_empty());
+    let stats = store.stats();
+    assert!(
+        stats.anon_peak_bytes <= store.ram_budget(),
+        "{} > {}",
+        stats.anon_peak_bytes,
+        store.ram_budget()
+    );
+}
+
+#[test]
+fn acquire_many_pins_all_or_none() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 6, 2);
+    let store = store(8 * MIB);
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    // Three fit.
+    let guards = store.acquire_ram_many(&ids[1..4]).unwrap();
+    for guard in &guards {
+        check(&store, guard.id(), guard);
+    }
+    assert_eq!(pinned(&store, &ids).len(), 3);
+    drop(guards);
+    // Six cannot: the budget holds four.
+    let err = store.acquire_ram_many(&ids).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Memory(lowtide::MemoryError::OverBudget { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        pinned(&store, &ids).is_empty(),
+        "{:?}",
+        pinned(&store, &ids)
+    );
+    // And the store goes on.
+    let guards = store.acquire_ram_many(&ids[..3]).unwrap();
+    assert_eq!(guards.len(), 3);
+}
+
+#[test]
+fn a_stream_dropped_early_leaves_nothing_pinned_or_reserved() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 10, 2);
+    let Some(_) = common::cold(&path) else { return };
+    let store = store(64 * MIB);
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    {
+        let mut stream = store.stream_ram(ids.clone());
+        let first = stream.next().unwrap().unwrap();
+        check(&store, ids[0], &first);
+        // Reads of later tensors are in flight now; the stream goes with them.
+    }
+    assert!(pinned(&store, &ids).is_empty());
+    // Everything fits again: nothing was left reserved.
+    let all = store.acquire_ram_many(&ids).unwrap();
+    for guard in &all {
+        check(&store, guard.id(), guard);
+    }
+}
+
+#[test]
+fn each_tensor_gets_its_own_outcome_when_the_file_changes_mid_stream() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 8, 2);
+    let store = store(256 * MIB);
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let Some(_) = common::cold(&path) else { return };
+    let mut stream = store.stream_ram(ids.clone());
+    let first = stream.next().unwrap().unwrap();
+    check(&store, ids[0], &first);
+    // Truncated while the others are being read: none of them may come out as other bytes.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let rest: Vec<_> = stream.collect();
+    assert_eq!(rest.len(), ids.len() - 1);
+    for (i, outcome) in rest.iter().enumerate() {
+        match outcome {
+            Ok(guard) => check(&store, ids[i + 1], guard),
+            Err(StoreError::Source(lowtide::SourceError::Changed { .. })) => {}
+            Err(err) => panic!("tensor {}: {err}", i + 1),
+        }
+    }
+    // The tensors read through the queue are checked as they come out: after the cut.
+    assert!(
+        rest.iter().filter(|r| r.is_err()).count() >= 4,
+        "the tensors past the cut cannot have been read"
+    );
+    drop(rest);
+    drop(first);
+    assert!(pinned(&store, &ids).is_empty());
+}
+
+#[test]
+fn cached_spilled_and_resident_tensors_come_out_of_the_same_stream() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 6, 2);
+    let spill = common::tempdir();
+    let store = Store::builder()
+        .ram_budget(64 * MIB)
+        .spill_dir(spill.path())
+        .monitor(false)
+        .build()
+        .unwrap();
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let Some(_) = common::cold(&path) else { return };
+    // ids[1]: dirty and spilled; ids[2]: resident; ids[3]: in the page cache.
+    let patched: Vec<u8> = (0..2 * MIB as usize).map(|i| (i % 7) as u8).collect();
+    store.replace(ids[1], patched.clone()).unwrap();
+    store.spill(ids[1]).unwrap();
+    let resident = store.acquire_ram(ids[2]).unwrap();
+    drop(resident);
+    let info = store.info(ids[3]).unwrap();
+    {
+        let guard = common::mapped(&store, ids[3]).unwrap();
+        assert_eq!(guard.len() as u64, info.len);
+    }
+    let guards = store.acquire_ram_many(&ids).unwrap();
+    for (i, guard) in guards.iter().enumerate() {
+        if i == 1 {
+            assert_eq!(&guard[..], &patched[..]);
+        } else {
+            check(&store, ids[i], guard);
+        }
+    }
+}
