@@ -28,6 +28,10 @@ pub(crate) struct Args {
     /// file (F16 tensors in GGUF: restores read bytes, whatever their type).
     #[arg(long, value_enum, default_value_t = Format::Safetensors)]
     format: Format,
+    /// Internal: the slower-device probe the bench runs in a throttled child process
+    /// (streams the first `--size` bytes of this file's tensors and prints the shape chosen).
+    #[arg(long, hide = true)]
+    shape_probe: Option<PathBuf>,
 }
 
 /// The test file's format.
@@ -80,6 +84,12 @@ struct Figures {
     /// measuring when the run ended).
     stream_chunk: Option<usize>,
     stream_depth: Option<usize>,
+    /// The same disk throttled to `slow_device_bps` for a child process: the shape its
+    /// streams chose and the rate they reached (`None`: see `slow_device_note`).
+    slow_device: Option<crate::bench_shape::Probe>,
+    slow_device_bps: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_device_note: Option<String>,
     /// Warm restore under `steady_budget` (buffers reused), against memcpy into touched
     /// memory.
     restore_warm_steady_gbps: f64,
@@ -625,6 +635,20 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
             (f.stream_chunk, f.stream_depth) = (Some(chosen.shape.chunk), Some(chosen.shape.depth));
         }
     }
+    // A quarter of the file (at most 768 MiB) at a sixteenth of the raw speed: a few seconds.
+    #[allow(clippy::cast_sign_loss)] // clamped to non-negative
+    {
+        f.slow_device_bps = (f.raw_read_gbps.max(0.0) * 1e9 / 16.0) as u64;
+    }
+    eprintln!(
+        "the same disk throttled to {} MB/s for a child process (block I/O cgroup)",
+        f.slow_device_bps / 1_000_000
+    );
+    match crate::bench_shape::throttled(&path, (total / 4).min(768 << 20), f.slow_device_bps) {
+        Ok(probe) => f.slow_device = Some(probe),
+        Err(note) => f.slow_device_note = Some(note),
+    }
+
     eprintln!("the same with memory free (read through the page cache, kept there)");
     {
         let steady = new_store(dir, f.steady_budget)?;
@@ -754,6 +778,9 @@ fn row(name: &str, value: &str, baseline: Option<(&str, f64, f64)>, verdict: Opt
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(path) = &args.shape_probe {
+        return crate::bench_shape::probe(path, args.size.bytes());
+    }
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let plan = Plan::new(&dir, args.size.bytes(), args.format)?;
@@ -832,6 +859,7 @@ fn print_read_rows(f: &Figures) {
             None,
         );
     }
+    print_slow_device_rows(f);
     row(
         "raw buffered read (4 MiB preads)",
         &gb(f.raw_read_buffered_gbps),
@@ -885,6 +913,33 @@ fn print_read_rows(f: &Figures) {
         None,
         None,
     );
+}
+
+/// The rows of the throttled disk.
+fn print_slow_device_rows(f: &Figures) {
+    match (&f.slow_device, &f.slow_device_note) {
+        (Some(slow), _) => {
+            row(
+                &format!("throttled to {} MB/s", f.slow_device_bps / 1_000_000),
+                &format!("{:.2} GB/s", slow.gbps),
+                None,
+                None,
+            );
+            row(
+                &format!(
+                    "  shape its streams chose: {} MiB x {}{}",
+                    slow.chunk >> 20,
+                    slow.depth,
+                    if slow.settled { "" } else { " (measuring)" }
+                ),
+                "",
+                None,
+                None,
+            );
+        }
+        (None, Some(note)) => println!("throttled disk not measured: {note}"),
+        (None, None) => {}
+    }
 }
 
 /// The rows of writes, drops and acquires.

@@ -1,6 +1,7 @@
 //! The `lowtide` command.
 
 mod bench;
+mod bench_shape;
 mod demo;
 mod inspect;
 mod logger;

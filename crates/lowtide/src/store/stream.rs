@@ -24,6 +24,9 @@ use super::{Begun, Pending, Store, StoreError, TensorGuard, TensorId, unwinding}
 use crate::source::Source;
 use crate::sys::direct::{BLOCK, DirectBuf, ReadQueue, populate_write_parallel};
 
+/// Bytes of a fresh buffer faulted in at once, between two looks at the queue.
+const POPULATE_STEP: usize = 16 << 20;
+
 /// Bytes a stream measures a shape over, at least (and at least twice its bytes in flight).
 const SEGMENT: u64 = 64 << 20;
 
@@ -77,6 +80,9 @@ pub struct RamStream<'a> {
 struct Segment {
     device: u64,
     rung: usize,
+    /// Bytes to complete before the clock starts: the shape's bytes in flight, so that the
+    /// requests of the previous shape (or the queue's first filling) are not counted.
+    warmup: u64,
     began: Option<Instant>,
     bytes: u64,
 }
@@ -228,8 +234,12 @@ impl<'a> RamStream<'a> {
             return Item::Done(self.store.finish_ram(pending, Err(err.into())));
         };
         if fresh {
-            // Faulted in now, on every CPU, while the reads ahead of it are in flight.
-            populate_write_parallel(buf.blocks_mut());
+            // Faulted in now, on every CPU, while the reads ahead of it are in flight; the
+            // queue is kept full between pieces.
+            for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
+                populate_write_parallel(piece);
+                self.collect(false);
+            }
         }
         let start = extent.offset / BLOCK * BLOCK;
         let wanted = (extent.offset - start) as usize + pending.len as usize;
@@ -297,6 +307,7 @@ impl<'a> RamStream<'a> {
         self.measuring = (!settled).then_some(Segment {
             device,
             rung,
+            warmup: in_flight(LADDER[rung]),
             began: None,
             bytes: 0,
         });
@@ -310,8 +321,10 @@ impl<'a> RamStream<'a> {
             return;
         };
         let Some(began) = segment.began else {
-            // The first completion starts the clock: the queue is full from here on.
-            segment.began = Some(Instant::now());
+            segment.warmup = segment.warmup.saturating_sub(bytes);
+            if segment.warmup == 0 {
+                segment.began = Some(Instant::now());
+            }
             return;
         };
         segment.bytes += bytes;
@@ -322,7 +335,15 @@ impl<'a> RamStream<'a> {
         let seconds = began.elapsed().as_secs_f64();
         if seconds > 0.0 {
             let tuner = &self.store.shared.tuner;
-            tuner.record(segment.device, segment.rung, segment.bytes as f64 / seconds);
+            let rate = segment.bytes as f64 / seconds;
+            log::debug!(
+                "device {}: {:.2} GB/s with {} MiB x {} in flight",
+                segment.device,
+                rate / 1e9,
+                LADDER[segment.rung].chunk >> 20,
+                LADDER[segment.rung].depth
+            );
+            tuner.record(segment.device, segment.rung, rate);
             self.stats.segments_measured += 1;
         }
         let device = segment.device;
@@ -332,13 +353,18 @@ impl<'a> RamStream<'a> {
         }
     }
 
-    /// Waits for reads in flight and records their outcomes. A failure of the queue itself
-    /// fails every read in flight.
+    /// Waits for reads in flight and records their outcomes.
     fn wait(&mut self) {
+        self.collect(true);
+    }
+
+    /// Records the outcomes of reads finished, waiting for one if `wait`; keeps the queue
+    /// full. A failure of the queue itself fails every read in flight.
+    fn collect(&mut self, wait: bool) {
         let Some(queue) = &mut self.queue else {
             return;
         };
-        let finished = match queue.wait() {
+        let finished = match if wait { queue.wait() } else { queue.poll() } {
             Ok(finished) => finished,
             Err(err) => {
                 // The queue cannot go on: waiting for its requests (dropping it) before the

@@ -760,11 +760,38 @@ impl ReadQueue {
         self.submit_queued()
     }
 
+    /// Moves queued requests into the ring while the depth allows, and hands them to the
+    /// kernel.
     fn submit_queued(&mut self) -> io::Result<()> {
+        let mut pushed = false;
         while self.in_flight < self.shape.depth
             && let Some(request) = self.queued.pop_front()
         {
             self.submit(request)?;
+            pushed = true;
+        }
+        if pushed {
+            self.ring.as_mut().expect("a ring until dropped").submit()?;
+        }
+        Ok(())
+    }
+
+    /// Reaps what completed (without waiting), keeps the queue full, and returns the reads
+    /// finished since the last call.
+    pub(crate) fn poll(&mut self) -> io::Result<Vec<ReadDone>> {
+        self.reap()?;
+        self.submit_queued()?;
+        Ok(self.take_finished())
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        let ring = self.ring.as_mut().expect("a ring until dropped");
+        let completions: Vec<(usize, i32)> = ring
+            .completion()
+            .map(|cqe| (cqe.user_data() as usize, cqe.result()))
+            .collect();
+        for (slot, result) in completions {
+            self.complete(slot, result)?;
         }
         Ok(())
     }
@@ -816,13 +843,7 @@ impl ReadQueue {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
             }
-            let completions: Vec<(usize, i32)> = ring
-                .completion()
-                .map(|cqe| (cqe.user_data() as usize, cqe.result()))
-                .collect();
-            for (slot, result) in completions {
-                self.complete(slot, result)?;
-            }
+            self.reap()?;
             self.submit_queued()?;
             finished = self.take_finished();
         }
