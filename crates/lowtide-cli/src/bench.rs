@@ -126,8 +126,13 @@ struct Figures {
     raw_read_depth: usize,
     raw_write_chunk: usize,
     raw_write_depth: usize,
-    /// memcpy into memory that is already touched (no page faults), for reference.
+    /// memcpy into memory that is already touched (no page faults), from one 64 MiB buffer
+    /// (partly in the CPU's caches), for reference.
     memcpy_hot_gbps: f64,
+    /// memcpy of the file's bytes from its mapped, cached pages into one touched 64 MiB
+    /// buffer, tensor by tensor (best of `PASSES`): what a warm restore copies, without the
+    /// system calls. The warm steady target's baseline.
+    memcpy_file_hot_gbps: f64,
     /// Dropping the mapped pages of clean tensors (`MADV_DONTNEED` + `POSIX_FADV_DONTNEED`).
     mapped_drop_ms_per_gib: f64,
     /// Whether the page cache could be emptied before the cold figures.
@@ -213,9 +218,9 @@ fn verdicts(f: &Figures) -> Vec<Verdict> {
         .unless(small, SMALL),
         Verdict::at_least(
             "warm restore, steady budget",
-            f.restore_warm_steady_gbps / f.memcpy_hot_gbps,
+            f.restore_warm_steady_gbps / f.memcpy_file_hot_gbps,
             0.8,
-            "memcpy hot",
+            "memcpy of the file",
         )
         .unless(small, SMALL),
         Verdict::at_least(
@@ -552,6 +557,30 @@ fn spill_round(
     Ok(rate)
 }
 
+/// memcpy of every tensor of `model` from its mapped pages (the file warm) into one touched
+/// buffer, best of `PASSES`; returns GB/s.
+fn memcpy_mapped(store: &Store, model: lowtide::ModelId, total: u64) -> anyhow::Result<f64> {
+    let ids = store.tensors(model)?;
+    let mut dst = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+    dst.as_mut_slice().fill(1);
+    let mut best = 0.0f64;
+    for pass in 0..=PASSES {
+        let begin = Instant::now();
+        for &id in &ids {
+            // SAFETY: the bench's own test file, which nothing changes while it runs.
+            let guard = unsafe { store.acquire_mapped(id) }?;
+            let n = guard.len().min(dst.as_slice().len());
+            dst.as_mut_slice()[..n].copy_from_slice(&guard[..n]);
+            std::hint::black_box(&dst);
+        }
+        // The first pass faults the mapping in.
+        if pass > 0 {
+            best = best.max(gbps(total, begin.elapsed().as_secs_f64()));
+        }
+    }
+    Ok(best)
+}
+
 /// memcpy of `total` bytes in tensor-sized pieces: into fresh allocations (what a restore
 /// must also pay for), and into one already-touched buffer (best of `PASSES`).
 fn memcpy(total: u64) -> anyhow::Result<(f64, f64)> {
@@ -719,6 +748,9 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
             f.restore_warm_steady_gbps = f.restore_warm_steady_gbps.max(rate);
         }
     }
+    // After the restores: the mapping shares the cache's pages, and letting it go later
+    // drops them.
+    f.memcpy_file_hot_gbps = memcpy_mapped(&store, model, total)?;
 
     eprintln!("acquire + release of a resident tensor");
     let id = ids[0];
@@ -903,8 +935,18 @@ fn print_read_rows(f: &Figures) {
     row(
         &format!("warm restore, {} budget", ByteSize(f.steady_budget)),
         &gb(f.restore_warm_steady_gbps),
-        Some(("memcpy hot", f.restore_warm_steady_gbps, f.memcpy_hot_gbps)),
+        Some((
+            "memcpy of the file",
+            f.restore_warm_steady_gbps,
+            f.memcpy_file_hot_gbps,
+        )),
         target("warm restore, steady budget"),
+    );
+    row(
+        "memcpy of the file (mapped, warm)",
+        &gb(f.memcpy_file_hot_gbps),
+        None,
+        None,
     );
     row("memcpy into fresh memory", &gb(f.memcpy_gbps), None, None);
     row(

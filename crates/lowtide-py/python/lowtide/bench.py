@@ -11,9 +11,10 @@ the loader left in the page cache. Contenders:
   of a few chunk sizes and of one and two reader threads (the cold baseline);
 - ``memcpy``: the file's bytes copied from a warm, already-faulted mapping into fresh memory
   (the warm baseline);
-- ``lowtide``: ``Store.open_model`` then ``Model.torch(name)`` for every tensor; the tensors
-  are lowtide's own RAM copies, read with ``O_DIRECT`` when cold and copied from the page cache
-  when warm;
+- ``lowtide``: ``Store.open_model``, ``Model.leases()`` (every tensor as one stream, the next
+  tensors' reads in flight while one completes, as ``lowtide.torch``'s ``load`` does), then a
+  torch view of each; the tensors are lowtide's own RAM copies, read with ``O_DIRECT`` when
+  cold and copied from the page cache when warm;
 - ``safetensors.torch.load_file``;
 - ``safe_open(..., "pt").get_tensor`` for every tensor;
 - ``mmap + frombuffer + clone``: the file mapped, ``torch.frombuffer`` per tensor, then
@@ -249,9 +250,13 @@ def memcpy_from_mapping(path: Path, into: Any = None) -> tuple[float, int]:
 
 
 def load_lowtide(path: Path, budget: int) -> tuple[dict[str, Any], Any]:
+    """Every tensor as one stream (``Model.leases``: the next tensors' reads in flight while
+    one completes), then a torch view over each RAM copy."""
+    from lowtide._frameworks import to_torch
+
     store = lowtide.Store(ram_budget=budget)
     model = store.open_model(path)
-    tensors = {name: model.torch(name) for name in model.names()}
+    tensors = {lease.name: to_torch(lease) for lease in model.leases()}
     return tensors, store
 
 
