@@ -211,7 +211,9 @@ impl<'a> RamStream<'a> {
             return self.restore_now(pending, Some(&(extent, read)));
         };
         if self.queue.is_none() && !self.no_queue {
-            self.queue = ReadQueue::new(self.shape_for(extent.source.device()));
+            let deepest = LADDER[..=self.top].iter().map(|s| s.depth).max();
+            let shape = self.shape_for(extent.source.device());
+            self.queue = ReadQueue::new(shape, deepest.unwrap_or(shape.depth));
             self.no_queue = self.queue.is_none();
         }
         if self.queue.is_none() {

@@ -678,9 +678,10 @@ pub(crate) struct ReadDone {
 }
 
 impl ReadQueue {
-    /// A queue with a ring for `shape.depth` requests; `None` where io_uring is unavailable.
-    pub(crate) fn new(shape: IoShape) -> Option<Self> {
-        let ring = take_ring(shape.depth)?;
+    /// A queue reading with `shape`, with a ring for up to `max_depth` requests (the deepest
+    /// shape [`ReadQueue::set_shape`] may ask for); `None` where io_uring is unavailable.
+    pub(crate) fn new(shape: IoShape, max_depth: usize) -> Option<Self> {
+        let ring = take_ring(shape.depth.max(max_depth))?;
         let slots = ring.params().sq_entries() as usize;
         let depth = shape.depth.min(slots).max(1);
         Some(Self {
