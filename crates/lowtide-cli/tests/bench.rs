@@ -105,7 +105,7 @@ fn a_bench_prints_each_target_with_its_verdict() {
     let path = dir.path().to_str().unwrap();
     let json = json_of(&lowtide(&["bench", path, "--size", "64MiB", "--json"]));
     let targets = json["targets"].as_array().expect("a targets array");
-    assert_eq!(targets.len(), 8, "{json}");
+    assert_eq!(targets.len(), 9, "{json}");
     for target in targets {
         assert!(target["figure"].is_string(), "{target}");
         assert!(target["value"].is_number(), "{target}");
@@ -144,6 +144,7 @@ fn a_bench_prints_each_target_with_its_verdict() {
         "{acquire}"
     );
     assert!(row("cold restore into RAM").contains(">= 0.90 x raw read"));
+    assert!(row("drop clean mapped pages").contains("<= 10 ms/GiB"));
     assert!(table.contains("targets: "), "{table}");
     assert_eq!(entries(dir.path()), ["lowtide-bench-1x64MiB.safetensors"]);
 }

@@ -679,6 +679,9 @@ impl Source {
 
     /// Releases this process's mapped pages that lie wholly inside `[offset, offset + len)` and
     /// asks the kernel to drop them from the page cache. Writes nothing. Returns bytes released.
+    ///
+    /// Both calls cost the kernel per folio, so a range faulted in as huge folios drops in a
+    /// fraction of the time single pages take (`sys/mapping.rs` has the figures).
     pub(crate) fn release(&self, offset: u64, len: u64) -> u64 {
         let page = crate::sys::page_size() as u64;
         let Some((start, len)) = crate::sys::inner_pages(offset, len, page) else {
