@@ -386,11 +386,12 @@ impl State {
         };
         match buf {
             Err(buf) => {
-                // Counted at its real size (block padding included): the releaser counts it
-                // so when the pool is flushed.
-                let size = buf.as_slice().len() as u64;
-                self.pool_bytes += size;
-                self.pool.push((buf, size));
+                // Counted as the copy was (its tensor's bytes): the copy's room passes to the
+                // pool as it is. Counting the few KiB of block padding too would put a full
+                // budget over by them, and `trim_pool` would free the buffer at once: no
+                // restore under a full budget would ever reuse one.
+                self.pool_bytes += len;
+                self.pool.push((buf, len));
             }
             // Not poolable: freed in the background, not under the registry lock.
             Ok(buf) => self.releaser.release(buf),

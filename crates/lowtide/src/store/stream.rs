@@ -67,7 +67,8 @@ pub struct RamStream<'a> {
     ahead: u64,
     /// How tensors ahead of the one handed out next are admitted.
     room: Room,
-    /// The most bytes begun ahead of the one handed out next.
+    /// The most bytes begun ahead of the one handed out next: twice the deepest shape's bytes
+    /// in flight, at most half the RAM budget.
     bound: u64,
     /// The highest rung of the shape ladder the RAM budget allows.
     top: usize,
@@ -146,7 +147,9 @@ impl<'a> RamStream<'a> {
             items: VecDeque::new(),
             ahead: 0,
             room,
-            bound: in_flight(LADDER[top]),
+            // The bytes in flight and as many queued behind them, so that the queue stays
+            // full while the next tensors are begun.
+            bound: (2 * in_flight(LADDER[top])).min(budget / 2),
             top,
             measuring: None,
             tag: 0,
