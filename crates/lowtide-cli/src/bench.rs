@@ -59,7 +59,7 @@ const TENSOR: u64 = 64 << 20;
 /// counts (this machine's noise is larger than either's variation).
 const PASSES: usize = 3;
 
-/// Rounds of spill writes, each paired with a raw write.
+/// Rounds of spill writes and reads, each paired with raw writes and reads.
 const SPILL_ROUNDS: usize = 3;
 
 /// The figures, as `--json` prints them.
@@ -100,14 +100,31 @@ struct Figures {
     mmap_cold_readahead_gbps: f64,
     restore_warm_gbps: f64,
     memcpy_gbps: f64,
+    /// Raw `O_DIRECT` write at the best shape (`raw_write_chunk` x `raw_write_depth`) in
+    /// calls of 256 MiB.
     raw_write_gbps: f64,
+    /// `Store::spill` of derived 64 MiB tensors held in `AlignedBytes` (written directly).
     spill_write_gbps: f64,
-    /// Spill writes of tensors derived from `Vec<u8>` (copied through a bounce buffer), where
-    /// `spill_write_gbps` is for tensors derived from `AlignedBytes` (written directly).
+    /// Spill writes of tensors derived from `Vec<u8>` (copied through a bounce buffer).
     spill_write_vec_gbps: f64,
-    /// Raw `O_DIRECT` write in one call per 64 MiB tensor at the spill file's shape (4 MiB x
-    /// 8): what a spill pays for the device alone, queue drains between tensors included.
+    /// Raw `O_DIRECT` write in one call per 64 MiB tensor at the spill file's shape
+    /// (`spill_chunk` x `spill_depth`), space reserved first: what a spill pays for the
+    /// device alone, queue drains between tensors included. The spill writes' baseline.
     raw_write_per_tensor_gbps: f64,
+    /// Restores of the spilled tensors into RAM (`Store::acquire_ram`; each gets a new RAM
+    /// copy), right after they were spilled.
+    spill_read_gbps: f64,
+    /// Raw `O_DIRECT` read of the file the raw per-tensor write just wrote, one call per
+    /// 64 MiB tensor at the spill file's shape, into one reused, touched buffer: the device
+    /// alone. The spill reads' baseline.
+    raw_read_per_tensor_gbps: f64,
+    /// The same read (done first) into a new 64 MiB allocation per tensor, all kept, as
+    /// restores keep their copies: the device and the cost of new memory together.
+    raw_read_per_tensor_new_gbps: f64,
+    /// The spill file's shape: requests of `spill_chunk` bytes, `spill_depth` in flight
+    /// (`DiskStorage::shape_for` the bench's directory, as the store chooses by default).
+    spill_chunk: usize,
+    spill_depth: usize,
     /// Time `release_model` takes to return (large buffers are unmapped in the background).
     clean_drop_ms_per_gib: f64,
     /// Time until the dropped copies' memory is back with the system
@@ -233,9 +250,15 @@ fn verdicts(f: &Figures) -> Vec<Verdict> {
         .unless(small, SMALL),
         Verdict::at_least(
             "spill write",
-            f.spill_write_gbps / f.raw_write_gbps,
+            f.spill_write_gbps / f.raw_write_per_tensor_gbps,
             0.9,
-            "raw write",
+            "raw same shape",
+        ),
+        Verdict::at_least(
+            "spill read",
+            f.spill_read_gbps / f.raw_read_per_tensor_gbps,
+            0.9,
+            "raw same shape",
         ),
         Verdict::at_most(
             "drop clean RAM copies (returns)",
@@ -451,12 +474,18 @@ fn raw_read(path: &Path, start: u64, len: u64, shape: IoShape, fresh: bool) -> a
 /// Raw `O_DIRECT` write of `len` bytes to a new file, space reserved first (as the spill file
 /// does), in calls of 256 MiB.
 fn raw_write(dir: &Path, len: u64, shape: IoShape) -> anyhow::Result<f64> {
-    raw_write_in(dir, len, shape, 256 << 20)
+    raw_write_in(dir, len, shape, 256 << 20).map(|(rate, _)| rate)
 }
 
 /// [`raw_write`] in calls of `span` bytes, each waiting for its requests: the device's queue
-/// runs down at the end of every call.
-fn raw_write_in(dir: &Path, len: u64, shape: IoShape, span: u64) -> anyhow::Result<f64> {
+/// runs down at the end of every call. Returns GB/s and the file, open with `O_DIRECT` (it
+/// has no name: it goes when dropped).
+fn raw_write_in(
+    dir: &Path,
+    len: u64,
+    shape: IoShape,
+    span: u64,
+) -> anyhow::Result<(f64, std::fs::File)> {
     // An unnamed file (`O_TMPFILE` where the file system has it): a killed bench leaves
     // nothing. Opened again with `O_DIRECT` through its descriptor.
     let plain = tempfile::tempfile_in(dir)
@@ -474,7 +503,31 @@ fn raw_write_in(dir: &Path, len: u64, shape: IoShape, span: u64) -> anyhow::Resu
         lowtide::direct::write(&file, at, &buf, n, shape)?;
         at += n as u64;
     }
-    Ok(gbps(len, begin.elapsed().as_secs_f64()))
+    Ok((gbps(len, begin.elapsed().as_secs_f64()), file))
+}
+
+/// What the spill file asks of the device, without the spill file: `len` bytes written at
+/// `shape` in one call per tensor to a new file (space reserved first), then read back in one
+/// call per tensor at `shape` into a new 64 MiB allocation each (all kept, as restores keep
+/// their copies), then again into one reused, touched buffer. Returns GB/s of each.
+fn raw_per_tensor(dir: &Path, len: u64, shape: IoShape) -> anyhow::Result<(f64, f64, f64)> {
+    let (write, file) = raw_write_in(dir, len, shape, TENSOR)?;
+    let mut kept = Vec::new();
+    let begin = Instant::now();
+    for at in (0..len).step_by(TENSOR as usize) {
+        let mut buf = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+        lowtide::direct::read(&file, at, &mut buf, shape)?;
+        kept.push(buf);
+    }
+    let new_memory = gbps(len, begin.elapsed().as_secs_f64());
+    drop(kept);
+    let mut reused = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+    reused.as_mut_slice().fill(1);
+    let begin = Instant::now();
+    for at in (0..len).step_by(TENSOR as usize) {
+        lowtide::direct::read(&file, at, &mut reused, shape)?;
+    }
+    Ok((write, new_memory, gbps(len, begin.elapsed().as_secs_f64())))
 }
 
 /// The best raw read over chunk sizes 1-16 MiB and queue depths 1-32, sampled on the first
@@ -549,15 +602,16 @@ fn raw_buffered_read(path: &Path, start: u64, len: u64) -> anyhow::Result<f64> {
 }
 
 /// Spills `bytes` of new derived tensors — in [`AlignedBytes`], or in `Vec<u8>` (written
-/// through a bounce buffer) — and returns GB/s. The model is closed afterwards, which frees
-/// the copies and the spill extents.
+/// through a bounce buffer) — and returns GB/s; for aligned tensors, then restores them into
+/// RAM from the spill file and returns that GB/s too. The model is closed afterwards, which
+/// frees the copies and the spill extents.
 fn spill_round(
     store: &Store,
     path: &Path,
     bytes: u64,
     round: usize,
     aligned: bool,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Option<f64>)> {
     let model = store.open_model(path)?;
     let mut derived = Vec::new();
     for i in 0..bytes / TENSOR {
@@ -581,10 +635,30 @@ fn spill_round(
     for &id in &derived {
         store.spill(id)?;
     }
-    let rate = gbps(bytes, begin.elapsed().as_secs_f64());
+    let write = gbps(bytes, begin.elapsed().as_secs_f64());
+    let read = if aligned {
+        // The copies the spills gave back must be gone first, as the raw read's memory is.
+        store.wait_released();
+        let before = store.stats().bytes_restored_spill;
+        let begin = Instant::now();
+        for &id in &derived {
+            drop(store.acquire_ram(id)?);
+        }
+        let rate = gbps(bytes, begin.elapsed().as_secs_f64());
+        let restored = store.stats().bytes_restored_spill - before;
+        anyhow::ensure!(
+            restored == bytes,
+            "the spill read restored {} from the spill file, not {}",
+            ByteSize(restored),
+            ByteSize(bytes)
+        );
+        Some(rate)
+    } else {
+        None
+    };
     store.close_model(model)?;
     store.wait_released();
-    Ok(rate)
+    Ok((write, read))
 }
 
 /// memcpy of every tensor of `model` from its mapped pages (the file warm) into one touched
@@ -802,24 +876,27 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
     store.release_model(model)?;
     drop(store);
 
-    eprintln!("spill writes against raw O_DIRECT writes");
+    eprintln!("spill writes and reads against raw O_DIRECT writes and reads");
     let spill_bytes = total.min(1 << 30);
+    let spill_shape = lowtide::DiskStorage::shape_for(dir);
+    (f.spill_chunk, f.spill_depth) = (spill_shape.chunk, spill_shape.depth);
     let (best_write, wshape) = best_raw_write(dir, spill_bytes)?;
     (f.raw_write_gbps, f.raw_write_chunk, f.raw_write_depth) =
         (best_write, wshape.chunk, wshape.depth);
     let store = new_store(dir, spill_bytes * 2)?;
-    // Three rounds, each followed by the raw write again: the best of each counts (the
-    // disk's speed drifts, and the first spill also creates the file and its buffers).
+    // Three rounds, each followed by the raw writes and reads again: the best of each counts
+    // (the disk's speed drifts, and the first spill also creates the file and its buffers).
     for round in 0..SPILL_ROUNDS {
-        f.spill_write_gbps =
-            f.spill_write_gbps
-                .max(spill_round(&store, &path, spill_bytes, round, true)?);
-        f.spill_write_vec_gbps =
-            f.spill_write_vec_gbps
-                .max(spill_round(&store, &path, spill_bytes, round, false)?);
+        let (write, read) = spill_round(&store, &path, spill_bytes, round, true)?;
+        f.spill_write_gbps = f.spill_write_gbps.max(write);
+        f.spill_read_gbps = f.spill_read_gbps.max(read.unwrap_or(0.0));
+        let (write_vec, _) = spill_round(&store, &path, spill_bytes, round, false)?;
+        f.spill_write_vec_gbps = f.spill_write_vec_gbps.max(write_vec);
         f.raw_write_gbps = f.raw_write_gbps.max(raw_write(dir, spill_bytes, wshape)?);
-        let per_tensor = raw_write_in(dir, spill_bytes, IoShape::DEFAULT, TENSOR)?;
-        f.raw_write_per_tensor_gbps = f.raw_write_per_tensor_gbps.max(per_tensor);
+        let (write, read_new, read) = raw_per_tensor(dir, spill_bytes, spill_shape)?;
+        f.raw_write_per_tensor_gbps = f.raw_write_per_tensor_gbps.max(write);
+        f.raw_read_per_tensor_new_gbps = f.raw_read_per_tensor_new_gbps.max(read_new);
+        f.raw_read_per_tensor_gbps = f.raw_read_per_tensor_gbps.max(read);
     }
 
     // The disk's speed drifts within a run (and a virtual disk may be cached by its host):
@@ -1036,24 +1113,65 @@ fn print_write_rows(f: &Figures) {
         None,
         None,
     );
+    let shape = format!("{} MiB x {}", f.spill_chunk >> 20, f.spill_depth);
     row(
-        "spill write",
-        &gb(f.spill_write_gbps),
-        Some(("raw write", f.spill_write_gbps, f.raw_write_gbps)),
-        target("spill write"),
-    );
-    row(
-        "raw write, a call per tensor",
+        &format!("raw write, {shape}, per tensor"),
         &gb(f.raw_write_per_tensor_gbps),
         Some(("raw write", f.raw_write_per_tensor_gbps, f.raw_write_gbps)),
         None,
     );
     row(
+        &format!("spill write ({shape})"),
+        &gb(f.spill_write_gbps),
+        Some((
+            "raw same shape",
+            f.spill_write_gbps,
+            f.raw_write_per_tensor_gbps,
+        )),
+        target("spill write"),
+    );
+    row(
         "spill write from Vec<u8> (bounce)",
         &gb(f.spill_write_vec_gbps),
-        Some(("raw write", f.spill_write_vec_gbps, f.raw_write_gbps)),
+        Some((
+            "raw same shape",
+            f.spill_write_vec_gbps,
+            f.raw_write_per_tensor_gbps,
+        )),
         None,
     );
+    row(
+        &format!("raw read, {shape}, per tensor"),
+        &gb(f.raw_read_per_tensor_gbps),
+        None,
+        None,
+    );
+    row(
+        "  into new memory",
+        &gb(f.raw_read_per_tensor_new_gbps),
+        Some((
+            "raw read",
+            f.raw_read_per_tensor_new_gbps,
+            f.raw_read_per_tensor_gbps,
+        )),
+        None,
+    );
+    row(
+        &format!("spill read into RAM ({shape})"),
+        &gb(f.spill_read_gbps),
+        Some((
+            "raw same shape",
+            f.spill_read_gbps,
+            f.raw_read_per_tensor_gbps,
+        )),
+        target("spill read"),
+    );
+    print_drop_rows(f);
+}
+
+/// The rows of drops and acquires.
+fn print_drop_rows(f: &Figures) {
+    let target = |figure: &str| f.targets.iter().find(|v| v.figure == figure);
     row(
         "drop clean RAM copies (returns)",
         &format!("{:.2} ms/GiB", f.clean_drop_ms_per_gib),

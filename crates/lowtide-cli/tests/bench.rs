@@ -105,7 +105,7 @@ fn a_bench_prints_each_target_with_its_verdict() {
     let path = dir.path().to_str().unwrap();
     let json = json_of(&lowtide(&["bench", path, "--size", "64MiB", "--json"]));
     let targets = json["targets"].as_array().expect("a targets array");
-    assert_eq!(targets.len(), 9, "{json}");
+    assert_eq!(targets.len(), 10, "{json}");
     for target in targets {
         assert!(target["figure"].is_string(), "{target}");
         assert!(target["value"].is_number(), "{target}");
@@ -145,6 +145,14 @@ fn a_bench_prints_each_target_with_its_verdict() {
     );
     assert!(row("cold restore into RAM").contains(">= 0.90 x raw read"));
     assert!(row("drop clean mapped pages").contains("<= 10 ms/GiB"));
+    // The spill rows name the spill file's shape and compare with raw I/O at that shape.
+    for spill in ["spill write (", "spill read into RAM ("] {
+        let spill = row(spill);
+        assert!(
+            spill.contains(" MiB x ") && spill.contains(">= 0.90 x raw same shape"),
+            "{spill}"
+        );
+    }
     assert!(table.contains("targets: "), "{table}");
     assert_eq!(entries(dir.path()), ["lowtide-bench-1x64MiB.safetensors"]);
 }

@@ -5,10 +5,13 @@
 //! written — a full disk is then `ENOSPC` from `fallocate`, an ordinary error, never a SIGBUS or
 //! a half-written extent. Writes and reads use `O_DIRECT` (no copy of spilled bytes lingers in
 //! the page cache) with several requests in flight, falling back to `pwrite`/`pread` where the
-//! file system refuses direct I/O; every extent carries an xxh3 checksum verified on
-//! every read; freed extents have their blocks returned with hole punching.
+//! file system refuses direct I/O; every extent carries an xxh3 checksum, computed alongside
+//! every write and verified alongside every read; freed extents have their blocks returned
+//! with hole punching. The requests' size and number in flight (the file's shape) fit the
+//! device under the spill directory (`shape.rs`).
 
 mod allocator;
+mod shape;
 mod storage;
 
 use std::io;
@@ -16,11 +19,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use allocator::{Allocator, blocks};
+pub(crate) use shape::{for_dir as shape_for_dir, normalized as normalized_shape};
 pub use storage::{DiskStorage, STORAGE_BLOCK, Storage, StorageFile};
 
 use crate::size::Bytes;
 use crate::sys::AlignedBuf;
-use crate::sys::direct::BLOCK;
+use crate::sys::direct::{BLOCK, IoShape};
 use crate::sys::fork::Owner;
 
 /// Errors of the spill file.
@@ -105,6 +109,8 @@ pub(crate) struct SpillFile {
     dir: PathBuf,
     max: Option<u64>,
     storage: Arc<dyn Storage>,
+    /// How each tensor's bytes are split into requests (see `shape.rs`).
+    shape: IoShape,
     /// The file, created on first use (under the space lock, so once); reads and writes
     /// take it without any lock.
     file: std::sync::OnceLock<Arc<dyn StorageFile>>,
@@ -148,11 +154,17 @@ struct Reservation {
 }
 
 impl SpillFile {
-    pub(crate) fn new(dir: PathBuf, max: Option<u64>, storage: Arc<dyn Storage>) -> Self {
+    pub(crate) fn new(
+        dir: PathBuf,
+        max: Option<u64>,
+        storage: Arc<dyn Storage>,
+        shape: IoShape,
+    ) -> Self {
         Self {
             dir,
             max,
             storage,
+            shape,
             file: std::sync::OnceLock::new(),
             space: Mutex::default(),
             freed: Mutex::default(),
@@ -233,7 +245,10 @@ impl SpillFile {
         if let Some(file) = self.file.get() {
             return Ok(Arc::clone(file));
         }
-        let file = self.storage.create(&self.dir).map_err(self.io("create"))?;
+        let file = self
+            .storage
+            .create_for(&self.dir, self.shape)
+            .map_err(self.io("create"))?;
         Ok(Arc::clone(self.file.get_or_init(|| file)))
     }
 
@@ -245,7 +260,10 @@ impl SpillFile {
         if self.file.get().is_some() {
             return Ok(());
         }
-        let file = self.storage.create(&self.dir).map_err(self.io("create"))?;
+        let file = self
+            .storage
+            .create_for(&self.dir, self.shape)
+            .map_err(self.io("create"))?;
         file.allocate(0, BLOCK)
             .map_err(|err| self.reserve_error(BLOCK, err))?;
         let _ = self.file.set(file);
@@ -425,6 +443,15 @@ impl SpillFile {
         result
     }
 
+    /// Bytes of bounce buffer for unaligned tensors: the shape's requests in flight, at most
+    /// [`BOUNCE`].
+    fn bounce_len(&self) -> usize {
+        self.shape
+            .chunk
+            .saturating_mul(self.shape.depth)
+            .min(BOUNCE)
+    }
+
     /// The file to read an extent from.
     fn file_of(&self) -> io::Result<Arc<dyn StorageFile>> {
         self.file
@@ -478,12 +505,19 @@ impl SpillFile {
     }
 
     /// Reads an extent into `dst` (exactly `extent.len` bytes) and verifies its checksum.
+    /// Large extents read into block-aligned memory (every RAM copy) are checksummed as
+    /// their windows arrive.
     pub(crate) fn read(&self, extent: &Extent, dst: &mut [u8]) -> Result<(), SpillError> {
         debug_assert_eq!(dst.len() as u64, extent.len);
         let file = self.file_of().map_err(self.io("read"))?;
-        self.get(&*file, extent.offset, dst)
-            .map_err(self.io("read"))?;
-        let actual = checksum(dst);
+        let hashed_alongside =
+            dst.len() >= HASH_ALONGSIDE_MIN && (dst.as_ptr() as u64).is_multiple_of(BLOCK);
+        let actual = if hashed_alongside {
+            self.get_hashed(&*file, extent.offset, dst)
+        } else {
+            self.get(&*file, extent.offset, dst).map(|()| checksum(dst))
+        }
+        .map_err(self.io("read"))?;
         if actual != extent.checksum {
             return Err(SpillError::Checksum {
                 offset: extent.offset,
@@ -513,7 +547,7 @@ impl SpillFile {
             return Ok(());
         }
         // Large enough for several requests in flight per copy.
-        let size = chunk_size(BOUNCE, rest.len() as u64);
+        let size = chunk_size(self.bounce_len(), rest.len() as u64);
         let mut bounce = self.bounce.take(size)?;
         let at = offset + body as u64;
         let result = if rest.len() < OVERLAP_MIN {
@@ -534,7 +568,9 @@ impl SpillFile {
     fn get(&self, file: &dyn StorageFile, offset: u64, dst: &mut [u8]) -> io::Result<()> {
         let body = if (dst.as_ptr() as u64).is_multiple_of(BLOCK) {
             let body = dst.len() / BLOCK as usize * BLOCK as usize;
-            read_exact(file, offset, &mut dst[..body], body)?;
+            if body > 0 {
+                read_exact(file, offset, &mut dst[..body], body)?;
+            }
             body
         } else {
             0
@@ -543,7 +579,7 @@ impl SpillFile {
         if len == 0 {
             return Ok(());
         }
-        let size = chunk_size(BOUNCE, len as u64);
+        let size = chunk_size(self.bounce_len(), len as u64);
         let mut bounce = self.bounce.take(size)?;
         let result = (|| {
             let bounce = &mut bounce.as_mut_slice()[..size];
@@ -560,6 +596,20 @@ impl SpillFile {
         })();
         self.bounce.give(bounce);
         result
+    }
+
+    /// [`SpillFile::get`] into block-aligned `dst`, checksummed on this thread while reader
+    /// threads read the next windows (see [`windowed_read`]); returns the checksum.
+    fn get_hashed(&self, file: &dyn StorageFile, offset: u64, dst: &mut [u8]) -> io::Result<u64> {
+        let body = dst.len() / BLOCK as usize * BLOCK as usize;
+        let (body, tail) = dst.split_at_mut(body);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        windowed_read(file, offset, body, self.shape, |window| {
+            hasher.update(window);
+        })?;
+        self.get(file, offset + body.len() as u64, tail)?;
+        hasher.update(tail);
+        Ok(hasher.digest())
     }
 
     /// Frees an extent: it no longer counts as used at once; its blocks go back to the file
@@ -720,10 +770,90 @@ fn overlapped_write(
     })
 }
 
+/// Reads `buf` (block-aligned) at the block-aligned `offset` in windows of whole requests of
+/// `shape`, on up to [`READERS`] threads that share the shape's depth (each reads one window
+/// at a time, all of its requests in flight), and hands the windows to `consume` on this
+/// thread in order, each as soon as it and those before it have arrived: `consume` runs
+/// alongside the reads, and only the last window's is left after them. The requests in
+/// flight dip only while a reader waits for the last of its window; the others keep theirs
+/// queued. On the development machine (64 MiB extents, 4 MiB x 8, two cores) one read and a
+/// checksum after it measured 0.82-0.87 x a raw read of the same extents at the same shape,
+/// and windows checksummed alongside 0.89-0.90 (without the checksum, 0.96-0.98: the
+/// checksum's core is one of two, and the reads slow down while it runs).
+fn windowed_read(
+    file: &dyn StorageFile,
+    offset: u64,
+    buf: &mut [u8],
+    shape: IoShape,
+    mut consume: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    // Each reader keeps `per_reader` requests in flight; together about `shape.depth`.
+    let per_reader = shape.depth.div_ceil(READERS).max(1);
+    let readers = shape.depth.div_ceil(per_reader);
+    let window = shape.chunk * per_reader;
+    let (to_readers, jobs) = std::sync::mpsc::channel::<(usize, &mut [u8])>();
+    let mut count = 0;
+    for (i, piece) in buf.chunks_mut(window).enumerate() {
+        to_readers
+            .send((i, piece))
+            .expect("the receiver lives in this function");
+        count += 1;
+    }
+    drop(to_readers);
+    let jobs = Mutex::new(jobs);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (to_consumer, arrived) = std::sync::mpsc::channel::<(usize, &mut [u8], io::Result<()>)>();
+    std::thread::scope(|scope| {
+        for _ in 0..readers.min(count) {
+            let (jobs, failed, to_consumer) = (&jobs, &failed, to_consumer.clone());
+            scope.spawn(move || {
+                loop {
+                    let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok((i, piece)) = job else { return };
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let at = offset + (i * window) as u64;
+                    let result = read_exact(file, at, piece, piece.len());
+                    if to_consumer.send((i, piece, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(to_consumer);
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut next = 0;
+        let mut error = None;
+        // Ends when every reader has returned.
+        for (i, piece, result) in arrived {
+            if let Err(err) = result {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                error.get_or_insert(err);
+            }
+            if error.is_some() {
+                continue;
+            }
+            waiting.insert(i, piece);
+            while let Some(piece) = waiting.remove(&next) {
+                consume(piece);
+                next += 1;
+            }
+        }
+        error.map_or(Ok(()), Err)
+    })
+}
+
+/// The most threads [`windowed_read`] reads an extent on. (One, two and eight measured the
+/// same on the development machine; four keep the last window, checksummed after the reads,
+/// at 8 MiB for the default shapes.)
+const READERS: usize = 4;
+
 /// Unaligned bytes from this size on are copied and written in overlapping slots.
 const OVERLAP_MIN: usize = 8 << 20;
 
-/// The bounce buffer for unaligned buffers: 8 requests of the default size.
+/// The most bytes of bounce buffer for unaligned buffers, whatever the shape: 8 requests of
+/// the default size.
 const BOUNCE: usize = 32 << 20;
 
 /// The most memory the spill file's own buffers hold (kept between uses) for tensors of at
@@ -759,7 +889,7 @@ fn punch(file: &dyn StorageFile, offset: u64, len: u64) {
 mod tests {
     use std::sync::Arc;
 
-    use super::{DiskStorage, SpillError, SpillFile};
+    use super::{DiskStorage, IoShape, SpillError, SpillFile};
 
     fn disk() -> Arc<dyn super::Storage> {
         Arc::new(DiskStorage)
@@ -771,7 +901,7 @@ mod tests {
 
     impl super::Storage for Kept {
         fn create(&self, dir: &std::path::Path) -> std::io::Result<Arc<dyn super::StorageFile>> {
-            let file = DiskStorage::open(dir)?;
+            let file = DiskStorage::open(dir, IoShape::DEFAULT)?;
             *self.0.lock().unwrap() = Some(file.file.try_clone()?);
             Ok(Arc::new(file))
         }
@@ -780,7 +910,12 @@ mod tests {
     #[test]
     fn round_trip_reuse_and_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = SpillFile::new(dir.path().to_path_buf(), Some(64 << 10), disk());
+        let spill = SpillFile::new(
+            dir.path().to_path_buf(),
+            Some(64 << 10),
+            disk(),
+            IoShape::DEFAULT,
+        );
         let a: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let extent = spill.write(&a).unwrap();
         assert_eq!(spill.used(), 12_288);
@@ -822,7 +957,12 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let kept = Arc::new(Kept::default());
-        let spill = SpillFile::new(dir.path().to_path_buf(), Some(8 << 20), kept.clone());
+        let spill = SpillFile::new(
+            dir.path().to_path_buf(),
+            Some(8 << 20),
+            kept.clone(),
+            IoShape::DEFAULT,
+        );
         let allocated = |_: &SpillFile| {
             let file = kept.0.lock().unwrap();
             file.as_ref().unwrap().metadata().unwrap().blocks() * 512
@@ -855,7 +995,7 @@ mod tests {
     #[test]
     fn a_probe_reserves_the_first_block_and_the_first_extent_uses_it() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = SpillFile::new(dir.path().to_path_buf(), None, disk());
+        let spill = SpillFile::new(dir.path().to_path_buf(), None, disk(), IoShape::DEFAULT);
         spill.probe().unwrap();
         assert_eq!(spill.space().tail_reserved, super::BLOCK);
         let extent = spill.write(b"abc").unwrap();
@@ -864,14 +1004,197 @@ mod tests {
         spill.read(&extent, &mut back).unwrap();
         assert_eq!(&back, b"abc");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        let missing = SpillFile::new("/nonexistent/spill".into(), None, disk());
+        let missing = SpillFile::new("/nonexistent/spill".into(), None, disk(), IoShape::DEFAULT);
         let err = missing.probe().unwrap_err();
         assert!(matches!(err, SpillError::Io { op: "create", .. }), "{err}");
     }
 
+    /// A spill file in memory that records the shape it was created for and the reads it
+    /// received, and can fail or corrupt the reads of one offset.
+    #[derive(Debug, Default)]
+    struct Mem {
+        shape: std::sync::Mutex<Option<IoShape>>,
+        file: Arc<MemFile>,
+    }
+
+    #[derive(Debug, Default)]
+    struct MemFile {
+        bytes: std::sync::Mutex<Vec<u8>>,
+        /// Offset and length of every read.
+        reads: std::sync::Mutex<Vec<(u64, usize)>>,
+        /// Reads at this offset fail with `EIO` (0: none).
+        fail_at: std::sync::atomic::AtomicU64,
+        /// Reads at this offset return their first byte flipped (0: none).
+        flip_at: std::sync::atomic::AtomicU64,
+    }
+
+    impl super::Storage for Mem {
+        fn create(&self, _dir: &std::path::Path) -> std::io::Result<Arc<dyn super::StorageFile>> {
+            Ok(self.file.clone())
+        }
+
+        fn create_for(
+            &self,
+            dir: &std::path::Path,
+            shape: IoShape,
+        ) -> std::io::Result<Arc<dyn super::StorageFile>> {
+            *self.shape.lock().unwrap() = Some(shape);
+            self.create(dir)
+        }
+    }
+
+    impl super::StorageFile for MemFile {
+        fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            let mut bytes = self.bytes.lock().unwrap();
+            let end = (offset + len) as usize;
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            Ok(())
+        }
+
+        fn punch(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        fn write_at(&self, offset: u64, src: &[u8]) -> std::io::Result<()> {
+            let mut bytes = self.bytes.lock().unwrap();
+            bytes[offset as usize..offset as usize + src.len()].copy_from_slice(src);
+            Ok(())
+        }
+
+        fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<usize> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.reads.lock().unwrap().push((offset, dst.len()));
+            if offset > 0 && self.fail_at.load(SeqCst) == offset {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            if offset == 0 {
+                // The first window usually arrives last: the checksum must still take the
+                // windows in order.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let bytes = self.bytes.lock().unwrap();
+            let n = dst.len().min(bytes.len().saturating_sub(offset as usize));
+            dst[..n].copy_from_slice(&bytes[offset as usize..offset as usize + n]);
+            if offset > 0 && self.flip_at.load(SeqCst) == offset {
+                dst[0] ^= 1;
+            }
+            Ok(n)
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 131 % 251) as u8).collect()
+    }
+
+    /// A large extent read into aligned memory arrives in windows of whole requests of the
+    /// spill file's shape, read on several threads and checksummed in order; a window that
+    /// fails or comes back corrupt fails the read.
+    #[test]
+    fn large_extents_are_read_in_windows_and_checksummed_in_order() {
+        use crate::sys::AlignedBuf;
+        use std::sync::atomic::Ordering::SeqCst;
+        let shape = IoShape {
+            chunk: 64 << 10,
+            depth: 16,
+        };
+        let storage = Arc::new(Mem::default());
+        let spill = SpillFile::new("/unused".into(), None, storage.clone(), shape);
+        let len = super::HASH_ALONGSIDE_MIN + 5000;
+        let bytes = pattern(len);
+        let extent = spill.write(&bytes).unwrap();
+        assert_eq!(*storage.shape.lock().unwrap(), Some(shape));
+        let mut back = AlignedBuf::zeroed(len).unwrap();
+        spill.read(&extent, back.as_mut_slice()).unwrap();
+        assert!(back.as_slice() == bytes.as_slice());
+        // Four readers of four requests each: 256 KiB windows, then the tail through the
+        // bounce buffer.
+        let reads = std::mem::take(&mut *storage.file.reads.lock().unwrap());
+        let body = len / 4096 * 4096;
+        assert_eq!(reads.len(), body.div_ceil(256 << 10) + 1);
+        assert!(
+            reads[..reads.len() - 1]
+                .iter()
+                .all(|&(o, l)| o % (256 << 10) == 0 && (l == 256 << 10 || o as usize + l == body))
+        );
+
+        let window = 5 * (256 << 10) as u64;
+        storage.file.flip_at.store(window, SeqCst);
+        let err = spill.read(&extent, back.as_mut_slice()).unwrap_err();
+        assert!(matches!(err, SpillError::Checksum { .. }), "{err}");
+        storage.file.flip_at.store(0, SeqCst);
+        storage.file.fail_at.store(window, SeqCst);
+        let err = spill.read(&extent, back.as_mut_slice()).unwrap_err();
+        assert!(matches!(err, SpillError::Io { op: "read", .. }), "{err}");
+        storage.file.fail_at.store(0, SeqCst);
+        spill.read(&extent, back.as_mut_slice()).unwrap();
+        assert!(back.as_slice() == bytes.as_slice());
+    }
+
+    /// Unaligned tensors pass through a bounce buffer sized by the shape's requests in
+    /// flight (never above 32 MiB), and come back whole through it.
+    #[test]
+    fn the_bounce_buffer_follows_the_shape() {
+        let small = IoShape {
+            chunk: 64 << 10,
+            depth: 2,
+        };
+        let storage = Arc::new(Mem::default());
+        let spill = SpillFile::new("/unused".into(), None, storage.clone(), small);
+        assert_eq!(spill.bounce_len(), 128 << 10);
+        let large = IoShape {
+            chunk: 16 << 20,
+            depth: 8,
+        };
+        let unused = SpillFile::new("/unused".into(), None, Arc::new(Mem::default()), large);
+        assert_eq!(unused.bounce_len(), 32 << 20);
+        // Unaligned by one byte, large enough for the overlapped writers.
+        let bytes = pattern(super::OVERLAP_MIN + 1 + 100);
+        let extent = spill.write(&bytes[1..]).unwrap();
+        let written = storage.file.bytes.lock().unwrap();
+        assert!(written[..bytes.len() - 1] == bytes[1..]);
+        drop(written);
+        let mut back = vec![0; bytes.len() - 1];
+        spill.read(&extent, &mut back).unwrap();
+        assert!(back == bytes[1..]);
+    }
+
+    /// `StoreBuilder::spill_io_shape` reaches the storage, made usable; without it the
+    /// storage gets the shape for the spill directory's device.
+    #[test]
+    fn the_store_gives_its_spill_file_a_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let given = Arc::new(Mem::default());
+        let _store = crate::Store::builder()
+            .spill_dir(dir.path())
+            .spill_io_shape(IoShape {
+                chunk: 5000,
+                depth: 0,
+            })
+            .spill_storage(given.clone())
+            .build()
+            .unwrap();
+        let expected = IoShape {
+            chunk: 8192,
+            depth: 1,
+        };
+        assert_eq!(*given.shape.lock().unwrap(), Some(expected));
+        let default = Arc::new(Mem::default());
+        let _store = crate::Store::builder()
+            .spill_dir(dir.path())
+            .spill_storage(default.clone())
+            .build()
+            .unwrap();
+        assert_eq!(
+            *default.shape.lock().unwrap(),
+            Some(DiskStorage::shape_for(dir.path()))
+        );
+    }
+
     #[test]
     fn missing_directory_is_an_io_error() {
-        let spill = SpillFile::new("/nonexistent/spill".into(), None, disk());
+        let spill = SpillFile::new("/nonexistent/spill".into(), None, disk(), IoShape::DEFAULT);
         let err = spill.write(b"abc").unwrap_err();
         assert!(matches!(err, SpillError::Io { op: "create", .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/spill"));

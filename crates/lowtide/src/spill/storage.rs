@@ -25,6 +25,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// A new, empty file in `dir` that no other process can find (a crash must leave nothing
     /// behind).
     fn create(&self, dir: &Path) -> io::Result<Arc<dyn StorageFile>>;
+
+    /// The same as [`Storage::create`], for a spill file that moves each tensor in requests
+    /// of `shape.chunk` bytes, `shape.depth` in flight: a storage that splits transfers into
+    /// requests of its own uses it. Default: `create(dir)`, the shape unused.
+    fn create_for(&self, dir: &Path, shape: IoShape) -> io::Result<Arc<dyn StorageFile>> {
+        let _ = shape;
+        self.create(dir)
+    }
 }
 
 /// One file of a [`Storage`], used from many threads at once.
@@ -50,22 +58,41 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
 }
 
 /// The default storage: an unnamed file (`O_TMPFILE`, or a file unlinked at once where the
-/// file system lacks it) written and read with `O_DIRECT` and several requests in flight,
-/// or with `pwrite`/`pread` where the file system refuses direct I/O.
+/// file system lacks it) written and read with `O_DIRECT` and several requests in flight
+/// (the spill file's shape: see [`DiskStorage::shape_for`]), or with `pwrite`/`pread` where
+/// the file system refuses direct I/O.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiskStorage;
 
 impl DiskStorage {
-    pub(super) fn open(dir: &Path) -> io::Result<DiskFile> {
+    pub(super) fn open(dir: &Path, shape: IoShape) -> io::Result<DiskFile> {
         let file = create_unnamed(dir)?;
         let direct = reopen_direct(&file, true);
-        Ok(DiskFile { file, direct })
+        Ok(DiskFile {
+            file,
+            direct,
+            shape,
+        })
+    }
+
+    /// The request shape a store gives its spill file in `dir` unless
+    /// [`StoreBuilder::spill_io_shape`](crate::StoreBuilder::spill_io_shape) says otherwise:
+    /// requests as large as the device's queue takes whole (`queue/max_sectors_kb` in sysfs,
+    /// a power of two within 1-16 MiB), 32 MiB in flight; 4 MiB x 8 ([`IoShape::DEFAULT`])
+    /// where sysfs does not describe the device.
+    pub fn shape_for(dir: &Path) -> IoShape {
+        super::shape::for_dir(dir)
     }
 }
 
 impl Storage for DiskStorage {
+    /// A file moved in requests of [`DiskStorage::shape_for`] `dir`.
     fn create(&self, dir: &Path) -> io::Result<Arc<dyn StorageFile>> {
-        Ok(Arc::new(Self::open(dir)?))
+        Ok(Arc::new(Self::open(dir, Self::shape_for(dir))?))
+    }
+
+    fn create_for(&self, dir: &Path, shape: IoShape) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(Self::open(dir, shape)?))
     }
 }
 
@@ -74,6 +101,8 @@ pub(super) struct DiskFile {
     pub(super) file: File,
     /// The same file opened with `O_DIRECT` (`None` where the file system refuses it).
     direct: Option<File>,
+    /// How each direct read or write is split into requests.
+    shape: IoShape,
 }
 
 impl StorageFile for DiskFile {
@@ -88,14 +117,14 @@ impl StorageFile for DiskFile {
 
     fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         match &self.direct {
-            Some(direct) => write_at(direct, offset, bytes, IoShape::DEFAULT, None).map(drop),
+            Some(direct) => write_at(direct, offset, bytes, self.shape, None).map(drop),
             None => self.file.write_all_at(bytes, offset),
         }
     }
 
     fn read_at(&self, offset: u64, dst: &mut [u8]) -> io::Result<usize> {
         if let Some(direct) = &self.direct {
-            return read_at(direct, offset, dst, IoShape::DEFAULT, None).map(|(n, _)| n);
+            return read_at(direct, offset, dst, self.shape, None).map(|(n, _)| n);
         }
         let mut done = 0;
         while done < dst.len() {

@@ -11,6 +11,7 @@ use crate::policy::{DefaultPolicy, EvictionPolicy};
 use crate::source::SourceIo;
 use crate::spill::{DiskStorage, SpillFile, Storage};
 use crate::stats::Stats;
+use crate::sys::direct::IoShape;
 use crate::sys::fork::Owner;
 
 /// Settings for a [`Store`]. Every setter documents its default; [`StoreBuilder::build`]
@@ -21,6 +22,7 @@ pub struct StoreBuilder {
     reserve_ram: u64,
     spill_dir: Option<PathBuf>,
     spill_max: Option<u64>,
+    spill_io_shape: Option<IoShape>,
     policy: Option<Box<dyn EvictionPolicy>>,
     storage: Option<Arc<dyn Storage>>,
     source_io: Option<Arc<dyn SourceIo>>,
@@ -68,6 +70,24 @@ impl StoreBuilder {
     /// Default: no limit other than the file system's free space.
     pub fn spill_max(mut self, bytes: u64) -> Self {
         self.spill_max = Some(bytes);
+        self
+    }
+
+    /// How the spill file splits each tensor it writes or reads: requests of `shape.chunk`
+    /// bytes, `shape.depth` of them in flight (one tensor moves at a time, so this is all
+    /// the queue the device gets from it). The chunk is rounded up to whole 4096-byte blocks,
+    /// within one block and 64 MiB; the depth is kept within 1 and 64. Memory stays bounded
+    /// whatever the shape: aligned tensors are written from and read into their own pages,
+    /// and unaligned ones pass through a bounce buffer of at most 32 MiB. A
+    /// [`spill_storage`](StoreBuilder::spill_storage) of your own receives the shape in
+    /// [`Storage::create_for`].
+    ///
+    /// Default: [`DiskStorage::shape_for`] the spill directory, chosen for its device when
+    /// the store is built: requests as large as the device's queue takes whole, 32 MiB in
+    /// flight (4 MiB x 8 for a queue that takes 4 MiB, and where sysfs does not describe the
+    /// device; 1 MiB x 32 for one that takes 128 KiB to 1 MiB).
+    pub fn spill_io_shape(mut self, shape: IoShape) -> Self {
+        self.spill_io_shape = Some(shape);
         self
     }
 
@@ -171,7 +191,11 @@ impl StoreBuilder {
             return Err(ConfigError::ZeroInterval);
         }
         let storage = self.storage.unwrap_or_else(|| Arc::new(DiskStorage));
-        let spill = Arc::new(SpillFile::new(spill_dir, self.spill_max, storage));
+        let shape = self.spill_io_shape.map_or_else(
+            || crate::spill::shape_for_dir(&spill_dir),
+            crate::spill::normalized_shape,
+        );
+        let spill = Arc::new(SpillFile::new(spill_dir, self.spill_max, storage, shape));
         if let Err(err) = spill.probe() {
             // Not an error of the settings: a store without a working spill file still
             // serves clean tensors, and the first spill tries again. But say so now, not at
