@@ -241,3 +241,57 @@ fn cached_spilled_and_resident_tensors_come_out_of_the_same_stream() {
         }
     }
 }
+
+#[test]
+fn threads_streaming_the_same_model_under_a_tight_budget_each_get_every_tensor_right() {
+    let dir = common::tempdir();
+    let path = model(dir.path(), 12, 2);
+    let Some(_) = common::cold(&path) else { return };
+    // Room for about eight of the twelve tensors: the streams evict each other's copies.
+    let store = store(17 * MIB);
+    let m = store.open_model(&path).unwrap();
+    let ids = store.tensors(m).unwrap();
+    let checked = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (store, ids, checked) = (&store, &ids, &checked);
+            scope.spawn(move || {
+                for round in 0..3 {
+                    // Each thread in its own order: some streams run backwards.
+                    let mut order = ids.clone();
+                    if (t + round) % 2 == 1 {
+                        order.reverse();
+                    }
+                    for (i, guard) in store.stream_ram(order.clone()).enumerate() {
+                        match guard {
+                            Ok(guard) => {
+                                check(store, order[i], &guard);
+                                checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            // Four streams each holding a tensor and reading ahead can fill
+                            // the budget for a moment: refused, never over it.
+                            Err(StoreError::Memory(lowtide::MemoryError::OverBudget {
+                                ..
+                            })) => {}
+                            Err(err) => panic!("thread {t}, round {round}: {err}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let checked = checked.into_inner();
+    println!("{checked} of {} tensors handed out", 4 * 3 * ids.len());
+    assert!(
+        checked >= 4 * 3 * ids.len() / 2,
+        "only {checked} handed out"
+    );
+    assert!(pinned(&store, &ids).is_empty());
+    let stats = store.stats();
+    assert!(
+        stats.anon_peak_bytes <= store.ram_budget(),
+        "{} > {}",
+        stats.anon_peak_bytes,
+        store.ram_budget()
+    );
+}
