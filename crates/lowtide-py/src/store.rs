@@ -52,7 +52,8 @@ pub(crate) struct Store {
 #[pymethods]
 impl Store {
     #[new]
-    #[pyo3(signature = (ram_budget=None, reserve_ram=None, spill_dir=None, spill_max=None, pressure=None, mapped_readahead=false))]
+    #[pyo3(signature = (ram_budget=None, reserve_ram=None, spill_dir=None, spill_max=None, pressure=None, mapped_readahead=false, keep_streamed_cached=true))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments, each optional
     fn new(
         py: Python<'_>,
         ram_budget: Option<&Bound<'_, PyAny>>,
@@ -61,8 +62,11 @@ impl Store {
         spill_max: Option<&Bound<'_, PyAny>>,
         pressure: Option<bool>,
         mapped_readahead: bool,
+        keep_streamed_cached: bool,
     ) -> PyResult<Self> {
-        let mut builder = lowtide::Store::builder().mapped_readahead(mapped_readahead);
+        let mut builder = lowtide::Store::builder()
+            .mapped_readahead(mapped_readahead)
+            .keep_streamed_cached(keep_streamed_cached);
         if let Some(bytes) = optional_bytes(ram_budget, "ram_budget")? {
             builder = builder.ram_budget(bytes);
         }

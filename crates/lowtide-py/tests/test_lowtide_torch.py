@@ -113,6 +113,33 @@ def test_load_reads_a_cold_module_as_one_stream(reference, tmp_path):
             assert torch.equal(module(_input()), expected)
 
 
+def test_a_forward_streams_a_submodules_weights_through_one_queue(reference, tmp_path):
+    """With nothing loaded ahead, each submodule's forward brings its weight and bias in as
+    one stream (here with ``keep_streamed_cached=False``: ``O_DIRECT`` every time), and the
+    module computes exactly what the ordinary one does."""
+    net, path = reference
+    expected = net(_input())
+    total = path.stat().st_size
+    make_cold(path)
+    store = lowtide.Store(ram_budget=total // 3, spill_dir=tmp_path, keep_streamed_cached=False)
+    with store:
+        module = _meta_net()
+        managed = lt.manage(module, store, path)
+        assert managed.load("cpu", budget=0) == 0
+        before = store.stats()["restores_queued"]
+        for _ in range(2):
+            with torch.no_grad():
+                assert torch.equal(module(_input()), expected)
+        stats = store.stats()
+        if stats["bytes_read_cold"] == 0:
+            pytest.skip("the page cache kept the file after POSIX_FADV_DONTNEED")
+        if stats["restores_queued"] == 0:
+            pytest.skip("no io_uring or no O_DIRECT here: every weight was read alone")
+        assert stats["restores_queued"] > before, stats
+        assert stats["restores_cached"] == 0 and stats["bytes_read_cold_kept"] == 0, stats
+        assert stats["anon_peak_bytes"] <= store.ram_budget
+
+
 def test_streamed_weights_stay_in_the_page_cache_while_memory_is_free(reference, tmp_path):
     """A module larger than its budget streams weights in at every forward: with memory free
     they are read through the page cache once and copied from it afterwards, so the second

@@ -40,6 +40,10 @@ class Store:
     ``spill_max``: the most bytes the spill file may hold (default: no limit).
     ``pressure``: watch memory pressure (PSI) on a thread (default: on iff ``reserve_ram``).
     ``mapped_readahead``: mapped reads use the kernel's readahead (default False).
+    ``keep_streamed_cached``: weights restored again and again (or of a model larger than
+    the budget) are read through the page cache and left there while memory is plentiful, so
+    that the next restore reads nothing from the disk (default True); False reads everything
+    not cached with ``O_DIRECT`` and leaves nothing cached.
     Raises :class:`lowtide.ConfigError` for impossible settings. Once closed, every call
     but ``close()`` raises :class:`lowtide.StoreClosed` (a ``ValueError``).
 
@@ -60,6 +64,7 @@ class Store:
         spill_max: Size | None = None,
         pressure: bool | None = None,
         mapped_readahead: bool = False,
+        keep_streamed_cached: bool = True,
     ) -> Self: ...
     @property
     def ram_budget(self) -> int:

@@ -129,7 +129,10 @@ class ManagedModule:
             self._clock += 1
             for slot in slots:
                 slot.last_use = self._clock
-            for slot in slots:
+            missing = [slot for slot in slots if slot.tensor is None]
+            if len(missing) > 1:
+                self._bring_streamed(missing, resident=False)
+            for slot in missing:
                 if slot.tensor is None:
                     self._bring(slot)
 
@@ -160,11 +163,11 @@ class ManagedModule:
         del host  # the RAM copy is unpinned: clean, lowtide may drop it at once
         return device
 
-    def _bring_streamed(self, slots: list[Slot]) -> int:
-        """Loads ``slots`` resident in batches read as one stream each
-        (:meth:`lowtide.Model.leases`: the next weights' reads in flight while one
-        completes), each batch of one model file and at most a quarter of the store's
-        ``ram_budget`` when the weights go on to another device. Stops at the first batch
+    def _bring_streamed(self, slots: list[Slot], resident: bool = True) -> int:
+        """Loads ``slots`` (``resident``, or let go after the forward) in batches read as
+        one stream each (:meth:`lowtide.Model.leases`: the next weights' reads in flight
+        while one completes), each batch of one model file and at most a quarter of the
+        store's ``ram_budget`` when the weights go on to another device. Stops at the first batch
         the store has no room for (the caller loads the rest one by one, making room).
         Returns the bytes loaded."""
         cap = self.store.ram_budget if self.device.type == "cpu" else self.store.ram_budget // 4
@@ -192,7 +195,9 @@ class ManagedModule:
                 # The module first, then the slot (as in `_bring`).
                 place(slot, tensor)
                 slot.tensor = tensor
-                slot.resident = True
+                slot.resident = resident
+                if not resident:
+                    self._loose.add(slot)
                 loaded += slot.nbytes
             del leases  # on another device: the RAM copies are unpinned
         return loaded
@@ -308,7 +313,7 @@ class ManagedModule:
                     slot.resident = True
                     self._loose.discard(slot)
             todo = [slot for slot in self._slots if slot.tensor is None and slot in plan]
-            used += self._bring_streamed(todo)
+            used += self._bring_streamed(todo, resident=True)
             for slot in todo:
                 if slot.tensor is not None:
                     continue
