@@ -222,6 +222,14 @@ impl<'a> RamStream<'a> {
         if self.queue.is_none() {
             return self.restore_now(pending, Some(&(extent, read)));
         }
+        if self
+            .measuring
+            .as_ref()
+            .is_some_and(|segment| segment.device != extent.source.device())
+        {
+            // Files on another device share the queue: its rate is no longer one device's.
+            self.measuring = None;
+        }
         if let Err(err) = extent.source.check_unchanged() {
             self.stats.other_tensors += 1;
             return Item::Done(self.store.finish_ram(pending, Err(err.into())));
