@@ -432,7 +432,7 @@ fn test_file(plan: &Plan) -> anyhow::Result<()> {
 }
 
 /// Empties the page cache of `path`; says whether it worked.
-fn make_cold(path: &Path) -> anyhow::Result<bool> {
+pub(crate) fn make_cold(path: &Path) -> anyhow::Result<bool> {
     let file = std::fs::File::open(path)?;
     drop_cached(&file)?;
     let len = file.metadata()?.len();
@@ -577,7 +577,16 @@ fn new_store(spill_dir: &Path, budget: u64) -> anyhow::Result<Store> {
 /// Restores every tensor into RAM as one stream, letting each go once it is there (as a
 /// model larger than its budget is used); returns GB/s.
 fn restore_all(store: &Store, model: lowtide::ModelId, total: u64) -> anyhow::Result<f64> {
-    let ids = store.tensors(model)?;
+    stream_through(store, store.tensors(model)?, total)
+}
+
+/// Restores `ids` (`total` bytes) into RAM as one stream, letting each go once it is there;
+/// returns GB/s.
+pub(crate) fn stream_through(
+    store: &Store,
+    ids: Vec<lowtide::TensorId>,
+    total: u64,
+) -> anyhow::Result<f64> {
     let begin = Instant::now();
     for guard in store.stream_ram(ids) {
         drop(guard?);

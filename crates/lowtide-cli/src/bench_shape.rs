@@ -3,7 +3,6 @@
 //! so that the shape its streams choose can be set beside the one chosen at full speed.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -48,13 +47,8 @@ pub(crate) fn probe(path: &Path, bytes: u64) -> anyhow::Result<()> {
     }
     let mut gbps = 0.0;
     for _ in 0..PASSES {
-        let file = std::fs::File::open(path)?;
-        lowtide::direct::drop_cached(&file)?;
-        let begin = Instant::now();
-        for guard in store.stream_ram(ids.clone()) {
-            drop(guard?);
-        }
-        gbps = total as f64 / begin.elapsed().as_secs_f64() / 1e9;
+        crate::bench::make_cold(path)?;
+        gbps = crate::bench::stream_through(&store, ids.clone(), total)?;
         store.release_model(model)?;
         if store.read_shapes().first().is_some_and(|d| d.settled) {
             break;

@@ -53,11 +53,7 @@ fn a_model_larger_than_its_budget_is_streamed_from_the_page_cache_while_memory_i
     let path = model(dir.path(), 8, 4);
     let total = 32 * MIB;
     // Room for two tensors (and a pooled buffer): every pass in order restores all eight.
-    let store = Store::builder()
-        .ram_budget(13 * MIB)
-        .monitor(false)
-        .build()
-        .unwrap();
+    let store = common::store(13 * MIB);
     if !plenty(&store, total) || common::cold(&path).is_none() {
         return;
     }
@@ -94,11 +90,7 @@ fn a_tensor_is_read_direct_first_and_kept_cached_when_it_comes_back() {
     let path = model(dir.path(), 4, 1);
     let total = 4 * MIB;
     // The model fits in the budget: its first restores leave nothing in the page cache.
-    let store = Store::builder()
-        .ram_budget(64 * MIB)
-        .monitor(false)
-        .build()
-        .unwrap();
+    let store = common::store(64 * MIB);
     if !plenty(&store, total) || common::cold(&path).is_none() {
         return;
     }
@@ -189,11 +181,7 @@ fn cgroup_cache(dir: &Path) -> u64 {
 /// The child of the test below, inside a 48 MiB cgroup: streams a 64 MiB model twice under an
 /// 8 MiB budget and prints its stats and how much page cache the cgroup gained.
 fn cgroup_child(model: &str, cgroup: &Path) {
-    let store = Store::builder()
-        .ram_budget(9 * MIB)
-        .monitor(false)
-        .build()
-        .unwrap();
+    let store = common::store(9 * MIB);
     let m = store.open_model(model).unwrap();
     let before = cgroup_cache(cgroup);
     pass(&store, m);

@@ -34,14 +34,6 @@ fn all_cold(path: &Path) -> bool {
     }
 }
 
-fn store(budget: u64) -> Store {
-    Store::builder()
-        .ram_budget(budget)
-        .monitor(false)
-        .build()
-        .unwrap()
-}
-
 fn check(store: &Store, id: TensorId, guard: &lowtide::TensorGuard) {
     let name = store.info(id).unwrap().name;
     assert_eq!(
@@ -66,7 +58,7 @@ fn a_cold_model_streams_with_the_next_tensors_in_flight() {
     if !all_cold(&path) {
         return;
     }
-    let store = store(1 << 30);
+    let store = common::store(1 << 30);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     let mut stream = store.stream_ram(ids.clone());
@@ -107,7 +99,7 @@ fn a_model_larger_than_its_budget_streams_through_it() {
     let path = model(dir.path(), 16, 2);
     let Some(_) = common::cold(&path) else { return };
     // Room for about six of the sixteen tensors.
-    let store = store(13 * MIB);
+    let store = common::store(13 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     for round in 0..2 {
@@ -133,7 +125,7 @@ fn a_model_larger_than_its_budget_streams_through_it() {
 fn acquire_many_pins_all_or_none() {
     let dir = common::tempdir();
     let path = model(dir.path(), 6, 2);
-    let store = store(8 * MIB);
+    let store = common::store(8 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     // Three fit.
@@ -167,7 +159,7 @@ fn a_stream_dropped_early_leaves_nothing_pinned_or_reserved() {
     let dir = common::tempdir();
     let path = model(dir.path(), 10, 2);
     let Some(_) = common::cold(&path) else { return };
-    let store = store(64 * MIB);
+    let store = common::store(64 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     {
@@ -188,7 +180,7 @@ fn a_stream_dropped_early_leaves_nothing_pinned_or_reserved() {
 fn each_tensor_gets_its_own_outcome_when_the_file_changes_mid_stream() {
     let dir = common::tempdir();
     let path = model(dir.path(), 8, 2);
-    let store = store(256 * MIB);
+    let store = common::store(256 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
@@ -265,7 +257,7 @@ fn threads_streaming_the_same_model_under_a_tight_budget_each_get_every_tensor_r
     let path = model(dir.path(), 12, 2);
     let Some(_) = common::cold(&path) else { return };
     // Room for about eight of the twelve tensors: the streams evict each other's copies.
-    let store = store(17 * MIB);
+    let store = common::store(17 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     let checked = std::sync::atomic::AtomicUsize::new(0);

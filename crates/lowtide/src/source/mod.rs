@@ -634,9 +634,7 @@ impl Source {
             read(buf.blocks_mut())
         };
         if let Err(err) = result {
-            // A file that shrank meanwhile is reported as the change it is.
-            self.check_unchanged()?;
-            return Err(io("read")(err));
+            return Err(self.read_error(err));
         }
         // Checked again after the copy: a write to the file moves its timestamps before it
         // changes the page cache, so bytes rewritten while they were being read are caught

@@ -190,17 +190,14 @@ impl Shared {
                     tier: Tier::Device,
                 })),
             },
-            CopySource::File(FileExtent { source, offset }, again) => {
+            CopySource::File(extent, again) => {
                 let read = self.file_read(*again);
                 match into {
                     Target::Ram { reuse } => {
-                        let extent = FileExtent {
-                            source: Arc::clone(source),
-                            offset: *offset,
-                        };
-                        self.restore_file_ram(&extent, len, reuse, read).map(Some)
+                        self.restore_file_ram(extent, len, reuse, read).map(Some)
                     }
                     Target::Device { device, alloc } => {
+                        let FileExtent { source, offset } = extent;
                         self.stream_file(source, *offset, name, device, alloc, read)?;
                         Ok(None)
                     }

@@ -30,3 +30,12 @@ pub fn cold(path: &std::path::Path) -> Option<(std::fs::File, u64, u64)> {
     }
     Some((file, len, cached))
 }
+
+/// A store with a RAM budget of `budget` bytes and no monitor thread.
+pub fn store(budget: u64) -> lowtide::Store {
+    lowtide::Store::builder()
+        .ram_budget(budget)
+        .monitor(false)
+        .build()
+        .unwrap()
+}
