@@ -156,19 +156,32 @@ class ManagedModule:
     # --- moving weights ---------------------------------------------------------------------
 
     def _fetch(self, slot: Slot) -> torch.Tensor:
-        host = slot.model.torch(slot.stored)
+        return self._on_device(slot.model.torch(slot.stored))
+
+    def _on_device(self, host: torch.Tensor) -> torch.Tensor:
+        """``host``, a tensor over lowtide's RAM copy, as the module uses it: on the CPU the
+        RAM copy itself, pinned while the module holds it; elsewhere a copy on the device,
+        after which ``host`` goes and the RAM copy is unpinned (clean: lowtide may drop it at
+        once)."""
         if self.device.type == "cpu":
-            return host  # lowtide's RAM copy itself, pinned while the module holds it
-        device = host.to(self.device)
-        del host  # the RAM copy is unpinned: clean, lowtide may drop it at once
-        return device
+            return host
+        return host.to(self.device)
+
+    def _install(self, slot: Slot, tensor: torch.Tensor, resident: bool) -> None:
+        # The module first, then the slot: interrupted between the two, the weight is
+        # loaded again by the next forward instead of missing from the module.
+        place(slot, tensor)
+        slot.tensor = tensor
+        slot.resident = resident
+        if not resident:
+            self._loose.add(slot)
 
     def _bring_streamed(self, slots: list[Slot], resident: bool = True) -> int:
         """Loads ``slots`` (``resident``, or let go after the forward) in batches read as
         one stream each (:meth:`lowtide.Model.leases`: the next weights' reads in flight
         while one completes), each batch of one model file and at most a quarter of the
-        store's ``ram_budget`` when the weights go on to another device. Stops at the first batch
-        the store has no room for (the caller loads the rest one by one, making room).
+        store's ``ram_budget`` when the weights go on to another device. Stops at the first
+        batch the store has no room for (the caller loads the rest one by one, making room).
         Returns the bytes loaded."""
         cap = self.store.ram_budget if self.device.type == "cpu" else self.store.ram_budget // 4
         batches: list[list[Slot]] = []
@@ -189,15 +202,7 @@ class ManagedModule:
             except (lowtide.OverBudget, lowtide.UnderReserve):
                 break
             for slot, lease in zip(batch, leases, strict=True):
-                host = to_torch(lease)
-                tensor = host if self.device.type == "cpu" else host.to(self.device)
-                del host
-                # The module first, then the slot (as in `_bring`).
-                place(slot, tensor)
-                slot.tensor = tensor
-                slot.resident = resident
-                if not resident:
-                    self._loose.add(slot)
+                self._install(slot, self._on_device(to_torch(lease)), resident)
                 loaded += slot.nbytes
             del leases  # on another device: the RAM copies are unpinned
         return loaded
@@ -205,13 +210,7 @@ class ManagedModule:
     def _bring(self, slot: Slot, resident: bool = False) -> None:
         """Loads one weight, making room by letting go of idle ones if the store is full."""
         tensor = self._with_room(slot.nbytes, lambda: self._fetch(slot), keep=slot)
-        # The module first, then the slot: interrupted between the two, the weight is
-        # loaded again by the next forward instead of missing from the module.
-        place(slot, tensor)
-        slot.tensor = tensor
-        slot.resident = resident
-        if not resident:
-            self._loose.add(slot)
+        self._install(slot, tensor, resident)
 
     def _with_room(self, nbytes: int, fetch: Callable[[], Any], keep: Slot | None = None) -> Any:
         """``fetch()``, retried after letting go of idle loaded weights while the store says
