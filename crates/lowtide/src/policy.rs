@@ -15,6 +15,16 @@
 //!    evictions longer than a clean one used at the same time.
 //! 3. Ties: least recently used first.
 //!
+//! Before credit, within a class: **copies in a loop longer than their tier**. A copy whose
+//! last two uses were further apart (in bytes of tensors used, see
+//! [`Candidate::reuse_distance`]) than its tier holds comes back only after a whole pass,
+//! and recency evicts every such copy just before its next use: a model streamed through a
+//! budget smaller than itself would read all of itself at every pass. These go first, the
+//! one due last first ([`Candidate::due_in`], Belady's rule with the distance as the
+//! forecast), so that a budget's worth of the loop stays for the next pass and each pass
+//! reads about the model's size less the budget. A copy overdue (unused for longer than its
+//! distance) is ordered as any other.
+//!
 //! Copies under a guard are never candidates.
 //!
 //! Then the policy chooses each victim's **fate** ([`EvictionPolicy::fate`]): drop it (its
@@ -54,6 +64,13 @@ pub struct Candidate {
     pub priority: Priority,
     /// Logical time of its last use (larger is more recent).
     pub last_use: u64,
+    /// Bytes of tensors used between its last two uses (every use of any tensor counts its
+    /// length): how far apart its uses come. `None` while it has been used once.
+    pub reuse_distance: Option<u64>,
+    /// Bytes of tensors used since its last use (its own use included).
+    pub since_use: u64,
+    /// Bytes the tier it would leave can hold: the RAM budget, or the device's memory.
+    pub capacity: u64,
     /// Its GreedyDual credit (see the module docs).
     pub credit: f64,
     /// Bytes the eviction frees.
@@ -76,6 +93,16 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// For a copy used in a loop longer than its tier holds (its uses `reuse_distance` apart,
+    /// more than `capacity`, and not overdue): the bytes of other uses until its next one is
+    /// due. Recency cannot keep such a copy until it comes back — each pass of the loop
+    /// would push it out first — so the default order evicts these first, the one needed
+    /// last going first, which keeps a tier's worth of the loop for the next pass.
+    pub fn due_in(&self) -> Option<u64> {
+        let distance = self.reuse_distance?;
+        (distance > self.capacity && self.since_use <= distance).then(|| distance - self.since_use)
+    }
+
     /// Its bytes survive without the copy being evicted: dropping it loses nothing.
     pub fn kept_elsewhere(&self) -> bool {
         self.clean
@@ -144,7 +171,8 @@ pub fn default_fate(candidate: &Candidate) -> Fate {
     }
 }
 
-/// The documented default order: priority class, then credit, then recency.
+/// The documented default order: priority class, then copies in loops longer than their
+/// tier (the one due last first), then credit, then recency.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultPolicy;
 
@@ -153,6 +181,13 @@ impl EvictionPolicy for DefaultPolicy {
         candidates.sort_by(|a, b| {
             a.priority
                 .cmp(&b.priority)
+                // Looping copies first (`Some` before `None`), the one due last first.
+                .then_with(|| match (a.due_in(), b.due_in()) {
+                    (Some(a), Some(b)) => b.cmp(&a),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                })
                 .then(a.credit.total_cmp(&b.credit))
                 .then(a.last_use.cmp(&b.last_use))
         });
@@ -166,4 +201,52 @@ pub(crate) fn restore_cost(clean: bool, recompute: Option<f64>) -> f64 {
     }
     let spill = WRITE_COST + READ_COST;
     recompute.map_or(spill, |r| r.min(spill))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(tensor: u32, last_use: u64, reuse: Option<u64>, since: u64) -> Candidate {
+        Candidate {
+            tensor: TensorId(tensor),
+            priority: Priority::Queued,
+            last_use,
+            reuse_distance: reuse,
+            since_use: since,
+            capacity: 100,
+            credit: 1.0,
+            len: 10,
+            clean: true,
+            copy: Evicting::Ram,
+            spilled: false,
+            in_ram: true,
+            on_device: false,
+            recipe_cost: None,
+            ram_room: false,
+        }
+    }
+
+    #[test]
+    fn only_a_copy_in_a_loop_longer_than_its_tier_is_due() {
+        // Used once, a short loop, overdue, in a long loop.
+        assert_eq!(candidate(0, 1, None, 500).due_in(), None);
+        assert_eq!(candidate(0, 1, Some(80), 10).due_in(), None);
+        assert_eq!(candidate(0, 1, Some(300), 301).due_in(), None);
+        assert_eq!(candidate(0, 1, Some(300), 10).due_in(), Some(290));
+    }
+
+    #[test]
+    fn looping_copies_go_first_the_one_due_last_first_then_recency() {
+        let mut candidates = vec![
+            candidate(0, 1, None, 400),      // old, used once
+            candidate(1, 9, Some(300), 20),  // due in 280
+            candidate(2, 2, Some(50), 350),  // short loop, long unused
+            candidate(3, 10, Some(300), 10), // due in 290: evicted first
+            candidate(4, 3, Some(300), 310), // overdue: as any other
+        ];
+        DefaultPolicy.order(&mut candidates);
+        let order: Vec<u32> = candidates.iter().map(|c| c.tensor.0).collect();
+        assert_eq!(order, [3, 1, 0, 2, 4]);
+    }
 }

@@ -78,10 +78,16 @@ fn a_model_larger_than_its_budget_is_streamed_from_the_page_cache_while_memory_i
         pass(&store, m);
     }
     let later = store.stats();
-    assert_eq!(later.restores_cached, 24, "{later:?}");
+    // Each later pass restores what the budget could not keep from the pass before (at
+    // least one tensor it kept: the default policy's loop rule).
+    let restored = later.restores_cached - first.restores_cached;
+    assert!((8..=14).contains(&restored), "{later:?}");
     // Nothing more from the disk: every later restore copied from the page cache.
     assert_eq!(later.bytes_read_cold, first.bytes_read_cold, "{later:?}");
-    assert_eq!(later.bytes_read_cached - first.bytes_read_cached, 2 * total);
+    assert_eq!(
+        later.bytes_read_cached - first.bytes_read_cached,
+        restored * 4 * MIB
+    );
 }
 
 #[test]
@@ -252,10 +258,11 @@ fn in_a_tight_cgroup_streamed_tensors_stay_direct_and_leave_nothing_cached() {
         words.next().and_then(|v| v.parse().ok()).expect(key)
     };
     println!("{line}");
-    // 64 MiB streamed twice through an 8 MiB budget: every restore reads with O_DIRECT.
+    // 64 MiB streamed twice through an 8 MiB budget: every restore reads with O_DIRECT (all
+    // 16 tensors in the first pass, all but what the budget kept in the second).
     assert_eq!(figure("cached"), 0, "{stdout}");
     assert_eq!(figure("kept"), 0, "{stdout}");
-    assert_eq!(figure("direct_short"), 32, "{stdout}");
+    assert!((28..=32).contains(&figure("direct_short")), "{stdout}");
     // Nothing the size of the tensors was left in the cgroup's page cache.
     assert!(figure("cache_grown") < 8 * MIB, "{stdout}");
 }

@@ -195,6 +195,7 @@ impl Shared {
     ) -> Vec<Candidate> {
         let budget = self.governor.ram_budget;
         let reserve = self.governor.reserve_ram();
+        let capacity = state.device(device).map_or(0, |d| d.capacity());
         let mut candidates: Vec<Candidate> = state
             .entries()
             .filter(|(_, t)| {
@@ -212,7 +213,7 @@ impl Shared {
                         || available.is_some_and(|a| {
                             reserve_shortfall(a.saturating_sub(state.reserved), t.len, reserve) == 0
                         }));
-                state.candidate(id, t, Evicting::Device, ram_room)
+                state.candidate(id, t, Evicting::Device, ram_room, capacity)
             })
             .collect();
         if super::unwinding(|| self.policy.order(&mut candidates)).is_none() {

@@ -117,7 +117,7 @@ impl Shared {
                     && !t.busy
                     && t.ram.is_some()
             })
-            .map(|(id, t)| state.candidate(id, t, Evicting::Ram, false))
+            .map(|(id, t)| state.candidate(id, t, Evicting::Ram, false, self.governor.ram_budget))
             .collect();
         if super::unwinding(|| self.policy.order(&mut candidates)).is_none() {
             // A policy that panics evicts nothing.

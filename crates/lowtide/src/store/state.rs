@@ -64,6 +64,10 @@ pub(super) struct TensorEntry {
     pub(super) device: Option<DeviceCopy>,
     pub(super) pins: u32,
     pub(super) last_use: u64,
+    /// The byte clock ([`State::used_bytes`]) at its last use; `None` before the first.
+    pub(super) used_at: Option<u64>,
+    /// Bytes of tensors used between its last two uses (`None`: used once so far).
+    pub(super) reuse_distance: Option<u64>,
     /// GreedyDual credit (see `policy`).
     pub(super) credit: f64,
     /// An eviction is moving this tensor's bytes outside the lock (a spill write, a device
@@ -102,6 +106,8 @@ impl TensorEntry {
             device: None,
             pins: 0,
             last_use: 0,
+            used_at: None,
+            reuse_distance: None,
             credit: 0.0,
             busy: false,
             spill_readers: 0,
@@ -127,9 +133,14 @@ impl TensorEntry {
         )
     }
 
-    /// Records a use at logical time `now` with inflation `inflation`.
-    pub(super) fn touch(&mut self, now: u64, inflation: f64) {
+    /// Records a use at logical time `now` (`used`: the byte clock) with inflation
+    /// `inflation`.
+    pub(super) fn touch(&mut self, now: u64, used: u64, inflation: f64) {
         self.last_use = now;
+        if let Some(before) = self.used_at {
+            self.reuse_distance = Some(used - before);
+        }
+        self.used_at = Some(used);
         self.credit = inflation + self.restore_cost();
     }
 
@@ -178,6 +189,9 @@ pub(super) struct State {
     pub(super) reserved: u64,
     /// Logical clock for recency.
     pub(super) clock: u64,
+    /// Byte clock: bytes of tensors used so far (each use adds the tensor's length), which
+    /// measures how far apart two uses of a tensor are in the terms a budget is set in.
+    pub(super) used_bytes: u64,
     /// GreedyDual inflation value `L`: the credit of the last evicted copy.
     pub(super) inflation: f64,
     /// Devices added with `Store::add_device`, indexed by `DeviceId`.
@@ -210,6 +224,7 @@ impl State {
             anon: 0,
             reserved: 0,
             clock: 0,
+            used_bytes: 0,
             inflation: 0.0,
             devices: Vec::new(),
             pool: Vec::new(),
@@ -263,18 +278,23 @@ impl State {
             .filter_map(|(i, t)| t.as_ref().map(|t| (TensorId(i as u32), t)))
     }
 
-    /// How the policy sees `t`'s `copy` as an eviction candidate.
+    /// How the policy sees `t`'s `copy` as an eviction candidate; `capacity` is the bytes the
+    /// tier it leaves can hold (the RAM budget, the device's memory).
     pub(super) fn candidate(
         &self,
         id: TensorId,
         t: &TensorEntry,
         copy: Evicting,
         ram_room: bool,
+        capacity: u64,
     ) -> Candidate {
         Candidate {
             tensor: id,
             priority: self.model(t.model).map(|m| m.priority).unwrap_or_default(),
             last_use: t.last_use,
+            reuse_distance: t.reuse_distance,
+            since_use: t.used_at.map_or(self.used_bytes, |at| self.used_bytes - at),
+            capacity,
             credit: t.credit,
             len: t.len,
             clean: t.is_clean(),
@@ -290,9 +310,16 @@ impl State {
     /// Records a use of `id` now.
     pub(super) fn touch(&mut self, id: TensorId) -> Result<&mut TensorEntry, StoreError> {
         self.clock += 1;
-        let (now, inflation) = (self.clock, self.inflation);
-        let entry = self.tensor_mut(id)?;
-        entry.touch(now, inflation);
+        let (now, used, inflation) = (self.clock, self.used_bytes, self.inflation);
+        let entry = self
+            .tensors
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(StoreError::Handle(HandleError::UnknownTensor {
+                tensor: id.0,
+            }))?;
+        entry.touch(now, used, inflation);
+        self.used_bytes = used.saturating_add(entry.len.max(1));
         Ok(entry)
     }
 
