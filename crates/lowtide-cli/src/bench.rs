@@ -93,6 +93,12 @@ struct Figures {
     /// Warm restore under `steady_budget` (buffers reused), against memcpy into touched
     /// memory.
     restore_warm_steady_gbps: f64,
+    /// The same with the file cached by 128 KiB reads (small folios), as another program may
+    /// leave it.
+    restore_warm_small_folios_gbps: f64,
+    /// `pread` of that cached file into touched 64 MiB buffers, each split over every CPU:
+    /// the kernel's own copy from small folios, the row above's ceiling.
+    pread_small_folios_gbps: f64,
     /// Cold fault-in of every tensor through a mapped acquire: exactly each tensor's pages.
     mmap_cold_gbps: f64,
     /// The same with `mapped_readahead(true)`: the kernel's readahead, as a plain `mmap` of
@@ -594,17 +600,48 @@ pub(crate) fn stream_through(
     Ok(gbps(total, begin.elapsed().as_secs_f64()))
 }
 
-/// Buffered sequential read of the file's data in 4 MiB `pread`s into one touched buffer;
-/// returns GB/s. The pages stay cached.
-fn raw_buffered_read(path: &Path, start: u64, len: u64) -> anyhow::Result<f64> {
+/// Buffered sequential read of the file's data in `step`-byte `pread`s into one touched
+/// buffer; returns GB/s. The pages stay cached, in folios as large as the reads allow.
+fn raw_buffered_read(path: &Path, start: u64, len: u64, step: usize) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt as _;
     let file = std::fs::File::open(path)?;
-    let mut buf = vec![1u8; 4 << 20];
+    let mut buf = vec![1u8; step];
     let begin = Instant::now();
     let mut at = 0;
     while at < len {
         let n = (len - at).min(buf.len() as u64) as usize;
         file.read_exact_at(&mut buf[..n], start + at)?;
+        at += n as u64;
+    }
+    Ok(gbps(len, begin.elapsed().as_secs_f64()))
+}
+
+/// `pread` of the file's data (cached) in 64 MiB pieces into one touched buffer, each piece
+/// split over every CPU; returns GB/s.
+fn parallel_pread(path: &Path, start: u64, len: u64) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::File::open(path)?;
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut buf = vec![1u8; TENSOR as usize];
+    let share = buf.len().div_ceil(threads);
+    let begin = Instant::now();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(TENSOR) as usize;
+        std::thread::scope(|scope| -> std::io::Result<()> {
+            let reads: Vec<_> = buf[..n]
+                .chunks_mut(share)
+                .enumerate()
+                .map(|(i, part)| {
+                    let file = &file;
+                    let offset = start + at + (i * share) as u64;
+                    scope.spawn(move || file.read_exact_at(part, offset))
+                })
+                .collect();
+            reads
+                .into_iter()
+                .try_for_each(|read| read.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
         at += n as u64;
     }
     Ok(gbps(len, begin.elapsed().as_secs_f64()))
@@ -798,7 +835,7 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
         f.cold &= make_cold(&path)?;
         f.restore_cold_steady_kept_gbps = restore_all(&steady, model, total)?;
         f.cold &= make_cold(&path)?;
-        f.raw_read_buffered_gbps = raw_buffered_read(&path, start, total)?;
+        f.raw_read_buffered_gbps = raw_buffered_read(&path, start, total, 4 << 20)?;
         make_cold(&path)?;
     }
 
@@ -855,9 +892,10 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
     drop(readahead);
 
     eprintln!("warm restore (from the page cache) and memcpy");
-    // Warm the cache again: releasing mapped pages may have dropped them.
-    std::fs::File::open(&path)
-        .and_then(|mut file| std::io::copy(&mut file, &mut std::io::sink()))?;
+    // Warm the cache again (releasing mapped pages dropped them) as a store's streams leave
+    // a file they keep cached: read in 4 MiB steps, which the kernel caches in large folios.
+    make_cold(&path)?;
+    raw_buffered_read(&path, start, total, 4 << 20)?;
     (f.memcpy_gbps, f.memcpy_hot_gbps) = memcpy(total)?;
     f.restore_warm_gbps = restore_all(&store, model, total)?;
     {
@@ -872,6 +910,25 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
     // After the restores: the mapping shares the cache's pages, and letting it go later
     // drops them.
     f.memcpy_file_hot_gbps = memcpy_mapped(&store, model, total)?;
+    store.release_model(model)?;
+
+    eprintln!("warm restore, the file cached by 128 KiB reads");
+    // As another program's small reads leave a file: in folios of at most 128 KiB, which the
+    // kernel copies from more slowly than from large ones, whoever asks.
+    make_cold(&path)?;
+    raw_buffered_read(&path, start, total, 128 << 10)?;
+    {
+        let steady = new_store(dir, f.steady_budget)?;
+        let model = steady.open_model(&path)?;
+        restore_all(&steady, model, total)?;
+        for _ in 0..PASSES {
+            let rate = restore_all(&steady, model, total)?;
+            f.restore_warm_small_folios_gbps = f.restore_warm_small_folios_gbps.max(rate);
+        }
+    }
+    f.pread_small_folios_gbps = (0..PASSES)
+        .map(|_| parallel_pread(&path, start, total))
+        .try_fold(0.0f64, |best, rate| rate.map(|rate| best.max(rate)))?;
 
     eprintln!("acquire + release of a resident tensor");
     let id = ids[0];
@@ -1065,6 +1122,26 @@ fn print_read_rows(f: &Figures) {
             f.memcpy_file_hot_gbps,
         )),
         target("warm restore, steady budget"),
+    );
+    row(
+        "  file cached by 128 KiB reads",
+        &gb(f.restore_warm_small_folios_gbps),
+        Some((
+            "pread ceiling",
+            f.restore_warm_small_folios_gbps,
+            f.pread_small_folios_gbps,
+        )),
+        None,
+    );
+    row(
+        "  pread of it, all CPUs (ceiling)",
+        &gb(f.pread_small_folios_gbps),
+        Some((
+            "memcpy of the file",
+            f.pread_small_folios_gbps,
+            f.memcpy_file_hot_gbps,
+        )),
+        None,
     );
     row(
         "memcpy of the file (mapped, warm)",
