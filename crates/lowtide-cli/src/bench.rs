@@ -1107,6 +1107,13 @@ fn print_read_rows(f: &Figures) {
         Some(("raw read", f.mmap_cold_readahead_gbps, f.raw_read_gbps)),
         None,
     );
+    print_warm_rows(f);
+}
+
+/// The warm restores and their memcpy baselines.
+fn print_warm_rows(f: &Figures) {
+    let target = |figure: &str| f.targets.iter().find(|v| v.figure == figure);
+    let gb = |v: f64| format!("{v:.2} GB/s");
     row(
         "warm restore (page cache)",
         &gb(f.restore_warm_gbps),
