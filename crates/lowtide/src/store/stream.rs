@@ -30,12 +30,14 @@ const POPULATE_STEP: usize = 16 << 20;
 /// Bytes a stream measures a shape over, at least (and at least twice its bytes in flight).
 const SEGMENT: u64 = 64 << 20;
 
-/// What a stream did, for tests and benchmarks.
+/// What a stream did, for tests and benchmarks: a [`RamStream`]'s, or a
+/// [`DeviceStream`](super::DeviceStream)'s (also in [`LoadOutcome`](super::LoadOutcome)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StreamStats {
     /// Tensors read through the queue with `O_DIRECT`.
     pub queued_tensors: u64,
-    /// Tensors restored one by one (cached, spilled, recomputed, already in RAM).
+    /// Tensors restored one by one (cached, spilled, recomputed, already in RAM or on the
+    /// device).
     pub other_tensors: u64,
     /// The most direct requests in flight at once.
     pub max_requests_in_flight: usize,
@@ -45,7 +47,7 @@ pub struct StreamStats {
     /// begin: the queue ran dry at a tensor boundary (the RAM budget or the stream's bound
     /// kept the next tensors out).
     pub drained_at_boundary: u64,
-    /// Shape segments measured for the device's tuning.
+    /// Shape segments measured for the device's tuning (device streams measure none).
     pub segments_measured: u64,
 }
 
