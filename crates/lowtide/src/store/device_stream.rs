@@ -476,11 +476,7 @@ impl<'a> DeviceStream<'a> {
                 if staging.made == 0 {
                     // The host refused the first buffer: none will come back to wait for.
                     *no_queue = true;
-                    upload.fail(|source| {
-                        source
-                            .read_error(std::io::ErrorKind::OutOfMemory.into())
-                            .into()
-                    });
+                    upload.fail(|source| read_failed(source, std::io::ErrorKind::OutOfMemory));
                     continue;
                 }
                 break;
@@ -500,11 +496,7 @@ impl<'a> DeviceStream<'a> {
                     staging
                         .free
                         .push(buf.map_or_else(|buf| buf, DirectBuf::into_inner));
-                    upload.fail(|source| {
-                        source
-                            .read_error(std::io::ErrorKind::InvalidInput.into())
-                            .into()
-                    });
+                    upload.fail(|source| read_failed(source, std::io::ErrorKind::InvalidInput));
                     continue;
                 }
             };
@@ -568,22 +560,7 @@ impl<'a> DeviceStream<'a> {
                 break;
             };
             taken = true;
-            if let Some(result) = &window.result {
-                match result {
-                    Ok(n) if *n >= window.wanted => {}
-                    Ok(_) => upload.fail(|source| {
-                        source
-                            .read_error(std::io::ErrorKind::UnexpectedEof.into())
-                            .into()
-                    }),
-                    Err(err) => {
-                        let (kind, text) = (err.kind(), err.to_string());
-                        upload.fail(|source| {
-                            source.read_error(std::io::Error::new(kind, text)).into()
-                        });
-                    }
-                }
-            }
+            // A failed or short read failed the tensor when it was recorded.
             if upload.failed.is_none() {
                 let uploaded = upload_window(upload, &window, staging.window, queue, reported);
                 if let Err(err) = uploaded {
@@ -625,22 +602,15 @@ impl<'a> DeviceStream<'a> {
                 let Some(window) = upload.windows.iter_mut().find(|w| w.tag == done.tag) else {
                     continue;
                 };
-                let short = matches!(done.result, Ok(n) if n < window.wanted);
-                let failed = done
-                    .result
-                    .as_ref()
-                    .err()
-                    .map(|err| (err.kind(), err.to_string()));
+                let failed = match &done.result {
+                    Ok(n) if *n >= window.wanted => None,
+                    // The file ended early: it changed since it was checked.
+                    Ok(_) => Some(std::io::ErrorKind::UnexpectedEof.into()),
+                    Err(err) => Some(copy(err)),
+                };
                 window.result = Some(done.result);
-                if short {
-                    upload.fail(|source| {
-                        source
-                            .read_error(std::io::ErrorKind::UnexpectedEof.into())
-                            .into()
-                    });
-                }
-                if let Some((kind, text)) = failed {
-                    upload.fail(|source| source.read_error(std::io::Error::new(kind, text)).into());
+                if let Some(err) = failed {
+                    upload.fail(|source| source.read_error(err).into());
                 }
                 break;
             }
@@ -657,22 +627,19 @@ impl<'a> DeviceStream<'a> {
         }
         self.no_queue = true;
         self.reported.clear();
-        let (kind, text) = (err.kind(), err.to_string());
         for item in &mut self.items {
             let Item::Queued(upload) = item else {
                 continue;
             };
+            let mut cut = upload.pushed < upload.count;
             for window in &mut upload.windows {
                 if window.result.is_none() {
-                    window.result = Some(Err(std::io::Error::new(kind, text.clone())));
+                    window.result = Some(Err(copy(err)));
+                    cut = true;
                 }
             }
-            if upload.pushed < upload.count || upload.reading() {
-                upload.fail(|source| {
-                    source
-                        .read_error(std::io::Error::new(kind, text.clone()))
-                        .into()
-                });
+            if cut {
+                upload.fail(|source| source.read_error(copy(err)).into());
             }
         }
     }
@@ -783,6 +750,16 @@ fn upload_window(
         }
     }
     Ok(())
+}
+
+/// A read of `source` that could not be done.
+fn read_failed(source: &Source, kind: std::io::ErrorKind) -> StoreError {
+    source.read_error(kind.into()).into()
+}
+
+/// The same I/O error again, for each read it ends.
+fn copy(err: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(err.kind(), err.to_string())
 }
 
 /// Waits for a tensor's uploads to complete.
