@@ -61,10 +61,10 @@ pub use source::{
 pub use spill::{DiskStorage, STORAGE_BLOCK, SpillError, Storage, StorageFile};
 pub use stats::StatsSnapshot;
 pub use store::{
-    ConfigError, DeviceGuard, DeviceId, DeviceShape, DropOutcome, FreeOutcome, HandleError,
-    LoadOutcome, MemoryError, ModelId, Prefetch, PrefetchCancel, PrefetchOutcome, RamStream,
-    Recipe, RestoreError, Store, StoreBuilder, StoreError, StreamStats, TensorBytes, TensorGuard,
-    TensorId, TensorInfo, Tier, UnloadOutcome, UpdateError, ViewError, scratch_bytes,
+    ConfigError, DeviceGuard, DeviceId, DeviceShape, DeviceStream, DropOutcome, FreeOutcome,
+    HandleError, LoadOutcome, MemoryError, ModelId, Prefetch, PrefetchCancel, PrefetchOutcome,
+    RamStream, Recipe, RestoreError, Store, StoreBuilder, StoreError, StreamStats, TensorBytes,
+    TensorGuard, TensorId, TensorInfo, Tier, UnloadOutcome, UpdateError, ViewError, scratch_bytes,
 };
 pub use sys::open::{FileKind, NotRegularFile, open_regular_file};
 pub use text::{Escaped, EscapedPath};

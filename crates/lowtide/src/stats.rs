@@ -128,7 +128,8 @@ pub struct StatsSnapshot {
     /// with `O_DIRECT`, nothing left cached.
     pub restores_direct_short: u64,
     /// Of the restores from a model file, those read with `O_DIRECT` through a stream's queue
-    /// ([`crate::Store::stream_ram`]): with the next tensors' reads in flight.
+    /// ([`crate::Store::stream_ram`], [`crate::Store::stream_device`], [`crate::Store::load`]):
+    /// with the next tensors' reads in flight.
     pub restores_queued: u64,
     /// Of those, bytes restored into RAM copies by copying from the page cache.
     pub bytes_read_cached: u64,

@@ -663,6 +663,12 @@ impl Source {
             .as_ref()
     }
 
+    /// The file opened with `O_DIRECT` by an earlier [`Source::direct_only`] that returned it
+    /// (for the next reads of the same extent, queued later).
+    pub(crate) fn direct_file(&self) -> Option<&File> {
+        self.direct.get().and_then(Option::as_ref)
+    }
+
     /// A read of this file that failed (a file that shrank meanwhile is the change it is).
     pub(crate) fn read_error(&self, err: std::io::Error) -> SourceError {
         match self.check_unchanged() {

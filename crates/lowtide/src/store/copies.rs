@@ -307,7 +307,7 @@ impl Shared {
     /// says, as for RAM copies) on a reader thread while the previous window is uploaded in
     /// the device's chunks: no full host copy is kept, nothing is left in the page cache
     /// unless `read` keeps it there, and at most three windows of buffer exist at once.
-    fn stream_file(
+    pub(super) fn stream_file(
         &self,
         source: &crate::source::Source,
         offset: u64,

@@ -12,9 +12,12 @@
 use std::sync::{Arc, MutexGuard};
 
 use super::copies::{CopySource, Target, alloc};
+use super::device_stream::{DeviceStream, Placed};
 use super::error::{HandleError, MemoryError, RestoreError, UpdateError};
 use super::ram::RamBuf;
+use super::reread::FileRead;
 use super::state::{DeviceCopy, State};
+use super::stream::StreamStats;
 use super::{Shared, Store, StoreError, TensorId, Tier};
 use crate::device::{Device, DeviceAlloc, DeviceError};
 use crate::governor::reserve_shortfall;
@@ -38,6 +41,26 @@ fn allocation_error(err: DeviceError, name: &str, device: &dyn Device, len: u64)
     }
 }
 
+/// What [`Store::begin_device`] did.
+pub(super) enum DeviceBegun {
+    /// The tensor had a copy on the device: pinned.
+    Ready(DeviceGuard),
+    /// Allocated and pinned; its bytes are to be uploaded from `from`.
+    Pending(DevicePending),
+}
+
+/// A device copy on its way: allocation made, tensor pinned, source chosen. Handed to
+/// [`Store::finish_device`], which installs it or gives the allocation back.
+pub(super) struct DevicePending {
+    pub(super) id: TensorId,
+    pub(super) device_id: DeviceId,
+    pub(super) device: Arc<dyn Device>,
+    pub(super) name: String,
+    pub(super) len: u64,
+    pub(super) alloc: DeviceAlloc,
+    pub(super) from: CopySource,
+}
+
 /// What [`Store::load`] placed where.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -50,6 +73,9 @@ pub struct LoadOutcome {
     pub host_tensors: u32,
     /// Their bytes.
     pub host_bytes: u64,
+    /// What the load's stream did: tensors read through its queue, the most reads in flight
+    /// at once (see [`DeviceStream`]).
+    pub stream: StreamStats,
 }
 
 /// What an unload did.
@@ -484,6 +510,48 @@ impl Shared {
         outcome.freed_bytes += len;
     }
 
+    /// Uploads a begun tensor's bytes from the copy chosen for it, then waits for the
+    /// device. A file extent is read as `read` says when given (a stream chose and counted
+    /// it already), else as [`Shared::file_read`] chooses. A panic is
+    /// [`RestoreError::Panicked`].
+    pub(super) fn fill_device(
+        &self,
+        pending: &DevicePending,
+        read: Option<FileRead>,
+    ) -> Result<(), StoreError> {
+        let DevicePending {
+            name,
+            len,
+            device,
+            alloc,
+            from,
+            ..
+        } = pending;
+        super::unwinding(|| {
+            match (from, read) {
+                (CopySource::File(extent, _), Some(read)) => {
+                    self.stream_file(&extent.source, extent.offset, name, device, alloc, read)
+                }
+                _ => self
+                    .restore(name, *len, from, Target::Device { device, alloc })
+                    .map(drop),
+            }
+            .and_then(|()| {
+                device.synchronize().map_err(|source| {
+                    StoreError::Restore(RestoreError::Device {
+                        name: name.clone(),
+                        source,
+                    })
+                })
+            })
+        })
+        .unwrap_or_else(|| {
+            Err(StoreError::Restore(RestoreError::Panicked {
+                name: name.clone(),
+            }))
+        })
+    }
+
     /// Frees a tensor's device copy without writing anything (the caller has made sure its
     /// bytes exist elsewhere, or they are stale).
     pub(super) fn release_device_copy(&self, state: &mut State, id: TensorId) -> u64 {
@@ -533,15 +601,34 @@ impl Store {
         self.acquire_device_sparing(id, device, None)
     }
 
-    // One sequence of steps (find, make room, allocate, upload, install), each needing the
-    // previous one's results: split, it would read worse.
-    #[allow(clippy::too_many_lines)]
     fn acquire_device_sparing(
         &self,
         id: TensorId,
         device_id: DeviceId,
         spare: Option<ModelId>,
     ) -> Result<DeviceGuard, StoreError> {
+        match self.begin_device(id, device_id, spare)? {
+            DeviceBegun::Ready(guard) => Ok(guard),
+            DeviceBegun::Pending(pending) => {
+                let restored = self.shared.fill_device(&pending, None);
+                self.finish_device(pending, restored)
+            }
+        }
+    }
+
+    /// The first half of a device acquire: the tensor's existing copy on `device_id` pinned,
+    /// or a new allocation made (room made by unloading other copies, `spare`'s excepted,
+    /// as the eviction rules say), the tensor pinned and the copy to upload from chosen. A
+    /// [`DeviceBegun::Pending`] must be handed to [`Store::finish_device`].
+    // One sequence of steps (find, move off another device, allocate, choose), each needing
+    // the previous one's results: split, it would read worse.
+    #[allow(clippy::too_many_lines)]
+    pub(super) fn begin_device(
+        &self,
+        id: TensorId,
+        device_id: DeviceId,
+        spare: Option<ModelId>,
+    ) -> Result<DeviceBegun, StoreError> {
         self.shared.not_forked()?;
         let (device, name, len, elsewhere) = {
             let mut state = self.shared.lock();
@@ -552,7 +639,7 @@ impl Store {
             {
                 let alloc = Arc::clone(&copy.alloc);
                 entry.pins += 1;
-                return Ok(self.device_guard(id, device, alloc));
+                return Ok(DeviceBegun::Ready(self.device_guard(id, device, alloc)));
             }
             let elsewhere = entry.device.as_ref().map(|c| c.device);
             if elsewhere.is_some() && entry.pins > 0 {
@@ -631,38 +718,39 @@ impl Store {
                 },
             }
         };
-        let from = match chosen {
-            Ok(from) => from,
+        match chosen {
+            Ok(from) => Ok(DeviceBegun::Pending(DevicePending {
+                id,
+                device_id,
+                device,
+                name,
+                len,
+                alloc,
+                from,
+            })),
             Err(found) => {
                 device.release(alloc);
-                return found.map(|existing| self.device_guard(id, device, existing));
+                found.map(|existing| DeviceBegun::Ready(self.device_guard(id, device, existing)))
             }
-        };
-        let restored = super::unwinding(|| {
-            self.shared
-                .restore(
-                    &name,
-                    len,
-                    &from,
-                    Target::Device {
-                        device: &device,
-                        alloc: &alloc,
-                    },
-                )
-                .and_then(|_| {
-                    device.synchronize().map_err(|source| {
-                        StoreError::Restore(RestoreError::Device {
-                            name: name.clone(),
-                            source,
-                        })
-                    })
-                })
-        })
-        .unwrap_or_else(|| {
-            Err(StoreError::Restore(RestoreError::Panicked {
-                name: name.clone(),
-            }))
-        });
+        }
+    }
+
+    /// The second half of a device acquire: installs the uploaded copy and returns its
+    /// guard, or undoes [`Store::begin_device`] (allocation, pin) and returns the error.
+    pub(super) fn finish_device(
+        &self,
+        pending: DevicePending,
+        restored: Result<(), StoreError>,
+    ) -> Result<DeviceGuard, StoreError> {
+        let DevicePending {
+            id,
+            device_id,
+            device,
+            name,
+            len,
+            alloc,
+            from,
+        } = pending;
         let (reads_spill, reads_file) = (from.reads_spill(), from.reads_file());
         drop(from);
         let mut state = self.shared.lock();
@@ -719,6 +807,12 @@ impl Store {
     /// uploaded in name order while they fit; the rest stay on the host and are uploaded when
     /// acquired (like ComfyUI's low-VRAM mode). Other models' copies are unloaded in policy
     /// order to make room; this model's own are not.
+    ///
+    /// The tensors go as one stream ([`DeviceStream`]): while one tensor's windows are
+    /// uploaded, the `O_DIRECT` reads of the next ones are in flight. A tensor the device has
+    /// no room for ([`MemoryError::DeviceFull`], or [`MemoryError::UnderReserve`] for a device
+    /// in host memory) stays on the host; any other error ends the load and is returned (the
+    /// tensors loaded before it stay on the device, those begun after it are undone).
     pub fn load(
         &self,
         model: ModelId,
@@ -726,31 +820,38 @@ impl Store {
         budget: Option<u64>,
     ) -> Result<LoadOutcome, StoreError> {
         self.shared.not_forked()?;
-        let budget = budget.unwrap_or(u64::MAX);
+        let ids = self.tensors(model)?;
+        let mut stream = DeviceStream::new(self, ids, device, Some(model), budget);
         let mut outcome = LoadOutcome::default();
-        for id in self.tensors(model)? {
-            let len = self.info(id)?.len;
-            if outcome.device_bytes + len > budget {
-                outcome.host_tensors += 1;
-                outcome.host_bytes += len;
-                continue;
-            }
-            match self.acquire_device_sparing(id, device, Some(model)) {
-                Ok(guard) => {
+        while let Some(placed) = stream.next_placed() {
+            match placed {
+                Placed::Tensor {
+                    len,
+                    result: Ok(guard),
+                } => {
                     drop(guard);
                     outcome.device_tensors += 1;
                     outcome.device_bytes += len;
                 }
-                // A device in host memory may also be refused to keep the RAM reserve.
-                Err(StoreError::Memory(
-                    MemoryError::DeviceFull { .. } | MemoryError::UnderReserve { .. },
-                )) => {
+                // Past the budget; or refused by the device, or to keep the RAM reserve
+                // (a device in host memory).
+                Placed::Host { len }
+                | Placed::Tensor {
+                    len,
+                    result:
+                        Err(StoreError::Memory(
+                            MemoryError::DeviceFull { .. } | MemoryError::UnderReserve { .. },
+                        )),
+                } => {
                     outcome.host_tensors += 1;
                     outcome.host_bytes += len;
                 }
-                Err(err) => return Err(err),
+                Placed::Tensor {
+                    result: Err(err), ..
+                } => return Err(err),
             }
         }
+        outcome.stream = stream.stats();
         Ok(outcome)
     }
 

@@ -10,6 +10,7 @@
 mod builder;
 mod copies;
 mod device;
+mod device_stream;
 mod error;
 mod evict;
 mod guard;
@@ -27,6 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 pub use builder::StoreBuilder;
 pub use device::{DeviceGuard, LoadOutcome, UnloadOutcome};
+pub use device_stream::DeviceStream;
 pub use error::{ConfigError, HandleError, MemoryError, RestoreError, StoreError, UpdateError};
 pub use evict::FreeOutcome;
 pub use guard::{TensorGuard, ViewError};

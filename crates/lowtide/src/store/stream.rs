@@ -30,12 +30,14 @@ const POPULATE_STEP: usize = 16 << 20;
 /// Bytes a stream measures a shape over, at least (and at least twice its bytes in flight).
 const SEGMENT: u64 = 64 << 20;
 
-/// What a stream did, for tests and benchmarks.
+/// What a stream did, for tests and benchmarks: a [`RamStream`]'s, or a
+/// [`DeviceStream`](super::DeviceStream)'s (also in [`LoadOutcome`](super::LoadOutcome)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StreamStats {
     /// Tensors read through the queue with `O_DIRECT`.
     pub queued_tensors: u64,
-    /// Tensors restored one by one (cached, spilled, recomputed, already in RAM).
+    /// Tensors restored one by one (cached, spilled, recomputed, already in RAM or on the
+    /// device).
     pub other_tensors: u64,
     /// The most direct requests in flight at once.
     pub max_requests_in_flight: usize,
@@ -45,7 +47,7 @@ pub struct StreamStats {
     /// begin: the queue ran dry at a tensor boundary (the RAM budget or the stream's bound
     /// kept the next tensors out).
     pub drained_at_boundary: u64,
-    /// Shape segments measured for the device's tuning.
+    /// Shape segments measured for the device's tuning (device streams measure none).
     pub segments_measured: u64,
 }
 
@@ -54,6 +56,9 @@ pub struct StreamStats {
 pub struct RamStream<'a> {
     /// Declared first: dropped (waiting for every request in flight) before the buffers.
     queue: Option<ReadQueue>,
+    /// Buffers of reads whose push failed: some of their requests may be in the ring, so
+    /// they are freed only after the queue (in `Drop`).
+    orphans: Vec<DirectBuf>,
     /// Whether a queue could not be set up (no `io_uring`): then everything is
     /// restored one by one.
     no_queue: bool,
@@ -140,6 +145,7 @@ impl<'a> RamStream<'a> {
         let top = top_within(budget / 4);
         Self {
             queue: None,
+            orphans: Vec::new(),
             no_queue: false,
             store,
             ids,
@@ -267,6 +273,8 @@ impl<'a> RamStream<'a> {
         // items); the direct file lives in `source`, held by the same item.
         let pushed = unsafe { queue.push(direct, start, ptr, len, tag) };
         if let Err(err) = pushed {
+            // Part of the read may be in the ring: its buffer outlives the queue.
+            self.orphans.push(buf);
             let err = extent.source.read_error(err);
             return Item::Done(self.store.finish_ram(pending, Err(err.into())));
         }
