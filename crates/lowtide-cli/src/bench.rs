@@ -118,8 +118,12 @@ struct Figures {
     /// device alone, queue drains between tensors included. The spill writes' baseline.
     raw_write_per_tensor_gbps: f64,
     /// Restores of the spilled tensors into RAM (`Store::acquire_ram`; each gets a new RAM
-    /// copy), right after they were spilled.
+    /// copy in new memory), right after they were spilled.
     spill_read_gbps: f64,
+    /// Spilled tensors streamed back under a budget a quarter of their size, second pass:
+    /// each restore evicts an older copy and reads into its buffer (a loop of patched weights
+    /// larger than the budget). The spill reads' target.
+    spill_read_steady_gbps: f64,
     /// Raw `O_DIRECT` read of the file the raw per-tensor write just wrote, one call per
     /// 64 MiB tensor at the spill file's shape, into one reused, touched buffer: the device
     /// alone. The spill reads' baseline.
@@ -262,10 +266,11 @@ fn verdicts(f: &Figures) -> Vec<Verdict> {
         ),
         Verdict::at_least(
             "spill read",
-            f.spill_read_gbps / f.raw_read_per_tensor_gbps,
+            f.spill_read_steady_gbps / f.raw_read_per_tensor_gbps,
             0.9,
             "raw same shape",
-        ),
+        )
+        .unless(small, SMALL),
         Verdict::at_most(
             "drop clean RAM copies (returns)",
             f.clean_drop_ms_per_gib,
@@ -707,6 +712,37 @@ fn spill_round(
     Ok((write, read))
 }
 
+/// Spills `bytes` of derived 64 MiB tensors one by one through a store whose budget holds a
+/// quarter of them, then streams them back twice; returns GB/s read from the spill file in
+/// the second pass, in which every restore evicts an older copy (already spilled: dropped)
+/// and reads into its buffer.
+fn spill_steady_read(dir: &Path, path: &Path, bytes: u64, round: usize) -> anyhow::Result<f64> {
+    let store = new_store(dir, (bytes / 4).max(2 * TENSOR))?;
+    let model = store.open_model(path)?;
+    let mut ids = Vec::new();
+    for i in 0..bytes / TENSOR {
+        let mut buf = AlignedBytes::zeroed(TENSOR as usize).context("memory")?;
+        fill(200 + i as usize, buf.as_mut_slice());
+        let name = format!("steady.{round}.{i}");
+        let id = store.derive(model, &name, Dtype::U8, &[TENSOR as usize], buf)?;
+        store.spill(id)?;
+        ids.push(id);
+    }
+    store.wait_released();
+    stream_through(&store, ids.clone(), bytes)?;
+    // The copies the budget kept from the first pass are not read again (the policy keeps a
+    // budget's worth of a loop): the rate counts the bytes read from the spill file.
+    let before = store.stats().bytes_restored_spill;
+    let begin = Instant::now();
+    for guard in store.stream_ram(ids) {
+        drop(guard?);
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    // Nothing read: the budget held all of it (a small run, which the verdict says).
+    let restored = store.stats().bytes_restored_spill - before;
+    Ok(gbps(restored, elapsed))
+}
+
 /// memcpy of every tensor of `model` from its mapped pages (the file warm) into one touched
 /// buffer, best of `PASSES`; returns GB/s.
 fn memcpy_mapped(store: &Store, model: lowtide::ModelId, total: u64) -> anyhow::Result<f64> {
@@ -956,6 +992,9 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
         let (write, read) = spill_round(&store, &path, spill_bytes, round, true)?;
         f.spill_write_gbps = f.spill_write_gbps.max(write);
         f.spill_read_gbps = f.spill_read_gbps.max(read.unwrap_or(0.0));
+        f.spill_read_steady_gbps =
+            f.spill_read_steady_gbps
+                .max(spill_steady_read(dir, &path, spill_bytes, round)?);
         let (write_vec, _) = spill_round(&store, &path, spill_bytes, round, false)?;
         f.spill_write_vec_gbps = f.spill_write_vec_gbps.max(write_vec);
         f.raw_write_gbps = f.raw_write_gbps.max(raw_write(dir, spill_bytes, wshape)?);
@@ -1250,14 +1289,24 @@ fn print_write_rows(f: &Figures) {
         None,
     );
     row(
-        &format!("spill read into RAM ({shape})"),
-        &gb(f.spill_read_gbps),
+        &format!("spill read, steady ({shape})"),
+        &gb(f.spill_read_steady_gbps),
         Some((
             "raw same shape",
-            f.spill_read_gbps,
+            f.spill_read_steady_gbps,
             f.raw_read_per_tensor_gbps,
         )),
         target("spill read"),
+    );
+    row(
+        "  into new memory",
+        &gb(f.spill_read_gbps),
+        Some((
+            "raw, new memory",
+            f.spill_read_gbps,
+            f.raw_read_per_tensor_new_gbps,
+        )),
+        None,
     );
     print_drop_rows(f);
 }

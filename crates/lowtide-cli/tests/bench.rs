@@ -146,7 +146,7 @@ fn a_bench_prints_each_target_with_its_verdict() {
     assert!(row("cold restore into RAM").contains(">= 0.90 x raw read"));
     assert!(row("drop clean mapped pages").contains("<= 10 ms/GiB"));
     // The spill rows name the spill file's shape and compare with raw I/O at that shape.
-    for spill in ["spill write (", "spill read into RAM ("] {
+    for spill in ["spill write (", "spill read, steady ("] {
         let spill = row(spill);
         assert!(
             spill.contains(" MiB x ") && spill.contains(">= 0.90 x raw same shape"),

@@ -19,6 +19,7 @@ use crate::device::{Device, DeviceAlloc};
 use crate::spill::{Extent, SpillError};
 use crate::stats::Stats;
 use crate::sys::AlignedBuf;
+use crate::sys::direct::{DirectBuf, with_prefault};
 
 /// Bytes restored at once for a device upload (rounded to the device's chunks): two
 /// direct-I/O requests of the default size in flight, and little staging memory — the
@@ -139,9 +140,14 @@ impl Shared {
         from: &CopySource,
         into: Target<'_>,
     ) -> Result<Option<RamBuf>, StoreError> {
+        let mut into = into;
         match from {
             CopySource::Spill { extent, recipe } => {
-                let read = self.restore_spill(name, len, extent, &into_ref(&into));
+                let reuse = match &mut into {
+                    Target::Ram { reuse } => reuse.take(),
+                    Target::Device { .. } => None,
+                };
+                let read = self.restore_spill(len, extent, &into_ref(&into), reuse);
                 match read {
                     Ok(buf) => {
                         Stats::add(&self.stats.bytes_restored_spill, len);
@@ -246,22 +252,35 @@ impl Shared {
         read
     }
 
+    /// Reads a spill extent into a RAM copy (in `reuse`, a pooled buffer, when it is large
+    /// enough; else in new memory, faulted in by a helper thread while the reads run, as a
+    /// restore from the model file is) or onto a device.
     fn restore_spill(
         &self,
-        name: &str,
         len: u64,
         extent: &Extent,
         into: &TargetRef<'_>,
+        reuse: Option<AlignedBuf>,
     ) -> Result<Option<RamBuf>, SpillError> {
         match into {
             TargetRef::Ram => {
-                let mut buf = alloc(name, len).map_err(|_| SpillError::Io {
-                    dir: std::path::PathBuf::new(),
-                    op: "allocate a buffer for",
-                    source: std::io::ErrorKind::OutOfMemory.into(),
-                })?;
-                self.spill.read(extent, buf.as_mut_slice())?;
-                Ok(Some(RamBuf::Aligned(buf)))
+                let reused = reuse.and_then(|buf| DirectBuf::in_buf(buf, 0, len).ok());
+                let fresh = reused.is_none();
+                let mut buf = reused
+                    .or_else(|| DirectBuf::for_range(0, len))
+                    .ok_or_else(|| SpillError::Io {
+                        dir: std::path::PathBuf::new(),
+                        op: "allocate a buffer for",
+                        source: std::io::ErrorKind::OutOfMemory.into(),
+                    })?;
+                let n = usize::try_from(len).unwrap_or(usize::MAX);
+                let read = |blocks: &mut [u8]| self.spill.read(extent, &mut blocks[..n]);
+                if fresh {
+                    with_prefault(buf.blocks_mut(), read)?;
+                } else {
+                    read(buf.blocks_mut())?;
+                }
+                Ok(Some(RamBuf::Direct(buf)))
             }
             TargetRef::Device { device, alloc } => {
                 self.spill

@@ -616,10 +616,15 @@ impl Store {
         if from.reads_spill() {
             entry.spill_readers += 1;
         }
+        // A pooled buffer for a read into RAM (from the model file at the extent's place in
+        // its blocks, from the spill file at its start).
         let reuse = match &from {
             CopySource::File(extent, _) => state.take_pooled(
                 crate::sys::direct::DirectBuf::padded_len(extent.offset, len),
             ),
+            CopySource::Spill { .. } => {
+                state.take_pooled(crate::sys::direct::DirectBuf::padded_len(0, len))
+            }
             _ => None,
         };
         if reuse.is_some() {
