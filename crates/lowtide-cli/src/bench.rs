@@ -606,7 +606,7 @@ pub(crate) fn stream_through(
 }
 
 /// Buffered sequential read of the file's data in `step`-byte `pread`s into one touched
-/// buffer; returns GB/s. The pages stay cached, in folios as large as the reads allow.
+/// buffer; returns GB/s. The pages stay cached.
 fn raw_buffered_read(path: &Path, start: u64, len: u64, step: usize) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt as _;
     let file = std::fs::File::open(path)?;
@@ -929,7 +929,7 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
 
     eprintln!("warm restore (from the page cache) and memcpy");
     // Warm the cache again (releasing mapped pages dropped them) as a store's streams leave
-    // a file they keep cached: read in 4 MiB steps, which the kernel caches in large folios.
+    // a file they keep cached: read in 4 MiB steps.
     make_cold(&path)?;
     raw_buffered_read(&path, start, total, 4 << 20)?;
     (f.memcpy_gbps, f.memcpy_hot_gbps) = memcpy(total)?;
@@ -949,8 +949,8 @@ fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
     store.release_model(model)?;
 
     eprintln!("warm restore, the file cached by 128 KiB reads");
-    // As another program's small reads leave a file: in folios of at most 128 KiB, which the
-    // kernel copies from more slowly than from large ones, whoever asks.
+    // As another program's small reads leave a file, which the kernel copies from more slowly
+    // (docs/performance.md), whoever asks: the row's baseline is the kernel's own `pread`.
     make_cold(&path)?;
     raw_buffered_read(&path, start, total, 128 << 10)?;
     {
