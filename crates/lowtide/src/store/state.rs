@@ -134,13 +134,17 @@ impl TensorEntry {
     }
 
     /// Records a use at logical time `now` (`used`: the byte clock) with inflation
-    /// `inflation`.
+    /// `inflation`. A use while the tensor is pinned continues the use that pinned it (a
+    /// stream's lease, then the caller's own acquire): it refreshes recency but is not a
+    /// new use for the loop distance.
     pub(super) fn touch(&mut self, now: u64, used: u64, inflation: f64) {
         self.last_use = now;
-        if let Some(before) = self.used_at {
-            self.reuse_distance = Some(used - before);
+        if self.pins == 0 {
+            if let Some(before) = self.used_at {
+                self.reuse_distance = Some(used - before);
+            }
+            self.used_at = Some(used);
         }
-        self.used_at = Some(used);
         self.credit = inflation + self.restore_cost();
     }
 
@@ -189,8 +193,9 @@ pub(super) struct State {
     pub(super) reserved: u64,
     /// Logical clock for recency.
     pub(super) clock: u64,
-    /// Byte clock: bytes of tensors used so far (each use adds the tensor's length), which
-    /// measures how far apart two uses of a tensor are in the terms a budget is set in.
+    /// Byte clock: bytes of tensors used so far (each use of an unpinned tensor adds its
+    /// length), which measures how far apart two uses of a tensor are in the terms a budget
+    /// is set in.
     pub(super) used_bytes: u64,
     /// GreedyDual inflation value `L`: the credit of the last evicted copy.
     pub(super) inflation: f64,
@@ -318,8 +323,10 @@ impl State {
             .ok_or(StoreError::Handle(HandleError::UnknownTensor {
                 tensor: id.0,
             }))?;
+        if entry.pins == 0 {
+            self.used_bytes = used.saturating_add(entry.len.max(1));
+        }
         entry.touch(now, used, inflation);
-        self.used_bytes = used.saturating_add(entry.len.max(1));
         Ok(entry)
     }
 
