@@ -95,6 +95,37 @@ def test_bert_with_the_real_minilm_weights(minilm, tmp_path):
     _managed_equal(transformers.BertModel, minilm, _tokens(30522), 0.75, tmp_path)
 
 
+def test_minilm_streamed_at_every_forward_keeps_a_budget_of_its_weights(minilm, tmp_path):
+    """The new user's case: MiniLM (86 MiB) under a 48 MiB budget, nothing loaded, every
+    weight streamed at every forward with O_DIRECT. Once the store has seen each weight come
+    back (a loop longer than the budget), it keeps a budget's worth between forwards: each
+    forward restores about the model less the budget, not all of it, and computes exactly."""
+    transformers = import_or_skip("transformers", _HINT)
+    expected_model = transformers.BertModel.from_pretrained(minilm).eval()
+    inputs = _tokens(30522)
+    with torch.no_grad():
+        expected = expected_model(**inputs)
+    config = transformers.BertConfig.from_pretrained(minilm)
+    with lt.init_empty():
+        module = transformers.BertModel(config).eval()
+    budget = 48 << 20
+    with lowtide.Store(ram_budget=budget, spill_dir=tmp_path, keep_streamed_cached=False) as store:
+        managed = lt.manage(module, store, minilm / "model.safetensors")
+        total = managed.total_bytes
+        restored = []
+        for _ in range(5):
+            before = store.stats()["bytes_read_source"]
+            with torch.no_grad():
+                out = module(**inputs)
+            _assert_identical(out, expected)
+            restored.append(store.stats()["bytes_read_source"] - before)
+        managed.close()
+    assert restored[0] >= total * 0.95, restored
+    # The last forwards read the model less most of the budget (about 39 of 86 MiB here).
+    for read in restored[3:]:
+        assert read <= total - budget * 3 // 4, (restored, total)
+
+
 def _saved(model, directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
