@@ -95,6 +95,11 @@ impl Extent {
     fn reserved(&self) -> u64 {
         blocks(self.len)
     }
+
+    /// Whether `bytes` (the extent's, read back) match its checksum.
+    pub(crate) fn verify(&self, bytes: &[u8]) -> bool {
+        checksum(bytes) == self.checksum
+    }
 }
 
 /// The spill file, created on first use.
@@ -450,6 +455,17 @@ impl SpillFile {
             .chunk
             .saturating_mul(self.shape.depth)
             .min(BOUNCE)
+    }
+
+    /// The spill file opened with `O_DIRECT`, when its storage reads extents with nothing
+    /// more than that ([`StorageFile::direct_file`]), and the request shape it reads with:
+    /// a stream may queue extents' reads on it (block-aligned: extents start on a block and
+    /// own their last one whole) and check their checksums itself ([`Extent::verify`]).
+    pub(crate) fn direct_reads(&self) -> Option<(&std::fs::File, IoShape)> {
+        self.file
+            .get()?
+            .direct_file()
+            .map(|file| (file, self.shape))
     }
 
     /// The file to read an extent from.

@@ -55,6 +55,14 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     /// Reads up to `dst.len()` bytes at `offset`; returns how many were read (fewer only at
     /// the end of the file).
     fn read_at(&self, offset: u64, dst: &mut [u8]) -> io::Result<usize>;
+
+    /// The file opened with `O_DIRECT`, when [`StorageFile::read_at`] is nothing more than
+    /// `O_DIRECT` reads of it: a store may then queue the reads of many extents on it at once
+    /// (a stream of restores), checking each extent's checksum as usual. Default `None`:
+    /// every read goes through `read_at`.
+    fn direct_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// The default storage: an unnamed file (`O_TMPFILE`, or a file unlinked at once where the
@@ -120,6 +128,10 @@ impl StorageFile for DiskFile {
             Some(direct) => write_at(direct, offset, bytes, self.shape, None).map(drop),
             None => self.file.write_all_at(bytes, offset),
         }
+    }
+
+    fn direct_file(&self) -> Option<&File> {
+        self.direct.as_ref()
     }
 
     fn read_at(&self, offset: u64, dst: &mut [u8]) -> io::Result<usize> {

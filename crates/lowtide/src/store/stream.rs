@@ -22,6 +22,7 @@ use super::state::FileExtent;
 use super::tune::{LADDER, in_flight, top_within};
 use super::{Begun, Pending, Store, StoreError, TensorGuard, TensorId, unwinding};
 use crate::source::Source;
+use crate::spill::Extent;
 use crate::sys::direct::{BLOCK, DirectBuf, ReadQueue, populate_write_parallel};
 
 /// Bytes of a fresh buffer faulted in at once, between two looks at the queue.
@@ -93,6 +94,14 @@ struct Segment {
     bytes: u64,
 }
 
+/// Where a queued read comes from.
+enum Origin {
+    /// The tensor's extent in its model file, read as `read` says.
+    File { source: Arc<Source>, read: FileRead },
+    /// Its extent in the spill file, checked against its checksum once read.
+    Spill(Extent),
+}
+
 enum Item {
     Done(Result<TensorGuard, StoreError>),
     Reading(Box<Reading>),
@@ -101,8 +110,7 @@ enum Item {
 struct Reading {
     pending: Pending,
     buf: DirectBuf,
-    source: Arc<Source>,
-    read: FileRead,
+    origin: Origin,
     tag: u64,
     /// Bytes the read must reach: the tensor's end within its blocks.
     wanted: usize,
@@ -210,14 +218,18 @@ impl<'a> RamStream<'a> {
             CopySource::File(extent, again) => {
                 (extent.clone(), self.store.shared.file_read(*again))
             }
-            _ => return self.restore_now(pending, None),
+            CopySource::Spill { extent, .. } => {
+                let extent = *extent;
+                return self.start_spill(pending, extent);
+            }
+            _ => return Item::Done(self.restore_now(pending, None)),
         };
         let Some(direct) =
             extent
                 .source
                 .direct_only(extent.offset, pending.len, read.keeps_cached())
         else {
-            return self.restore_now(pending, Some(&(extent, read)));
+            return Item::Done(self.restore_now(pending, Some(&(extent, read))));
         };
         if self.queue.is_none() && !self.no_queue {
             let deepest = LADDER[..=self.top].iter().map(|s| s.depth).max();
@@ -226,7 +238,7 @@ impl<'a> RamStream<'a> {
             self.no_queue = self.queue.is_none();
         }
         if self.queue.is_none() {
-            return self.restore_now(pending, Some(&(extent, read)));
+            return Item::Done(self.restore_now(pending, Some(&(extent, read))));
         }
         if self
             .measuring
@@ -278,6 +290,81 @@ impl<'a> RamStream<'a> {
             let err = extent.source.read_error(err);
             return Item::Done(self.store.finish_ram(pending, Err(err.into())));
         }
+        self.count_queued();
+        Item::Reading(Box::new(Reading {
+            pending,
+            buf,
+            origin: Origin::File {
+                source: Arc::clone(&extent.source),
+                read,
+            },
+            tag,
+            wanted,
+            result: None,
+        }))
+    }
+
+    /// Queues the read of a begun tensor's spill extent, when the spill file reads with
+    /// `O_DIRECT` alone; else restores it now. Its checksum is checked when it is delivered.
+    fn start_spill(&mut self, mut pending: Pending, extent: Extent) -> Item {
+        let store = self.store;
+        let Some((direct, spill_shape)) = store.shared.spill.direct_reads() else {
+            return Item::Done(self.restore_now(pending, None));
+        };
+        if self.queue.is_none() && !self.no_queue {
+            let deepest = LADDER[..=self.top].iter().map(|s| s.depth).max();
+            self.queue = ReadQueue::new(spill_shape, deepest.unwrap_or(spill_shape.depth));
+            self.no_queue = self.queue.is_none();
+        }
+        if self.queue.is_none() {
+            return Item::Done(self.restore_now(pending, None));
+        }
+        // The spill file's reads share the queue: its rate is no longer one model file's.
+        self.measuring = None;
+        let reused = pending
+            .reuse
+            .take()
+            .and_then(|buf| DirectBuf::in_buf(buf, 0, pending.len).ok());
+        let fresh = reused.is_none();
+        let Some(mut buf) = reused.or_else(|| DirectBuf::for_range(0, pending.len)) else {
+            return Item::Done(self.restore_now(pending, None));
+        };
+        if fresh {
+            for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
+                populate_write_parallel(piece);
+                self.collect(false);
+            }
+        }
+        let blocks = buf.blocks_mut();
+        let (ptr, len) = (blocks.as_mut_ptr(), blocks.len());
+        self.tag += 1;
+        let tag = self.tag;
+        let queue = self.queue.as_mut().expect("checked above");
+        // SAFETY: as for a file extent (`start`): `buf` stays with the item until its read is
+        // reported or the queue is dropped. The spill file belongs to the store, which
+        // outlives the stream, and keeps the extent while the tensor's `spill_readers`
+        // (counted by `begin_ram`) is above zero; its reserved blocks cover `len`.
+        let pushed = unsafe { queue.push(direct, extent.offset, ptr, len, tag) };
+        if pushed.is_err() {
+            // Part of the read may be in the ring: its buffer outlives the queue. The
+            // extent is read again the ordinary way.
+            self.orphans.push(buf);
+            return Item::Done(self.restore_now(pending, None));
+        }
+        self.count_queued();
+        let wanted = pending.len as usize;
+        Item::Reading(Box::new(Reading {
+            pending,
+            buf,
+            origin: Origin::Spill(extent),
+            tag,
+            wanted,
+            result: None,
+        }))
+    }
+
+    /// Counts a tensor whose read was just queued, with those still reading.
+    fn count_queued(&mut self) {
         self.stats.queued_tensors += 1;
         crate::stats::Stats::add(&self.store.shared.stats.restores_queued, 1);
         let reading = self
@@ -287,19 +374,14 @@ impl<'a> RamStream<'a> {
             .count()
             + 1;
         self.stats.max_tensors_in_flight = self.stats.max_tensors_in_flight.max(reading);
-        Item::Reading(Box::new(Reading {
-            pending,
-            buf,
-            source: Arc::clone(&extent.source),
-            read,
-            tag,
-            wanted,
-            result: None,
-        }))
     }
 
     /// Restores a begun tensor as one acquire would.
-    fn restore_now(&mut self, mut pending: Pending, file: Option<&(FileExtent, FileRead)>) -> Item {
+    fn restore_now(
+        &mut self,
+        mut pending: Pending,
+        file: Option<&(FileExtent, FileRead)>,
+    ) -> Result<TensorGuard, StoreError> {
         self.stats.other_tensors += 1;
         let shared = &self.store.shared;
         let reuse = pending.reuse.take();
@@ -319,7 +401,7 @@ impl<'a> RamStream<'a> {
                 name: pending.name.clone(),
             }))
         });
-        Item::Done(self.store.finish_ram(pending, restored))
+        self.store.finish_ram(pending, restored)
     }
 
     /// The shape to read `device` with: its settled one, or the rung being measured.
@@ -421,12 +503,19 @@ impl<'a> RamStream<'a> {
         let Reading {
             pending,
             buf,
-            source,
-            read,
+            origin,
             wanted,
             result,
             ..
         } = reading;
+        let (source, read) = match origin {
+            Origin::File { source, read } => (source, read),
+            // A failed read is read again the ordinary way, which reports its error.
+            Origin::Spill(extent) => {
+                let read = result.and_then(Result::ok);
+                return self.deliver_spill(pending, buf, extent, read);
+            }
+        };
         let len = pending.len;
         let checked = match result.expect("delivered when reported") {
             Ok(n) if n >= wanted => source.check_unchanged().map_err(StoreError::from),
@@ -440,6 +529,29 @@ impl<'a> RamStream<'a> {
             Some(RamBuf::Direct(buf))
         });
         self.store.finish_ram(pending, restored)
+    }
+
+    /// Finishes a spilled tensor whose queued read is over (`read`: the bytes it read, `None`
+    /// when it failed): its bytes if they match the
+    /// extent's checksum; else it is restored as one acquire would (which reads the extent
+    /// again, and on a mismatch counts it and falls back on the recipe or reports the loss).
+    fn deliver_spill(
+        &mut self,
+        mut pending: Pending,
+        buf: DirectBuf,
+        extent: Extent,
+        read: Option<usize>,
+    ) -> Result<TensorGuard, StoreError> {
+        let len = pending.len;
+        let whole = read.is_some_and(|n| n as u64 >= len);
+        if whole && extent.verify(&buf.as_slice()[..len as usize]) {
+            crate::stats::Stats::add(&self.store.shared.stats.bytes_restored_spill, len);
+            return self
+                .store
+                .finish_ram(pending, Ok(Some(RamBuf::Direct(buf))));
+        }
+        pending.reuse = Some(buf.into_inner());
+        self.restore_now(pending, None)
     }
 }
 
