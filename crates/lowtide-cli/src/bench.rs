@@ -114,8 +114,9 @@ struct Figures {
     /// Spill writes of tensors derived from `Vec<u8>` (copied through a bounce buffer).
     spill_write_vec_gbps: f64,
     /// Raw `O_DIRECT` write in one call per 64 MiB tensor at the spill file's shape
-    /// (`spill_chunk` x `spill_depth`), space reserved first: what a spill pays for the
-    /// device alone, queue drains between tensors included. The spill writes' baseline.
+    /// (`spill_chunk` x `spill_depth`), each from a buffer of its own as spilled tensors are,
+    /// space reserved first: what a spill pays for the device alone, queue drains between
+    /// tensors included. The spill writes' baseline.
     raw_write_per_tensor_gbps: f64,
     /// Restores of the spilled tensors into RAM (`Store::acquire_ram`; each gets a new RAM
     /// copy in new memory), right after they were spilled.
@@ -485,17 +486,19 @@ fn raw_read(path: &Path, start: u64, len: u64, shape: IoShape, fresh: bool) -> a
 /// Raw `O_DIRECT` write of `len` bytes to a new file, space reserved first (as the spill file
 /// does), in calls of 256 MiB.
 fn raw_write(dir: &Path, len: u64, shape: IoShape) -> anyhow::Result<f64> {
-    raw_write_in(dir, len, shape, 256 << 20).map(|(rate, _)| rate)
+    raw_write_in(dir, len, shape, 256 << 20, false).map(|(rate, _)| rate)
 }
 
 /// [`raw_write`] in calls of `span` bytes, each waiting for its requests: the device's queue
-/// runs down at the end of every call. Returns GB/s and the file, open with `O_DIRECT` (it
-/// has no name: it goes when dropped).
+/// runs down at the end of every call. With `distinct`, each call writes a buffer of its own
+/// (as spills write each tensor's own memory), else one buffer again and again. Returns GB/s
+/// and the file, open with `O_DIRECT` (it has no name: it goes when dropped).
 fn raw_write_in(
     dir: &Path,
     len: u64,
     shape: IoShape,
     span: u64,
+    distinct: bool,
 ) -> anyhow::Result<(f64, std::fs::File)> {
     // An unnamed file (`O_TMPFILE` where the file system has it): a killed bench leaves
     // nothing. Opened again with `O_DIRECT` through its descriptor.
@@ -504,25 +507,38 @@ fn raw_write_in(
     let by_fd = PathBuf::from(format!("/proc/self/fd/{}", plain.as_raw_fd()));
     let file = lowtide::direct::open(&by_fd, true).context("O_DIRECT open")?;
     let span = span.min(len) as usize;
-    let mut buf = AlignedBytes::zeroed(span).context("memory")?;
-    fill(7, buf.as_mut_slice());
+    let count = if distinct {
+        len.div_ceil(span as u64) as usize
+    } else {
+        1
+    };
+    let mut bufs = Vec::new();
+    for i in 0..count {
+        let mut buf = AlignedBytes::zeroed(span).context("memory")?;
+        fill(7 + i, buf.as_mut_slice());
+        bufs.push(buf);
+    }
     let begin = Instant::now();
     rustix::fs::fallocate(&plain, rustix::fs::FallocateFlags::empty(), 0, len)?;
     let mut at = 0u64;
-    while at < len {
+    for buf in bufs.iter().cycle() {
+        if at >= len {
+            break;
+        }
         let n = span.min((len - at) as usize);
-        lowtide::direct::write(&file, at, &buf, n, shape)?;
+        lowtide::direct::write(&file, at, buf, n, shape)?;
         at += n as u64;
     }
     Ok((gbps(len, begin.elapsed().as_secs_f64()), file))
 }
 
 /// What the spill file asks of the device, without the spill file: `len` bytes written at
-/// `shape` in one call per tensor to a new file (space reserved first), then read back in one
+/// `shape` in one call per tensor, each from its own buffer, to a new file (space reserved
+/// first), then read back in one
 /// call per tensor at `shape` into a new 64 MiB allocation each (all kept, as restores keep
 /// their copies), then again into one reused, touched buffer. Returns GB/s of each.
 fn raw_per_tensor(dir: &Path, len: u64, shape: IoShape) -> anyhow::Result<(f64, f64, f64)> {
-    let (write, file) = raw_write_in(dir, len, shape, TENSOR)?;
+    let (write, file) = raw_write_in(dir, len, shape, TENSOR, true)?;
     let mut kept = Vec::new();
     let begin = Instant::now();
     for at in (0..len).step_by(TENSOR as usize) {
