@@ -4,9 +4,10 @@
 //! A [`RamStream`] begins tensors ahead of the one it hands out next (room admitted by the
 //! governor, pinned, source chosen: the first half of [`Store::acquire_ram`]), up to the bytes
 //! in flight of its device's shape ([`super::tune`]). Extents wholly out of the page cache are
-//! read with `O_DIRECT` through one [`ReadQueue`] that stays full across tensor boundaries;
-//! everything else (cached bytes, spill extents, recipes, device copies) is restored as one
-//! acquire would, in order. Tensors come out in the order asked, each as its guard or its own
+//! read with `O_DIRECT` through one [`ReadQueue`] that stays full across tensor boundaries, and
+//! so are spill extents when the spill file reads with `O_DIRECT` alone (checked against their
+//! checksums as they are handed out); everything else (cached bytes, recipes, device copies)
+//! is restored as one acquire would, in order. Tensors come out in the order asked, each as its guard or its own
 //! error: one tensor's failure is not the others'.
 
 use std::collections::VecDeque;
