@@ -24,7 +24,7 @@ use super::tune::{LADDER, in_flight, top_within};
 use super::{Begun, Pending, Store, StoreError, TensorGuard, TensorId, unwinding};
 use crate::source::Source;
 use crate::spill::Extent;
-use crate::sys::direct::{BLOCK, DirectBuf, ReadQueue, populate_write_parallel};
+use crate::sys::direct::{BLOCK, DirectBuf, IoShape, ReadQueue, populate_write_parallel};
 
 /// Bytes of a fresh buffer faulted in at once, between two looks at the queue.
 const POPULATE_STEP: usize = 16 << 20;
@@ -93,6 +93,16 @@ struct Segment {
     warmup: u64,
     began: Option<Instant>,
     bytes: u64,
+}
+
+/// What became of a read handed to the queue ([`RamStream::queue_read`]).
+enum Queued {
+    /// In the queue: the buffer, for the item that holds it, and the read's tag.
+    Read(DirectBuf, u64),
+    /// Not queued: the queue failed and is gone, and the buffer is given back.
+    NoQueue(DirectBuf),
+    /// The push failed (the buffer is kept until the queue is gone).
+    Failed(std::io::Error),
 }
 
 /// Where a queued read comes from.
@@ -232,13 +242,7 @@ impl<'a> RamStream<'a> {
         else {
             return Item::Done(self.restore_now(pending, Some(&(extent, read))));
         };
-        if self.queue.is_none() && !self.no_queue {
-            let deepest = LADDER[..=self.top].iter().map(|s| s.depth).max();
-            let shape = self.shape_for(extent.source.device());
-            self.queue = ReadQueue::new(shape, deepest.unwrap_or(shape.depth));
-            self.no_queue = self.queue.is_none();
-        }
-        if self.queue.is_none() {
+        if !self.ensure_queue(|stream| stream.shape_for(extent.source.device())) {
             return Item::Done(self.restore_now(pending, Some(&(extent, read))));
         }
         if self
@@ -253,45 +257,26 @@ impl<'a> RamStream<'a> {
             self.stats.other_tensors += 1;
             return Item::Done(self.store.finish_ram(pending, Err(err.into())));
         }
-        let reused = pending
-            .reuse
-            .take()
-            .and_then(|buf| DirectBuf::in_buf(buf, extent.offset, pending.len).ok());
-        let fresh = reused.is_none();
-        let Some(mut buf) = reused.or_else(|| DirectBuf::for_range(extent.offset, pending.len))
-        else {
+        let Some(buf) = self.buffer_for(&mut pending, extent.offset) else {
             let err = extent
                 .source
                 .read_error(std::io::ErrorKind::OutOfMemory.into());
             return Item::Done(self.store.finish_ram(pending, Err(err.into())));
         };
-        if fresh {
-            // Faulted in now, on every CPU, while the reads ahead of it are in flight; the
-            // queue is kept full between pieces.
-            for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
-                populate_write_parallel(piece);
-                self.collect(false);
-            }
-        }
         let start = extent.offset / BLOCK * BLOCK;
         let wanted = (extent.offset - start) as usize + pending.len as usize;
-        let blocks = buf.blocks_mut();
-        let (ptr, len) = (blocks.as_mut_ptr(), blocks.len());
-        self.tag += 1;
-        let tag = self.tag;
-        let queue = self.queue.as_mut().expect("checked above");
-        // SAFETY: `buf` is a heap buffer owned by the item returned below, which stays in
-        // `self.items` until its read is reported (`deliver` takes it only then) or the
-        // queue is dropped (`Drop` drops the queue, waiting for every request, before the
-        // items); the direct file lives in `source`, held by the same item.
-        let pushed = unsafe { queue.push(direct, start, ptr, len, tag) };
-        if let Err(err) = pushed {
-            // Part of the read may be in the ring: its buffer outlives the queue.
-            self.orphans.push(buf);
-            let err = extent.source.read_error(err);
-            return Item::Done(self.store.finish_ram(pending, Err(err.into())));
-        }
-        self.count_queued();
+        // The direct file lives in `source`, held by the item returned below.
+        let (buf, tag) = match self.queue_read(direct, start, buf) {
+            Queued::Read(buf, tag) => (buf, tag),
+            Queued::NoQueue(buf) => {
+                pending.reuse = Some(buf.into_inner());
+                return Item::Done(self.restore_now(pending, Some(&(extent, read))));
+            }
+            Queued::Failed(err) => {
+                let err = extent.source.read_error(err);
+                return Item::Done(self.store.finish_ram(pending, Err(err.into())));
+            }
+        };
         Item::Reading(Box::new(Reading {
             pending,
             buf,
@@ -312,47 +297,26 @@ impl<'a> RamStream<'a> {
         let Some((direct, spill_shape)) = store.shared.spill.direct_reads() else {
             return Item::Done(self.restore_now(pending, None));
         };
-        if self.queue.is_none() && !self.no_queue {
-            let deepest = LADDER[..=self.top].iter().map(|s| s.depth).max();
-            self.queue = ReadQueue::new(spill_shape, deepest.unwrap_or(spill_shape.depth));
-            self.no_queue = self.queue.is_none();
-        }
-        if self.queue.is_none() {
+        if !self.ensure_queue(|_| spill_shape) {
             return Item::Done(self.restore_now(pending, None));
         }
         // The spill file's reads share the queue: its rate is no longer one model file's.
         self.measuring = None;
-        let reused = pending
-            .reuse
-            .take()
-            .and_then(|buf| DirectBuf::in_buf(buf, 0, pending.len).ok());
-        let fresh = reused.is_none();
-        let Some(mut buf) = reused.or_else(|| DirectBuf::for_range(0, pending.len)) else {
+        let Some(buf) = self.buffer_for(&mut pending, 0) else {
             return Item::Done(self.restore_now(pending, None));
         };
-        if fresh {
-            for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
-                populate_write_parallel(piece);
-                self.collect(false);
+        // The spill file belongs to the store, which outlives the stream, and keeps the
+        // extent while the tensor's `spill_readers` (counted by `begin_ram`) is above zero;
+        // its reserved blocks cover the buffer's.
+        let (buf, tag) = match self.queue_read(direct, extent.offset, buf) {
+            Queued::Read(buf, tag) => (buf, tag),
+            Queued::NoQueue(buf) => {
+                pending.reuse = Some(buf.into_inner());
+                return Item::Done(self.restore_now(pending, None));
             }
-        }
-        let blocks = buf.blocks_mut();
-        let (ptr, len) = (blocks.as_mut_ptr(), blocks.len());
-        self.tag += 1;
-        let tag = self.tag;
-        let queue = self.queue.as_mut().expect("checked above");
-        // SAFETY: as for a file extent (`start`): `buf` stays with the item until its read is
-        // reported or the queue is dropped. The spill file belongs to the store, which
-        // outlives the stream, and keeps the extent while the tensor's `spill_readers`
-        // (counted by `begin_ram`) is above zero; its reserved blocks cover `len`.
-        let pushed = unsafe { queue.push(direct, extent.offset, ptr, len, tag) };
-        if pushed.is_err() {
-            // Part of the read may be in the ring: its buffer outlives the queue. The
-            // extent is read again the ordinary way.
-            self.orphans.push(buf);
-            return Item::Done(self.restore_now(pending, None));
-        }
-        self.count_queued();
+            // Read again the ordinary way.
+            Queued::Failed(_) => return Item::Done(self.restore_now(pending, None)),
+        };
         let wanted = pending.len as usize;
         Item::Reading(Box::new(Reading {
             pending,
@@ -362,6 +326,63 @@ impl<'a> RamStream<'a> {
             wanted,
             result: None,
         }))
+    }
+
+    /// Sets the queue up on the first read through it, in `shape(self)`; whether there is
+    /// one (none where `io_uring` is missing: then everything is restored one by one).
+    fn ensure_queue(&mut self, shape: impl FnOnce(&mut Self) -> IoShape) -> bool {
+        if self.queue.is_none() && !self.no_queue {
+            let deepest = LADDER[..=self.top].iter().map(|s| s.depth).max();
+            let shape = shape(self);
+            self.queue = ReadQueue::new(shape, deepest.unwrap_or(shape.depth));
+            self.no_queue = self.queue.is_none();
+        }
+        self.queue.is_some()
+    }
+
+    /// The buffer a begun tensor is read into, laid out for a read at `offset`: its pooled
+    /// one, or new memory faulted in now, on every CPU, while the reads ahead of it are in
+    /// flight (the queue kept full between pieces). `None` when the allocator refuses.
+    fn buffer_for(&mut self, pending: &mut Pending, offset: u64) -> Option<DirectBuf> {
+        let len = pending.len;
+        if let Some(buf) = pending
+            .reuse
+            .take()
+            .and_then(|buf| DirectBuf::in_buf(buf, offset, len).ok())
+        {
+            return Some(buf);
+        }
+        let mut buf = DirectBuf::for_range(offset, len)?;
+        for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
+            populate_write_parallel(piece);
+            self.collect(false);
+        }
+        Some(buf)
+    }
+
+    /// Queues the read of `buf`'s blocks at the block-aligned `at` of `direct` (which stays
+    /// open while the stream lives) and counts it. When the push fails the buffer becomes an
+    /// orphan: part of the read may be in the ring, so it outlives the queue.
+    fn queue_read(&mut self, direct: &std::fs::File, at: u64, mut buf: DirectBuf) -> Queued {
+        // Faulting a buffer in looks at the queue, which may have failed and gone meanwhile.
+        let Some(queue) = self.queue.as_mut() else {
+            return Queued::NoQueue(buf);
+        };
+        let blocks = buf.blocks_mut();
+        let (ptr, len) = (blocks.as_mut_ptr(), blocks.len());
+        self.tag += 1;
+        let tag = self.tag;
+        // SAFETY: `buf` is a heap buffer; it goes to the item the caller builds, which stays
+        // in `self.items` until its read is reported (`deliver` takes it only then) or the
+        // queue is dropped (`Drop` drops the queue, waiting for every request, before the
+        // items), or on failure to `self.orphans`, freed after the queue. `direct` stays open
+        // as long (the caller's item holds its owner, or the store does).
+        if let Err(err) = unsafe { queue.push(direct, at, ptr, len, tag) } {
+            self.orphans.push(buf);
+            return Queued::Failed(err);
+        }
+        self.count_queued();
+        Queued::Read(buf, tag)
     }
 
     /// Counts a tensor whose read was just queued, with those still reading.
