@@ -6,40 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::TensorSpec;
 use lowtide::{
-    Device, DeviceAlloc, DeviceError, DeviceId, Dtype, ModelId, SimDevice, Store, StoreError,
-    TensorId,
+    Device, DeviceAlloc, DeviceError, DeviceId, ModelId, SimDevice, Store, StoreError, TensorId,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// A model of `n` F32 tensors of `mib` MiB each, plus one small odd-sized tensor (`odd`,
-/// written first so that the others do not start on block boundaries; last in name order).
-fn model(dir: &Path, file: &str, n: usize, mib: u64) -> PathBuf {
-    let mut specs = vec![TensorSpec::new("odd", Dtype::F32, &[3, 5])];
-    specs.extend(
-        (0..n).map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::F32, &[mib * 256, 1024])),
-    );
-    common::write(&dir.join(file), &specs)
-}
-
-/// Empties the file's page cache; `false` (with a message saying why the test is skipped)
-/// where the kernel kept any of it.
-fn all_cold(path: &Path) -> bool {
-    match common::cold(path) {
-        Some((_, _, 0)) => true,
-        Some((_, len, cached)) => {
-            println!("skipped: the page cache kept {cached} of {len} bytes");
-            false
-        }
-        None => false,
-    }
-}
 
 fn expected(store: &Store, id: TensorId) -> Vec<u8> {
     let info = store.info(id).unwrap();
@@ -53,14 +27,6 @@ fn check_device(store: &Store, id: TensorId, guard: &lowtide::DeviceGuard) {
         guard.download().unwrap() == expected(store, id),
         "{name}: the device copy is not the file's bytes"
     );
-}
-
-fn pinned(store: &Store, ids: &[TensorId]) -> Vec<String> {
-    ids.iter()
-        .map(|&id| store.info(id).unwrap())
-        .filter(|info| info.pins > 0)
-        .map(|info| info.name)
-        .collect()
 }
 
 /// Bytes of the tensors the store has a device copy of.
@@ -97,8 +63,8 @@ fn expected_split(store: &Store, m: ModelId, budget: u64, capacity: u64) -> (u32
 #[test]
 fn a_cold_model_loads_byte_exact_with_the_next_tensors_reads_in_flight() {
     let dir = common::tempdir();
-    let path = model(dir.path(), "m.safetensors", 12, 4);
-    if !all_cold(&path) {
+    let path = common::odd_start_model(dir.path(), "m.safetensors", 12, 4);
+    if !common::all_cold(&path) {
         return;
     }
     // A 64 MiB budget: a few staging windows, reused from tensor to tensor.
@@ -113,7 +79,7 @@ fn a_cold_model_loads_byte_exact_with_the_next_tensors_reads_in_flight() {
         let guard = store.acquire_device(id, gpu).unwrap();
         check_device(&store, id, &guard);
     }
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     let s = store.stats();
     assert_eq!(s.bytes_uploaded, total, "{s:?}");
     assert_eq!(s.device_bytes, total, "{s:?}");
@@ -141,7 +107,7 @@ fn a_cold_model_loads_byte_exact_with_the_next_tensors_reads_in_flight() {
 #[test]
 fn a_load_budget_smaller_than_the_model_gives_the_same_split_as_before() {
     let dir = common::tempdir();
-    let path = model(dir.path(), "m.safetensors", 10, 2);
+    let path = common::odd_start_model(dir.path(), "m.safetensors", 10, 2);
     let Some(_) = common::cold(&path) else { return };
     let (store, sim, gpu) = setup(64 * MIB, 256 * MIB);
     let m = store.open_model(&path).unwrap();
@@ -169,14 +135,14 @@ fn a_load_budget_smaller_than_the_model_gives_the_same_split_as_before() {
         let guard = store.acquire_device(id, gpu).unwrap();
         check_device(&store, id, &guard);
     }
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
 }
 
 #[test]
 fn a_device_too_small_leaves_what_does_not_fit_on_the_host() {
     let dir = common::tempdir();
-    let first = model(dir.path(), "a.safetensors", 10, 2);
-    let second = model(dir.path(), "b.safetensors", 10, 2);
+    let first = common::odd_start_model(dir.path(), "a.safetensors", 10, 2);
+    let second = common::odd_start_model(dir.path(), "b.safetensors", 10, 2);
     let capacity = 7 * MIB;
     let (store, sim, gpu) = setup(64 * MIB, capacity);
     let a = store.open_model(&first).unwrap();
@@ -212,13 +178,13 @@ fn a_device_too_small_leaves_what_does_not_fit_on_the_host() {
             check_device(&store, id, &guard);
         }
     }
-    assert!(pinned(&store, &a_ids).is_empty() && pinned(&store, &b_ids).is_empty());
+    assert!(common::pinned(&store, &a_ids).is_empty() && common::pinned(&store, &b_ids).is_empty());
 }
 
 #[test]
 fn a_file_changed_between_open_and_load_fails_every_tensor_with_changed() {
     let dir = common::tempdir();
-    let path = model(dir.path(), "m.safetensors", 8, 2);
+    let path = common::odd_start_model(dir.path(), "m.safetensors", 8, 2);
     let (store, sim, gpu) = setup(64 * MIB, 256 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
@@ -250,13 +216,13 @@ fn a_file_changed_between_open_and_load_fails_every_tensor_with_changed() {
         ),
         "{err}"
     );
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     assert_eq!(sim.used(), 0);
     assert_eq!(store.stats().device_bytes, 0);
     assert_eq!(store.stats().bytes_uploaded, 0);
 
     // Rewritten in place, the same size: changed too.
-    let path = model(dir.path(), "n.safetensors", 4, 2);
+    let path = common::odd_start_model(dir.path(), "n.safetensors", 4, 2);
     let n = store.open_model(&path).unwrap();
     let n_ids = store.tensors(n).unwrap();
     let _ = common::cold(&path);
@@ -273,19 +239,19 @@ fn a_file_changed_between_open_and_load_fails_every_tensor_with_changed() {
         ),
         "{err}"
     );
-    assert!(pinned(&store, &n_ids).is_empty());
+    assert!(common::pinned(&store, &n_ids).is_empty());
     assert_eq!(sim.used(), 0);
 }
 
 #[test]
 fn each_tensor_gets_its_own_outcome_when_the_file_is_cut_mid_stream() {
     let dir = common::tempdir();
-    let path = model(dir.path(), "m.safetensors", 8, 2);
+    let path = common::odd_start_model(dir.path(), "m.safetensors", 8, 2);
     let (store, sim, gpu) = setup(256 * MIB, 256 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
-    if !all_cold(&path) {
+    if !common::all_cold(&path) {
         return;
     }
     let mut stream = store.stream_device(ids.clone(), gpu);
@@ -319,7 +285,7 @@ fn each_tensor_gets_its_own_outcome_when_the_file_is_cut_mid_stream() {
     }
     drop(rest);
     drop(first);
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     assert_eq!(sim.used(), on_device(&store, &ids));
     assert_eq!(store.stats().device_bytes, sim.used());
 }
@@ -327,13 +293,13 @@ fn each_tensor_gets_its_own_outcome_when_the_file_is_cut_mid_stream() {
 #[test]
 fn a_stream_dropped_early_leaves_nothing_pinned_reserved_or_allocated() {
     let dir = common::tempdir();
-    let path = model(dir.path(), "m.safetensors", 10, 2);
+    let path = common::odd_start_model(dir.path(), "m.safetensors", 10, 2);
     // Room for the model's RAM copies and a little more: a staging reservation left behind
     // would make the last step below fail.
     let (store, sim, gpu) = setup(24 * MIB, 256 * MIB);
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
-    if !all_cold(&path) {
+    if !common::all_cold(&path) {
         return;
     }
     {
@@ -342,7 +308,7 @@ fn a_stream_dropped_early_leaves_nothing_pinned_reserved_or_allocated() {
         check_device(&store, ids[0], &first);
         // Reads of later tensors are in flight now; the stream goes with them.
     }
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     // Every allocation left is a device copy the store knows (no tensor begun ahead left
     // one behind): here only the one handed out, the others having been read through the
     // queue.
@@ -358,7 +324,7 @@ fn a_stream_dropped_early_leaves_nothing_pinned_reserved_or_allocated() {
         panic!("the consumer fails");
     }));
     assert!(unwound.is_err());
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     assert_eq!(sim.used(), on_device(&store, &ids));
     assert_eq!(store.stats().device_bytes, sim.used());
     let held = sim.used();
@@ -416,7 +382,7 @@ impl Device for Failing {
 #[test]
 fn a_load_that_fails_mid_stream_returns_the_error_and_undoes_the_tensors_begun_ahead() {
     let dir = common::tempdir();
-    let path = model(dir.path(), "m.safetensors", 10, 2);
+    let path = common::odd_start_model(dir.path(), "m.safetensors", 10, 2);
     let store = common::store(64 * MIB);
     let device = Arc::new(Failing {
         sim: SimDevice::new("flaky0", 256 * MIB),
@@ -435,7 +401,7 @@ fn a_load_that_fails_mid_stream_returns_the_error_and_undoes_the_tensors_begun_a
         ),
         "{err}"
     );
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     // The two tensors uploaded before the link went down stay; nothing else is allocated.
     assert_eq!(on_device(&store, &ids), 4 * MIB);
     assert_eq!(device.sim.used(), 4 * MIB);
@@ -452,8 +418,8 @@ fn a_load_that_fails_mid_stream_returns_the_error_and_undoes_the_tensors_begun_a
 fn two_threads_load_two_models_at_once() {
     let dir = common::tempdir();
     let paths = [
-        model(dir.path(), "a.safetensors", 8, 2),
-        model(dir.path(), "b.safetensors", 8, 2),
+        common::odd_start_model(dir.path(), "a.safetensors", 8, 2),
+        common::odd_start_model(dir.path(), "b.safetensors", 8, 2),
     ];
     for round in 0..2 {
         // Round 0: room for both models; round 1: room for one and a half.
@@ -491,7 +457,7 @@ fn two_threads_load_two_models_at_once() {
             }
             ids.extend(store.tensors(m).unwrap());
         }
-        assert!(pinned(&store, &ids).is_empty(), "round {round}");
+        assert!(common::pinned(&store, &ids).is_empty(), "round {round}");
         assert_eq!(sim.used(), on_device(&store, &ids), "round {round}");
         assert_eq!(store.stats().device_bytes, sim.used(), "round {round}");
         assert!(sim.used() <= capacity);

@@ -6,32 +6,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::TensorSpec;
 use lowtide::{Dtype, Store, StoreError, TensorId};
 
 const MIB: u64 = 1 << 20;
 
-/// A model of `n` F32 tensors of `mib` MiB each (plus one small odd-sized tensor first, so that
-/// the others do not start on block boundaries).
+/// A model of `n` F32 tensors of `mib` MiB each after a small odd-sized one.
 fn model(dir: &Path, n: usize, mib: u64) -> PathBuf {
-    let mut specs = vec![TensorSpec::new("odd", Dtype::F32, &[3, 5])];
-    specs.extend(
-        (0..n).map(|i| TensorSpec::new(format!("blocks.{i}.w"), Dtype::F32, &[mib * 256, 1024])),
-    );
-    common::write(&dir.join("m.safetensors"), &specs)
-}
-
-/// Empties the file's page cache; `false` (with a message saying why the test is skipped)
-/// where the kernel kept any of it: the tests that count queued reads need all of it cold.
-fn all_cold(path: &Path) -> bool {
-    match common::cold(path) {
-        Some((_, _, 0)) => true,
-        Some((_, len, cached)) => {
-            println!("skipped: the page cache kept {cached} of {len} bytes");
-            false
-        }
-        None => false,
-    }
+    common::odd_start_model(dir, "m.safetensors", n, mib)
 }
 
 fn check(store: &Store, id: TensorId, guard: &lowtide::TensorGuard) {
@@ -43,19 +24,11 @@ fn check(store: &Store, id: TensorId, guard: &lowtide::TensorGuard) {
     );
 }
 
-fn pinned(store: &Store, ids: &[TensorId]) -> Vec<String> {
-    ids.iter()
-        .map(|&id| store.info(id).unwrap())
-        .filter(|info| info.pins > 0)
-        .map(|info| info.name)
-        .collect()
-}
-
 #[test]
 fn a_cold_model_streams_with_the_next_tensors_in_flight() {
     let dir = common::tempdir();
     let path = model(dir.path(), 12, 4);
-    if !all_cold(&path) {
+    if !common::all_cold(&path) {
         return;
     }
     let store = common::store(1 << 30);
@@ -83,7 +56,7 @@ fn a_cold_model_streams_with_the_next_tensors_in_flight() {
     );
     assert!(stats.max_requests_in_flight >= 2, "{stats:?}");
     assert_eq!(stats.drained_at_boundary, 0, "{stats:?}");
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     let s = store.stats();
     // All of it from the disk but the page the header shares with the first tensors.
     assert!(s.bytes_read_cold > 48 * MIB - 4096, "{s:?}");
@@ -111,7 +84,7 @@ fn a_model_larger_than_its_budget_streams_through_it() {
         }
         assert_eq!(seen, ids.len());
     }
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     let stats = store.stats();
     assert!(
         stats.anon_peak_bytes <= store.ram_budget(),
@@ -133,7 +106,7 @@ fn acquire_many_pins_all_or_none() {
     for guard in &guards {
         check(&store, guard.id(), guard);
     }
-    assert_eq!(pinned(&store, &ids).len(), 3);
+    assert_eq!(common::pinned(&store, &ids).len(), 3);
     drop(guards);
     // Six cannot: the budget holds four.
     let err = store.acquire_ram_many(&ids).unwrap_err();
@@ -145,9 +118,9 @@ fn acquire_many_pins_all_or_none() {
         "{err}"
     );
     assert!(
-        pinned(&store, &ids).is_empty(),
+        common::pinned(&store, &ids).is_empty(),
         "{:?}",
-        pinned(&store, &ids)
+        common::pinned(&store, &ids)
     );
     // And the store goes on.
     let guards = store.acquire_ram_many(&ids[..3]).unwrap();
@@ -168,7 +141,7 @@ fn a_stream_dropped_early_leaves_nothing_pinned_or_reserved() {
         check(&store, ids[0], &first);
         // Reads of later tensors are in flight now; the stream goes with them.
     }
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     // Everything fits again: nothing was left reserved.
     let all = store.acquire_ram_many(&ids).unwrap();
     for guard in &all {
@@ -184,7 +157,7 @@ fn each_tensor_gets_its_own_outcome_when_the_file_changes_mid_stream() {
     let m = store.open_model(&path).unwrap();
     let ids = store.tensors(m).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
-    if !all_cold(&path) {
+    if !common::all_cold(&path) {
         return;
     }
     let mut stream = store.stream_ram(ids.clone());
@@ -213,7 +186,7 @@ fn each_tensor_gets_its_own_outcome_when_the_file_changes_mid_stream() {
     );
     drop(rest);
     drop(first);
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
 }
 
 #[test]
@@ -295,7 +268,7 @@ fn threads_streaming_the_same_model_under_a_tight_budget_each_get_every_tensor_r
         checked >= 4 * 3 * ids.len() / 2,
         "only {checked} handed out"
     );
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
     let stats = store.stats();
     assert!(
         stats.anon_peak_bytes <= store.ram_budget(),
@@ -367,7 +340,7 @@ fn spilled_tensors_are_read_through_the_queue_and_checked() {
     let totals = store.stats();
     assert_eq!(totals.bytes_restored_spill, 8 * MIB, "{totals:?}");
     assert_eq!(totals.checksum_failures, 0);
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
 }
 
 #[test]
@@ -417,5 +390,5 @@ fn a_corrupt_spill_extent_in_a_stream_is_reported_lost_and_the_others_arrive() {
     }
     drop(results);
     assert!(store.stats().checksum_failures >= 1);
-    assert!(pinned(&store, &ids).is_empty());
+    assert!(common::pinned(&store, &ids).is_empty());
 }

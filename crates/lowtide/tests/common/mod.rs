@@ -39,3 +39,45 @@ pub fn store(budget: u64) -> lowtide::Store {
         .build()
         .unwrap()
 }
+
+/// Writes `dir/file`: `n` F32 tensors `blocks.{i}.w` of `mib` MiB each, after one small
+/// odd-sized tensor (`odd`, written first so that the others do not start on block
+/// boundaries; last in name order). Returns its path.
+pub fn odd_start_model(
+    dir: &std::path::Path,
+    file: &str,
+    n: usize,
+    mib: u64,
+) -> std::path::PathBuf {
+    let mut specs = vec![TensorSpec::new("odd", lowtide::Dtype::F32, &[3, 5])];
+    specs.extend((0..n).map(|i| {
+        TensorSpec::new(
+            format!("blocks.{i}.w"),
+            lowtide::Dtype::F32,
+            &[mib * 256, 1024],
+        )
+    }));
+    write(&dir.join(file), &specs)
+}
+
+/// Empties the file's page cache; `false` (with a message saying why the test is skipped)
+/// where the kernel kept any of it: the tests that count queued reads need all of it cold.
+pub fn all_cold(path: &std::path::Path) -> bool {
+    match cold(path) {
+        Some((_, _, 0)) => true,
+        Some((_, len, cached)) => {
+            println!("skipped: the page cache kept {cached} of {len} bytes");
+            false
+        }
+        None => false,
+    }
+}
+
+/// The names of those of `ids` that a guard pins now.
+pub fn pinned(store: &lowtide::Store, ids: &[lowtide::TensorId]) -> Vec<String> {
+    ids.iter()
+        .map(|&id| store.info(id).unwrap())
+        .filter(|info| info.pins > 0)
+        .map(|info| info.name)
+        .collect()
+}
