@@ -316,16 +316,11 @@ impl State {
     pub(super) fn touch(&mut self, id: TensorId) -> Result<&mut TensorEntry, StoreError> {
         self.clock += 1;
         let (now, used, inflation) = (self.clock, self.used_bytes, self.inflation);
-        let entry = self
-            .tensors
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(StoreError::Handle(HandleError::UnknownTensor {
-                tensor: id.0,
-            }))?;
-        if entry.pins == 0 {
-            self.used_bytes = used.saturating_add(entry.len.max(1));
+        let (len, pins) = self.tensor(id).map(|entry| (entry.len, entry.pins))?;
+        if pins == 0 {
+            self.used_bytes = used.saturating_add(len.max(1));
         }
+        let entry = self.tensor_mut(id)?;
         entry.touch(now, used, inflation);
         Ok(entry)
     }
