@@ -552,15 +552,9 @@ impl Source {
             let path = self.path.clone();
             move |source| SourceError::Io { path, op, source }
         };
-        let reused = reuse.and_then(|buf| DirectBuf::in_buf(buf, offset, len).ok());
         // Fresh memory is faulted in ahead of the transfer; a reused buffer's pages are there.
-        let fresh = reused.is_none();
-        let mut buf = match reused {
-            Some(buf) => buf,
-            None => DirectBuf::for_range(offset, len).ok_or_else(|| {
-                io("allocate a buffer for")(std::io::ErrorKind::OutOfMemory.into())
-            })?,
-        };
+        let (mut buf, fresh) = DirectBuf::reused_or_new(reuse, offset, len)
+            .ok_or_else(|| io("allocate a buffer for")(std::io::ErrorKind::OutOfMemory.into()))?;
         let (start, end) = (
             usize::try_from(offset)
                 .map_err(|_| io("read")(std::io::ErrorKind::FileTooLarge.into()))?,

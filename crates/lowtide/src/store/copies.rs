@@ -138,9 +138,8 @@ impl Shared {
         name: &str,
         len: u64,
         from: &CopySource,
-        into: Target<'_>,
+        mut into: Target<'_>,
     ) -> Result<Option<RamBuf>, StoreError> {
-        let mut into = into;
         match from {
             CopySource::Spill { extent, recipe } => {
                 let reuse = match &mut into {
@@ -264,11 +263,8 @@ impl Shared {
     ) -> Result<Option<RamBuf>, SpillError> {
         match into {
             TargetRef::Ram => {
-                let reused = reuse.and_then(|buf| DirectBuf::in_buf(buf, 0, len).ok());
-                let fresh = reused.is_none();
-                let mut buf = reused
-                    .or_else(|| DirectBuf::for_range(0, len))
-                    .ok_or_else(|| SpillError::Io {
+                let (mut buf, fresh) =
+                    DirectBuf::reused_or_new(reuse, 0, len).ok_or_else(|| SpillError::Io {
                         dir: std::path::PathBuf::new(),
                         op: "allocate a buffer for",
                         source: std::io::ErrorKind::OutOfMemory.into(),

@@ -344,18 +344,12 @@ impl<'a> RamStream<'a> {
     /// one, or new memory faulted in now, on every CPU, while the reads ahead of it are in
     /// flight (the queue kept full between pieces). `None` when the allocator refuses.
     fn buffer_for(&mut self, pending: &mut Pending, offset: u64) -> Option<DirectBuf> {
-        let len = pending.len;
-        if let Some(buf) = pending
-            .reuse
-            .take()
-            .and_then(|buf| DirectBuf::in_buf(buf, offset, len).ok())
-        {
-            return Some(buf);
-        }
-        let mut buf = DirectBuf::for_range(offset, len)?;
-        for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
-            populate_write_parallel(piece);
-            self.collect(false);
+        let (mut buf, fresh) = DirectBuf::reused_or_new(pending.reuse.take(), offset, pending.len)?;
+        if fresh {
+            for piece in buf.blocks_mut().chunks_mut(POPULATE_STEP) {
+                populate_write_parallel(piece);
+                self.collect(false);
+            }
         }
         Some(buf)
     }

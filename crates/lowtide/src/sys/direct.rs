@@ -131,6 +131,20 @@ impl DirectBuf {
         }
     }
 
+    /// `[offset, offset + len)` laid out in `reuse` (a pooled buffer: its pages are there)
+    /// when it is large enough, else in a new buffer; and whether the buffer is new, its
+    /// pages still to be faulted in. `None` when the allocator refuses.
+    pub(crate) fn reused_or_new(
+        reuse: Option<AlignedBuf>,
+        offset: u64,
+        len: u64,
+    ) -> Option<(Self, bool)> {
+        match reuse.and_then(|buf| Self::in_buf(buf, offset, len).ok()) {
+            Some(buf) => Some((buf, false)),
+            None => Self::for_range(offset, len).map(|buf| (buf, true)),
+        }
+    }
+
     /// The buffer, for reuse.
     pub(crate) fn into_inner(self) -> AlignedBuf {
         self.buf
