@@ -749,14 +749,10 @@ fn spill_steady_read(dir: &Path, path: &Path, bytes: u64, round: usize) -> anyho
     // The copies the budget kept from the first pass are not read again (the policy keeps a
     // budget's worth of a loop): the rate counts the bytes read from the spill file.
     let before = store.stats().bytes_restored_spill;
-    let begin = Instant::now();
-    for guard in store.stream_ram(ids) {
-        drop(guard?);
-    }
-    let elapsed = begin.elapsed().as_secs_f64();
+    let rate = stream_through(&store, ids, bytes)?;
     // Nothing read: the budget held all of it (a small run, which the verdict says).
     let restored = store.stats().bytes_restored_spill - before;
-    Ok(gbps(restored, elapsed))
+    Ok(rate * restored as f64 / bytes as f64)
 }
 
 /// memcpy of every tensor of `model` from its mapped pages (the file warm) into one touched
